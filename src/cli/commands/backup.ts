@@ -1,0 +1,29 @@
+import type { Register } from './index';
+import { backup } from '../../engine/backup';
+import { readHints } from '../../engine/hints';
+import { parseExpire, parseTags } from '../../util/dates';
+
+export const register: Register = (program, wrap) => {
+  program.command('backup <source> <name>')
+    .description('back up SOURCE (file:///dev/sdX, file:///path/image.raw) as a new version of NAME; prints the new uid')
+    .option('-s, --snapshot-name <name>', 'snapshot name (e.g. of the rbd or LVM snapshot)', '')
+    .option('-r, --rbd <file>', 'hints: the output of "rbd diff --format=json" since the base version (needs -f)')
+    .option('-f, --from-version <uid>', 'base version: a differential backup')
+    .option('-c, --continue-version <uid>', 'continue this interrupted backup')
+    .option('-t, --tag <tags>', 'tag(s) for the new version, comma separated')
+    .option('-e, --expire <date>', 'expiry date (yyyy-mm-dd or "yyyy-mm-dd HH:MM:SS")', '')
+    .action(wrap(async (ctx, source: string, name: string, o: Record<string, string | undefined>) => {
+      const expire = o.expire ? parseExpire(o.expire) : null;
+      const hints = o.rbd ? readHints(o.rbd) : undefined;
+      const repo = await ctx.repository();
+      const r = await backup(repo, {
+        source, name, snapshotName: o.snapshotName ?? '', tags: parseTags(o.tag), expire,
+        baseUid: o.fromVersion, hints, continueUid: o.continueVersion, quiet: ctx.quiet,
+      });
+      if (ctx.output.json) {
+        process.stdout.write(`${JSON.stringify({ uid: r.uid, ...r.stats, date: new Date(r.stats.date).toISOString() }, null, 2)}\n`);
+      } else {
+        process.stdout.write(`${r.uid}\n`);
+      }
+    }));
+};

@@ -1,0 +1,21 @@
+import type { Command } from 'commander';
+import type { Action } from '../main';
+import { register as init } from './init';
+import { register as initdb } from './initdb';
+import { register as backup } from './backup';
+import { register as restore } from './restore';
+import { register as ls } from './ls';
+import { register as scrub } from './scrub';
+import { register as rm } from './rm';
+import { register as protect } from './protect';
+import { register as unprotect } from './unprotect';
+import { register as cleanup } from './cleanup';
+import { register as stats } from './stats';
+import { register as addTag } from './add-tag';
+import { register as removeTag } from './remove-tag';
+import { register as expire } from './expire';
+
+export type Register = (program: Command, wrap: (fn: Action) => (...args: unknown[]) => Promise<void>) => void;
+
+/** Every command, in the order `backy --help` lists them. */
+export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire];

@@ -1,0 +1,64 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type { Register } from './index';
+import { loadConfig } from '../../config/config';
+import { createMetaStore } from '../../meta/open';
+import { FileStore } from '../../storage/file';
+import { IoError } from '../../util/errors';
+import { log } from '../../util/log';
+
+/**
+ * `backy init [DIR]`: a working setup in one command. Writes DIR/backy.cfg (or ./backy.cfg with data in
+ * ./backy-data) with a fresh random key, then creates the database and data directory. An existing config
+ * is never overwritten: it is used as it is.
+ */
+export const register: Register = (program, wrap) => {
+  program.command('init [dir]')
+    .description('write a configuration with a new encryption key and initialize the database (never overwrites)')
+    .action(wrap(async (ctx, dir?: string) => {
+      const base = path.resolve(dir ?? '.');
+      const dataDir = dir ? base : path.join(base, 'backy-data');
+      const cfgFile = ctx.opts.configfile ? path.resolve(ctx.opts.configfile) : path.join(base, 'backy.cfg');
+      if (fs.existsSync(cfgFile)) {
+        log.info(`${cfgFile} exists: left unchanged`);
+      } else {
+        fs.mkdirSync(path.dirname(cfgFile), { recursive: true });
+        fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+        const text = [
+          '# backy configuration, written by "backy init". Built-in defaults apply to every key not set here.',
+          '[DEFAULTS]',
+          `logfile = ${path.join(dataDir, 'backy.log')}`,
+          `lock_dir = ${dataDir}`,
+          '# AES-256-GCM key of every blob in this repository. Keep a copy somewhere else: without it the backups',
+          '# cannot be read.',
+          `encryption_key = ${randomBytes(32).toString('hex')}`,
+          '',
+          '[MetaBackend]',
+          `engine = sqlite:///${path.join(dataDir, 'backy.sqlite')}`,
+          '',
+          '[DataBackend]',
+          'type = file',
+          `path = ${path.join(dataDir, 'data')}`,
+          '',
+        ].join('\n');
+        try {
+          fs.writeFileSync(cfgFile, text, { mode: 0o600, flag: 'wx' });
+        } catch (e) {
+          throw new IoError(`cannot write ${cfgFile}: ${(e as Error).message}`);
+        }
+        log.info(`wrote ${cfgFile} with a new encryption key: keep a copy of it somewhere safe`);
+      }
+      const cfg = loadConfig(cfgFile);
+      const meta = createMetaStore(cfg.metaEngine);
+      try {
+        const created = await meta.initdb();
+        log.info(created ? `initialized database (${meta.description})` : `database exists (${meta.description}): left unchanged`);
+      } finally {
+        await meta.close();
+      }
+      if (cfg.data.type === 'file') await new FileStore(cfg.data.path).create();
+      const here = path.resolve('backy.cfg') === cfgFile;
+      log.info(`ready: ${here ? '' : `backy -c ${cfgFile} `}backup file:///path/to/image NAME`);
+    }));
+};

@@ -1,0 +1,13 @@
+import type { Register } from './index';
+import { log } from '../../util/log';
+
+export const register: Register = (program, wrap) => {
+  program.command('unprotect <version_uid>')
+    .description('allow removal of a protected version')
+    .action(wrap(async (ctx, uid: string) => {
+      const repo = await ctx.repository();
+      const v = await repo.version(uid);
+      await repo.meta.updateVersion(v.id, { protected: false });
+      log.info(`version ${uid} is no longer protected`);
+    }));
+};

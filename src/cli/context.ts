@@ -1,0 +1,54 @@
+import { Config, loadConfig } from '../config/config';
+import { Repository } from '../engine/repository';
+import { log } from '../util/log';
+import type { OutputMode } from './output';
+
+export interface GlobalOptions {
+  verbose?: boolean;
+  debug?: boolean;
+  machineOutput?: boolean;
+  skipHeader?: boolean;
+  humanReadable?: boolean;
+  configfile?: string;
+  json?: boolean;
+}
+
+/** What every command gets: global options, the configuration (loaded on first use) and output mode. */
+export class Context {
+  private cfg: Config | undefined;
+  private repos: Repository[] = [];
+
+  constructor(readonly opts: GlobalOptions) {}
+
+  get output(): OutputMode {
+    return { machine: !!this.opts.machineOutput, skipHeader: !!this.opts.skipHeader, human: !!this.opts.humanReadable, json: !!this.opts.json };
+  }
+
+  /** Non-interactive output: progress goes to the logfile only. */
+  get quiet(): boolean {
+    return !!this.opts.machineOutput || !!this.opts.json;
+  }
+
+  config(): Config {
+    if (!this.cfg) {
+      this.cfg = loadConfig(this.opts.configfile);
+      log.addSecret(this.cfg.encryptionKey?.toString('hex'));
+      log.addSecret(this.cfg.data.s3.secretAccessKey);
+      const pw = /^postgresql:\/\/[^:/@]*:([^@]*)@/.exec(this.cfg.metaEngine)?.[1];
+      log.addSecret(pw ? decodeURIComponent(pw) : undefined);
+      log.setLogfile(this.cfg.logfile);
+      if (this.opts.verbose) log.fileLevel = 'debug';
+    }
+    return this.cfg;
+  }
+
+  async repository(): Promise<Repository> {
+    const repo = await Repository.open(this.config());
+    this.repos.push(repo);
+    return repo;
+  }
+
+  async close(): Promise<void> {
+    for (const r of this.repos.splice(0)) await r.close();
+  }
+}

@@ -1,0 +1,270 @@
+import { randomUUID } from 'node:crypto';
+import { allocBlock } from '../codec/codec';
+import { openSource, Source } from '../io/file';
+import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
+import { BlobState, BlockEntry, ResolvedBlock, StatsRow, VersionRow } from '../meta/types';
+import { blobKey } from '../storage/types';
+import { BackyError, IoError, NotFoundError, SanityError } from '../util/errors';
+import { Coalescer } from '../util/coalescer';
+import { log } from '../util/log';
+import { sessionId } from '../util/process-info';
+import { Progress } from '../util/progress';
+import { Semaphore } from '../util/semaphore';
+import { formatBytes } from '../config/size';
+import { Hint, hintedBlocks } from './hints';
+import { LOCKS, Repository } from './repository';
+
+export interface BackupOptions {
+  source: string;
+  name: string;
+  snapshotName: string;
+  tags: string[];
+  expire: number | null;
+  /** -f: differential against this version */
+  baseUid?: string;
+  /** -r: only these ranges changed since the base */
+  hints?: Hint[];
+  /** -c: continue this interrupted version */
+  continueUid?: string;
+  quiet?: boolean;
+}
+
+export interface BackupResult {
+  uid: string;
+  stats: StatsRow;
+}
+
+/** How many unhinted blocks a differential backup with hints compares with its base. */
+const SANITY_SAMPLES = 10;
+
+/**
+ * Reads the source block by block and stores what is new. Per block: read → (worker) zero test and checksum
+ * → record in the map (one transaction for many blocks, dedup lookup included) → (worker) compress and
+ * encrypt new blocks → store. A bounded number of blocks is in flight, so memory does not depend on the
+ * image size. The version becomes valid only when every block is recorded and every blob it needs is
+ * stored; until then it is invalid and can be continued with -c.
+ */
+export async function backup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
+  const started = Date.now();
+  const session = sessionId();
+  await repo.lock(LOCKS.backup(session), `backup of ${opts.name}`, [LOCKS.fullCleanup]);
+  const source = await openSource(opts.source);
+  try {
+    const { version, todo } = await prepareVersion(repo, source, opts);
+    log.info(`backup of ${source.url} (${formatBytes(source.size)}) into version ${version.uid}` +
+      (opts.continueUid ? ' (continued)' : opts.baseUid ? ` (base ${opts.baseUid})` : ''));
+    const stats = await copyBlocks(repo, source, version, todo, session, opts.quiet);
+    const valid = await finalize(repo, version);
+    const row: StatsRow = {
+      date: started, versionUid: version.uid, versionName: version.name, versionSizeBytes: version.size,
+      versionSizeBlocks: blockCount(version.size, version.blockSize), ...stats,
+      durationSeconds: (Date.now() - started) / 1000,
+    };
+    await repo.meta.addStats(row);
+    const secs = Math.max(0.001, row.durationSeconds);
+    log.info(`version ${version.uid} ${valid ? 'complete and valid' : 'complete but INVALID (bad blobs; run scrub)'}: ` +
+      `${formatBytes(row.bytesRead)} read, ${formatBytes(row.bytesWritten)} stored in ${row.blocksWritten} new blobs, ` +
+      `${row.blocksDedup} blocks deduplicated, ${row.blocksSparse} sparse, ${secs.toFixed(1)} s, ` +
+      `${formatBytes(version.size / secs)}/s`);
+    return { uid: version.uid, stats: row };
+  } finally {
+    await source.close().catch(() => undefined);
+  }
+}
+
+async function prepareVersion(repo: Repository, source: Source, opts: BackupOptions): Promise<{ version: VersionRow; todo: number[] }> {
+  const meta = repo.meta;
+  if (opts.continueUid) {
+    const v = await repo.version(opts.continueUid);
+    if (v.complete) throw new BackyError(`version ${v.uid} is complete; only an interrupted backup can be continued`);
+    if (v.name !== opts.name) throw new BackyError(`version ${v.uid} is a backup of "${v.name}", not "${opts.name}"`);
+    if (v.size !== source.size) throw new IoError(`source ${source.url} has ${source.size} bytes, version ${v.uid} was started with ${v.size}`);
+    await repo.lock(LOCKS.version(v.uid), `backup of ${v.uid}`);
+    return { version: v, todo: await unfinishedBlocks(repo, v) };
+  }
+
+  let base: VersionRow | undefined;
+  let blockSize = repo.cfg.blockSize;
+  if (opts.baseUid) {
+    base = await meta.getVersion(opts.baseUid);
+    if (!base) throw new NotFoundError(`base version ${opts.baseUid} does not exist`);
+    if (!base.valid) throw new BackyError(`base version ${base.uid} is not valid; back up without -f, or scrub it first`);
+    blockSize = base.blockSize;
+  }
+  const blocks = blockCount(source.size, blockSize);
+  let pending: number[] | undefined;
+  if (base && opts.hints) {
+    const baseBlocks = blockCount(base.size, base.blockSize);
+    const hinted = hintedBlocks(opts.hints, blockSize, blocks);
+    for (let i = baseBlocks; i < blocks; i++) hinted.add(i);
+    // The last block of the base may be shorter than a full block: if the image grew, it changed too.
+    if (base.size !== source.size && baseBlocks > 0) hinted.add(baseBlocks - 1);
+    await sanityCheck(repo, source, base, hinted, blocks);
+    pending = [...hinted].filter((i) => i < blocks).sort((a, b) => a - b);
+  } else if (opts.hints) {
+    throw new BackyError('hints (-r) need a base version (-f)');
+  }
+
+  const uid = randomUUID();
+  const version = await meta.createVersion({
+    uid, name: opts.name, snapshotName: opts.snapshotName, date: Date.now(), size: source.size, blockSize,
+    expire: opts.expire, baseUid: base?.uid ?? null, tags: opts.tags,
+  }, base && pending ? { versionId: base.id, pending } : undefined);
+  await repo.lock(LOCKS.version(uid), `backup of ${uid}`);
+  const todo = pending ?? Array.from({ length: blocks }, (_, i) => i);
+  return { version, todo };
+}
+
+/** Blocks of an interrupted version that are not yet safely stored. */
+async function unfinishedBlocks(repo: Repository, v: VersionRow): Promise<number[]> {
+  const blocks = blockCount(v.size, v.blockSize);
+  const todo: number[] = [];
+  for (let c = 0; c < chunkCount(blocks); c++) {
+    const entries = await repo.meta.readMapChunk(v.id, c);
+    const refs = await repo.meta.getBlobs([...entries].filter((e) => e > 0));
+    entries.forEach((e, k) => {
+      if (e === HOLE) return;
+      if (e === PENDING || refs.get(e)?.state !== BlobState.Live) todo.push(c * MAP_CHUNK + k);
+    });
+  }
+  log.info(`continuing version ${v.uid}: ${todo.length} of ${blocks} blocks still to back up`);
+  return todo;
+}
+
+/** Compares unhinted blocks of the source with the base: if any differs, the hints are wrong (exit 5). */
+async function sanityCheck(repo: Repository, source: Source, base: VersionRow, hinted: Set<number>, blocks: number): Promise<void> {
+  const baseBlocks = blockCount(base.size, base.blockSize);
+  const candidates: number[] = [];
+  for (let i = 0; i < Math.min(blocks, baseBlocks); i++) if (!hinted.has(i)) candidates.push(i);
+  // Pick SANITY_SAMPLES distinct blocks at random (all of them when there are fewer).
+  for (let i = candidates.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [candidates[i], candidates[j]] = [candidates[j], candidates[i]];
+  }
+  const sample = candidates.slice(0, SANITY_SAMPLES);
+  const dev = repo.device(base);
+  for (const i of sample) {
+    const len = Math.min(base.blockSize, source.size - i * base.blockSize);
+    let buf = allocBlock(base.blockSize);
+    await source.read(buf, i * base.blockSize, len);
+    const s = await repo.codec.scan(buf, len);
+    buf = s.buf;
+    const slot = await dev.slot(i);
+    const same = s.zero ? slot.kind === 'hole' : slot.kind === 'data' && slot.ref.checksum.equals(s.sum!);
+    if (!same) {
+      throw new SanityError(`differential backup stopped: block at offset ${i * base.blockSize} differs from base ${base.uid} although the hints say it did not change`);
+    }
+  }
+  log.info(`sanity check: ${sample.length} unhinted blocks match base ${base.uid}`);
+}
+
+type Counters = Omit<StatsRow, 'date' | 'versionUid' | 'versionName' | 'versionSizeBytes' | 'versionSizeBlocks' | 'durationSeconds'>;
+
+async function copyBlocks(repo: Repository, source: Source, version: VersionRow, todo: number[], session: string, quiet?: boolean): Promise<Counters> {
+  const c: Counters = { bytesRead: 0, blocksRead: 0, bytesWritten: 0, blocksWritten: 0, bytesDedup: 0, blocksDedup: 0, bytesSparse: 0, blocksSparse: 0 };
+  const bs = version.blockSize;
+  const lenOf = (i: number) => Math.min(bs, version.size - i * bs);
+  const total = todo.reduce((s, i) => s + lenOf(i), 0);
+  const progress = new Progress(`backup ${version.uid.slice(0, 8)}`, total, { quiet });
+  const codec = repo.codec;
+  const recorder = new Coalescer<BlockEntry, ResolvedBlock | undefined>(async (entries) => {
+    const resolved = await repo.meta.recordBlocks(version.id, session, entries);
+    const byIndex = new Map(resolved.map((r) => [r.index, r]));
+    return entries.map((e) => (e.zero ? undefined : byIndex.get(e.index)));
+  });
+  const uploaded = new Coalescer<{ id: number; storedSize: number }, void>(async (items) => {
+    await repo.meta.markUploaded(items);
+    return items.map(() => undefined);
+  });
+
+  // Memory bound: at most `inflight` blocks between read and store, each holding one block-sized buffer
+  // or its encoded blob.
+  const inflight = Math.max(4, Math.min(64, Math.floor((64 * 1024 * 1024) / bs), repo.cfg.workers * 4 + repo.cfg.data.simultaneousWrites));
+  const slots = new Semaphore(inflight);
+  const free: Buffer[] = [];
+  let failure: unknown;
+  let active = 0;
+  let drained: (() => void) | undefined;
+
+  const processBlock = async (index: number, buf: Buffer, len: number): Promise<void> => {
+    const scan = await codec.scan(buf, len);
+    buf = scan.buf;
+    if (scan.zero) {
+      free.push(buf);
+      await recorder.push({ index, zero: true });
+      c.blocksSparse++;
+      c.bytesSparse += len;
+      return;
+    }
+    const r = (await recorder.push({ index, checksum: scan.sum!, size: len }))!;
+    if (!r.upload) {
+      free.push(buf);
+      c.blocksDedup++;
+      c.bytesDedup += len;
+      return;
+    }
+    const enc = await codec.encode(buf, len, scan.sum!);
+    free.push(enc.buf);
+    await repo.store.put(blobKey(r.uid), enc.blob);
+    await uploaded.push({ id: r.blobId, storedSize: enc.blob.length });
+    c.blocksWritten++;
+    c.bytesWritten += enc.blob.length;
+  };
+
+  try {
+    for (const index of todo) {
+      await slots.acquire();
+      if (failure) {
+        slots.release();
+        break;
+      }
+      const len = lenOf(index);
+      const buf = free.pop() ?? allocBlock(bs);
+      try {
+        await source.read(buf, index * bs, len);
+      } catch (e) {
+        slots.release();
+        throw e;
+      }
+      c.bytesRead += len;
+      c.blocksRead++;
+      active++;
+      processBlock(index, buf, len)
+        .catch((e) => { failure ??= e; })
+        .finally(() => {
+          active--;
+          slots.release();
+          progress.add(len);
+          if (active === 0 && drained) drained();
+        });
+    }
+  } catch (e) {
+    failure ??= e;
+  } finally {
+    if (active > 0) await new Promise<void>((r) => (drained = r));
+    progress.finish();
+  }
+  if (failure) throw failure;
+  return c;
+}
+
+/** Marks the version complete; valid only if no block is missing and every blob it uses is stored. */
+async function finalize(repo: Repository, v: VersionRow): Promise<boolean> {
+  const blocks = blockCount(v.size, v.blockSize);
+  let pending = 0;
+  let notLive = 0;
+  for (let ch = 0; ch < chunkCount(blocks); ch++) {
+    const entries = await repo.meta.readMapChunk(v.id, ch);
+    const ids: number[] = [];
+    for (const e of entries) {
+      if (e === PENDING) pending++;
+      else if (e > 0) ids.push(e);
+    }
+    const refs = await repo.meta.getBlobs(ids);
+    for (const id of new Set(ids)) if (refs.get(id)?.state !== BlobState.Live) notLive++;
+  }
+  if (pending) throw new BackyError(`internal error: ${pending} blocks of version ${v.uid} were not recorded; continue it with -c ${v.uid}`);
+  const valid = notLive === 0;
+  await repo.meta.updateVersion(v.id, { complete: true, valid });
+  return valid;
+}

@@ -1,0 +1,86 @@
+import { openTarget } from '../io/file';
+import { zeroes } from '../device/version-device';
+import { formatBytes } from '../config/size';
+import { StorageError, errorLine } from '../util/errors';
+import { log } from '../util/log';
+import { Progress } from '../util/progress';
+import { Semaphore } from '../util/semaphore';
+import { BlockCache } from '../device/block-cache';
+import { Repository } from './repository';
+
+export interface RestoreOptions {
+  uid: string;
+  target: string;
+  sparse: boolean;
+  force: boolean;
+  quiet?: boolean;
+}
+
+export interface RestoreResult {
+  bytes: number;
+  errors: { offset: number; message: string }[];
+  seconds: number;
+}
+
+/**
+ * Copies a version to a target through the same read path as the NBD server (VersionDevice over the
+ * cache), many blocks in flight, each verified. A block that cannot be read is reported with its offset and
+ * skipped; the rest is still restored, and the caller exits 6.
+ */
+export async function restore(repo: Repository, opts: RestoreOptions): Promise<RestoreResult> {
+  const v = await repo.version(opts.uid);
+  if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
+  else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
+  const target = await openTarget(opts.target, v.size, opts.force);
+  // A small cache of its own: restore reads each block once, except duplicates, which it then decrypts once.
+  const dev = repo.device(v, new BlockCache(Math.min(repo.cfg.cacheSize, 64 * 1024 * 1024)));
+  if (opts.sparse && !target.zeroed) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
+  const progress = new Progress(`restore ${v.uid.slice(0, 8)}`, v.size, { quiet: opts.quiet });
+  const errors: RestoreResult['errors'] = [];
+  const inflight = new Semaphore(Math.max(2, repo.cfg.data.simultaneousReads));
+  let fatal: unknown;
+  const started = Date.now();
+  const jobs = new Set<Promise<void>>();
+  try {
+    for (let i = 0; i < dev.blocks && !fatal; i++) {
+      const offset = i * v.blockSize;
+      const len = dev.blockLength(i);
+      await inflight.acquire();
+      const job = (async () => {
+        try {
+          let data: Buffer | undefined;
+          try {
+            data = await dev.readBlock(i);
+          } catch (e) {
+            errors.push({ offset, message: errorLine(e) });
+            return;
+          }
+          if (data) await target.write(data, offset);
+          else if (!(opts.sparse && target.zeroed)) await target.write(zeroes(len), offset);
+        } catch (e) {
+          fatal ??= e; // the target failed: no point going on
+        } finally {
+          inflight.release();
+          progress.add(len);
+        }
+      })();
+      jobs.add(job);
+      void job.finally(() => jobs.delete(job));
+    }
+    await Promise.all(jobs);
+  } finally {
+    progress.finish();
+    await target.close().catch((e) => { fatal ??= e; });
+  }
+  if (fatal) throw fatal;
+  const seconds = (Date.now() - started) / 1000;
+  errors.sort((a, b) => a.offset - b.offset);
+  for (const e of errors) log.error(`offset ${e.offset}: ${e.message}`);
+  log.info(`restored version ${v.uid} to ${opts.target}: ${formatBytes(v.size)} in ${seconds.toFixed(1)} s ` +
+    `(${formatBytes(v.size / Math.max(seconds, 0.001))}/s)${errors.length ? `, ${errors.length} blocks could not be restored` : ''}`);
+  return { bytes: v.size, errors, seconds };
+}
+
+export function restoreFailure(r: RestoreResult): StorageError {
+  return new StorageError(`${r.errors.length} blocks could not be restored (first at offset ${r.errors[0].offset})`);
+}

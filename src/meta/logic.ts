@@ -1,0 +1,96 @@
+import { randomBytes } from 'node:crypto';
+import { chunkCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, PENDING } from './block-map';
+import { BlobState } from './types';
+
+/** Engine-independent decisions shared by the SQLite and PostgreSQL stores. */
+
+export function newBlobUid(): string {
+  return randomBytes(16).toString('hex');
+}
+
+/**
+ * The chunks of a new version's map: copies of the base's chunks where nothing changes, PENDING for the
+ * listed blocks and for blocks past the base's end. `baseChunk` returns the stored bytes of a base chunk.
+ */
+export function* newVersionChunks(
+  blocks: number,
+  base: { blocks: number; chunk: (c: number) => Buffer | undefined } | undefined,
+  pending: Iterable<number>,
+): Generator<[number, Buffer]> {
+  const pendingByChunk = new Map<number, number[]>();
+  for (const i of pending) {
+    if (i < 0 || i >= blocks) continue;
+    const c = Math.floor(i / MAP_CHUNK);
+    let list = pendingByChunk.get(c);
+    if (!list) pendingByChunk.set(c, (list = []));
+    list.push(i % MAP_CHUNK);
+  }
+  for (let c = 0; c < chunkCount(blocks); c++) {
+    const len = chunkLength(blocks, c);
+    const raw = base?.chunk(c);
+    const baseLen = base ? chunkLength(base.blocks, c) : 0;
+    const marks = pendingByChunk.get(c);
+    if (raw && baseLen === len && !marks) {
+      yield [c, raw];
+      continue;
+    }
+    const entries = new Float64Array(len).fill(PENDING);
+    if (raw) entries.set(decodeChunk(raw).subarray(0, Math.min(len, baseLen)));
+    if (marks) for (const k of marks) entries[k] = PENDING;
+    yield [c, encodeChunk(entries)];
+  }
+}
+
+export type BlobDecision =
+  | { kind: 'reuse'; upload: false }
+  | { kind: 'take-over'; upload: true } // bad, or another session's upload in flight: we store it too
+  | { kind: 'insert'; upload: true };
+
+export function decideBlob(existing: { state: number; owner: string | null } | undefined, session: string): BlobDecision {
+  if (!existing) return { kind: 'insert', upload: true };
+  if (existing.state === BlobState.Live) return { kind: 'reuse', upload: false };
+  if (existing.state === BlobState.Uploading && existing.owner === session) return { kind: 'reuse', upload: false };
+  return { kind: 'take-over', upload: true };
+}
+
+/** A set of blob ids as a bitmap: one bit per id, so marking a whole repository costs max(id)/8 bytes. */
+export class IdBitmap {
+  private bits: Uint8Array;
+  constructor(maxId: number) {
+    this.bits = new Uint8Array(Math.floor(maxId / 8) + 1);
+  }
+  add(id: number): void {
+    const byte = id >>> 3;
+    if (byte < this.bits.length) this.bits[byte] |= 1 << (id & 7);
+  }
+  has(id: number): boolean {
+    const byte = id >>> 3;
+    return byte < this.bits.length && (this.bits[byte] & (1 << (id & 7))) !== 0;
+  }
+  addChunk(raw: Uint8Array): void {
+    const entries = decodeChunk(raw);
+    for (let i = 0; i < entries.length; i++) if (entries[i] > 0) this.add(entries[i]);
+  }
+}
+
+/** Distinct positive ids of a set of encoded chunks. */
+export function idsOfChunks(chunks: Iterable<Uint8Array>): number[] {
+  const ids = new Set<number>();
+  for (const raw of chunks) {
+    const entries = decodeChunk(raw);
+    for (let i = 0; i < entries.length; i++) if (entries[i] > 0) ids.add(entries[i]);
+  }
+  return [...ids];
+}
+
+/** What cleanup does to one blob, given whether any map references it. */
+export function cleanupDecision(referenced: boolean, unrefSince: number | null, graceMs: number, now: number): 'keep' | 'clear' | 'stamp' | 'delete' | 'wait' {
+  if (referenced) return unrefSince !== null ? 'clear' : 'keep';
+  if (graceMs <= 0) return 'delete';
+  if (unrefSince === null) return 'stamp';
+  return now - unrefSince >= graceMs ? 'delete' : 'wait';
+}
+
+export function* batches<T>(items: T[], size: number): Generator<T[]> {
+  for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
+}

@@ -1,0 +1,432 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import Database from 'better-sqlite3';
+import { DatabaseError } from '../util/errors';
+import { holderAlive } from '../util/process-info';
+import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
+import { batches, cleanupDecision, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
+import {
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  StatsRow, VersionRow,
+} from './types';
+
+type Row = Record<string, unknown>;
+
+/**
+ * The embedded metadata store: one SQLite file in WAL mode (readers never wait for the writer). better-sqlite3
+ * is synchronous; each method is one short transaction, so it blocks the event loop only briefly.
+ */
+export class SqliteMetaStore implements MetaStore {
+  readonly description: string;
+  private db: Database.Database | undefined;
+  /** Decoded map chunks of versions this process is writing (it holds their locks, so nobody else writes them). */
+  private writeChunks = new Map<string, Float64Array>();
+
+  constructor(readonly file: string) {
+    this.description = `sqlite ${file}`;
+  }
+
+  private get d(): Database.Database {
+    if (!this.db) throw new DatabaseError('database is not open');
+    return this.db;
+  }
+
+  private connect(create: boolean): Database.Database {
+    try {
+      if (create && this.file !== ':memory:') fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });
+      const db = new Database(this.file, { fileMustExist: !create, timeout: 60_000 });
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = NORMAL');
+      db.pragma('foreign_keys = ON');
+      db.defaultSafeIntegers(false);
+      return db;
+    } catch (e) {
+      const msg = (e as Error).message;
+      if (!create && /does not exist|unable to open/i.test(msg) && !fs.existsSync(this.file)) {
+        throw new DatabaseError(`database ${this.file} does not exist: run "backy initdb" (or "backy init")`);
+      }
+      throw new DatabaseError(`cannot open database ${this.file}: ${msg}`);
+    }
+  }
+
+  private hasSchema(db: Database.Database): boolean {
+    return !!db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'`).get();
+  }
+
+  async initdb(): Promise<boolean> {
+    const db = this.connect(true);
+    this.db = db;
+    if (this.hasSchema(db)) return false;
+    const ddl = SCHEMA_V1.map((s) => s.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB'));
+    db.transaction(() => {
+      for (const s of ddl) db.exec(s);
+      db.prepare(`INSERT INTO settings (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
+    }).immediate();
+    return true;
+  }
+
+  async open(): Promise<void> {
+    const db = this.connect(false);
+    this.db = db;
+    if (!this.hasSchema(db)) throw new DatabaseError(`database ${this.file} is not initialized: run "backy initdb"`);
+    const v = Number((db.prepare(`SELECT value FROM settings WHERE key = 'schema_version'`).get() as Row | undefined)?.value ?? 0);
+    if (v > SCHEMA_VERSION) throw new DatabaseError(`database ${this.file} has schema version ${v}, newer than this backy understands (${SCHEMA_VERSION}): upgrade backy`);
+    if (v < SCHEMA_VERSION) {
+      db.transaction(() => {
+        for (let n = v; n < SCHEMA_VERSION; n++) for (const s of MIGRATIONS[n - 1] ?? []) db.exec(s);
+        db.prepare(`UPDATE settings SET value = ? WHERE key = 'schema_version'`).run(String(SCHEMA_VERSION));
+      }).immediate();
+    }
+  }
+
+  async close(): Promise<void> {
+    this.db?.close();
+    this.db = undefined;
+  }
+
+  async getSetting(key: string): Promise<string | undefined> {
+    return (this.d.prepare(`SELECT value FROM settings WHERE key = ?`).get(key) as Row | undefined)?.value as string | undefined;
+  }
+
+  async setSettingIfAbsent(key: string, value: string): Promise<string> {
+    const db = this.d;
+    return db.transaction(() => {
+      db.prepare(`INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`).run(key, value);
+      return (db.prepare(`SELECT value FROM settings WHERE key = ?`).get(key) as Row).value as string;
+    }).immediate();
+  }
+
+  // ---- versions
+
+  private toVersion(r: Row, tags: string[]): VersionRow {
+    return {
+      id: Number(r.id), uid: r.uid as string, name: r.name as string, snapshotName: r.snapshot_name as string,
+      date: Number(r.date), size: Number(r.size), blockSize: Number(r.block_size), valid: !!r.valid,
+      complete: !!r.complete, protected: !!r.protected, expire: r.expire === null ? null : Number(r.expire),
+      baseUid: (r.base_uid as string | null) ?? null, tags,
+    };
+  }
+
+  private tagsOf(id: number): string[] {
+    return (this.d.prepare(`SELECT name FROM tags WHERE version_id = ? ORDER BY name`).all(id) as Row[]).map((r) => r.name as string);
+  }
+
+  async createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow> {
+    const db = this.d;
+    const blocks = blockCount(v.size, v.blockSize);
+    return db.transaction(() => {
+      const info = db.prepare(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+        VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)`).run(v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.expire, v.baseUid);
+      const id = Number(info.lastInsertRowid);
+      const tag = db.prepare(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+      for (const t of v.tags) tag.run(id, t);
+      let baseInfo: { blocks: number; chunk: (c: number) => Buffer | undefined } | undefined;
+      if (base) {
+        const b = db.prepare(`SELECT size, block_size FROM versions WHERE id = ?`).get(base.versionId) as Row | undefined;
+        if (!b) throw new DatabaseError('the base version was removed meanwhile');
+        const get = db.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
+        baseInfo = {
+          blocks: blockCount(Number(b.size), Number(b.block_size)),
+          chunk: (c) => (get.get(base.versionId, c) as Row | undefined)?.data as Buffer | undefined,
+        };
+      }
+      const put = db.prepare(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
+      for (const [c, data] of newVersionChunks(blocks, baseInfo, base?.pending ?? [])) put.run(id, c, data);
+      const row = db.prepare(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
+      return this.toVersion(row, [...new Set(v.tags)].sort());
+    }).immediate();
+  }
+
+  async getVersion(uid: string): Promise<VersionRow | undefined> {
+    const r = this.d.prepare(`SELECT * FROM versions WHERE uid = ?`).get(uid) as Row | undefined;
+    return r ? this.toVersion(r, this.tagsOf(Number(r.id))) : undefined;
+  }
+
+  async listVersions(): Promise<VersionRow[]> {
+    const rows = this.d.prepare(`SELECT * FROM versions ORDER BY date, id`).all() as Row[];
+    const tags = new Map<number, string[]>();
+    for (const t of this.d.prepare(`SELECT version_id, name FROM tags ORDER BY name`).all() as Row[]) {
+      const id = Number(t.version_id);
+      if (!tags.has(id)) tags.set(id, []);
+      tags.get(id)!.push(t.name as string);
+    }
+    return rows.map((r) => this.toVersion(r, tags.get(Number(r.id)) ?? []));
+  }
+
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+    const sets: string[] = [];
+    const args: unknown[] = [];
+    if (f.valid !== undefined) { sets.push('valid = ?'); args.push(f.valid ? 1 : 0); }
+    if (f.complete !== undefined) { sets.push('complete = ?'); args.push(f.complete ? 1 : 0); }
+    if (f.protected !== undefined) { sets.push('protected = ?'); args.push(f.protected ? 1 : 0); }
+    if (f.expire !== undefined) { sets.push('expire = ?'); args.push(f.expire); }
+    if (!sets.length) return;
+    this.d.prepare(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
+  }
+
+  async addTags(id: number, tags: string[]): Promise<void> {
+    const st = this.d.prepare(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+    this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
+  }
+
+  async removeTags(id: number, tags: string[]): Promise<void> {
+    const st = this.d.prepare(`DELETE FROM tags WHERE version_id = ? AND name = ?`);
+    this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
+  }
+
+  async removeVersion(id: number): Promise<void> {
+    const db = this.d;
+    const now = Date.now();
+    db.transaction(() => {
+      const chunks = (db.prepare(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
+      for (const ids of batches(idsOfChunks(chunks), 500)) {
+        db.prepare(`UPDATE blobs SET unref_since = ? WHERE id IN (${ids.map(() => '?').join(',')})`).run(now, ...ids);
+      }
+      db.prepare(`DELETE FROM versions WHERE id = ?`).run(id);
+    }).immediate();
+    for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
+  }
+
+  // ---- block maps
+
+  async readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array> {
+    const r = this.d.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`).get(versionId, chunkNo) as Row | undefined;
+    if (!r) throw new DatabaseError(`block map chunk ${chunkNo} of version ${versionId} is missing (version removed?)`);
+    return decodeChunk(r.data as Buffer);
+  }
+
+  async recordBlocks(versionId: number, session: string, entries: BlockEntry[]): Promise<ResolvedBlock[]> {
+    const db = this.d;
+    const now = Date.now();
+    const find = db.prepare(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3`);
+    const insert = db.prepare(`INSERT INTO blobs (uid, checksum, size, state, owner, created) VALUES (?, ?, ?, 0, ?, ?)`);
+    const takeOver = db.prepare(`UPDATE blobs SET state = 0, owner = ? WHERE id = ?`);
+    const getChunk = db.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
+    const putChunk = db.prepare(`UPDATE block_maps SET data = ? WHERE version_id = ? AND chunk = ?`);
+    const size = db.prepare(`SELECT size, block_size FROM versions WHERE id = ?`);
+    const run = db.transaction(() => {
+      const v = size.get(versionId) as Row | undefined;
+      if (!v) throw new DatabaseError('the version was removed while it was being written');
+      const blocks = blockCount(Number(v.size), Number(v.block_size));
+      const results: ResolvedBlock[] = [];
+      const seen = new Map<string, ResolvedBlock>();
+      const dirty = new Map<number, Float64Array>();
+      const chunkOf = (c: number): Float64Array => {
+        const key = `${versionId}:${c}`;
+        let entries = this.writeChunks.get(key);
+        if (!entries) {
+          const r = getChunk.get(versionId, c) as Row | undefined;
+          if (!r) throw new DatabaseError(`block map chunk ${c} of version ${versionId} is missing`);
+          entries = decodeChunk(r.data as Buffer);
+          if (entries.length !== chunkLength(blocks, c)) throw new DatabaseError(`block map chunk ${c} of version ${versionId} has the wrong length`);
+          if (this.writeChunks.size > 64) this.writeChunks.delete(this.writeChunks.keys().next().value!);
+          this.writeChunks.set(key, entries);
+        }
+        dirty.set(c, entries);
+        return entries;
+      };
+      for (const e of entries) {
+        const c = Math.floor(e.index / MAP_CHUNK);
+        const chunk = chunkOf(c);
+        if (e.zero) {
+          chunk[e.index % MAP_CHUNK] = HOLE;
+          continue;
+        }
+        const hex = e.checksum.toString('hex');
+        let res = seen.get(hex);
+        if (res) {
+          res = { index: e.index, blobId: res.blobId, uid: res.uid, upload: false };
+        } else {
+          const existing = find.get(e.checksum) as Row | undefined;
+          const d = decideBlob(existing ? { state: Number(existing.state), owner: existing.owner as string | null } : undefined, session);
+          if (d.kind === 'insert') {
+            const uid = newBlobUid();
+            const id = Number(insert.run(uid, e.checksum, e.size, session, now).lastInsertRowid);
+            res = { index: e.index, blobId: id, uid, upload: true };
+          } else {
+            const id = Number(existing!.id);
+            if (d.kind === 'take-over') takeOver.run(session, id);
+            res = { index: e.index, blobId: id, uid: existing!.uid as string, upload: d.upload };
+          }
+          seen.set(hex, res);
+        }
+        chunk[e.index % MAP_CHUNK] = res.blobId;
+        results.push(res);
+      }
+      for (const [c, chunk] of dirty) putChunk.run(encodeChunk(chunk), versionId, c);
+      return results;
+    });
+    try {
+      return run.immediate();
+    } catch (e) {
+      // The cached chunks may hold entries of the rolled-back transaction.
+      for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${versionId}:`)) this.writeChunks.delete(k);
+      throw e;
+    }
+  }
+
+  async markUploaded(blobs: { id: number; storedSize: number }[]): Promise<void> {
+    const st = this.d.prepare(`UPDATE blobs SET state = 1, stored_size = COALESCE(NULLIF(?, 0), stored_size), owner = NULL WHERE id = ? AND state IN (0, 2)`);
+    this.d.transaction(() => { for (const b of blobs) st.run(b.storedSize, b.id); }).immediate();
+  }
+
+  async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
+    const out = new Map<number, BlobRef>();
+    for (const part of batches([...new Set(ids)], 500)) {
+      const rows = this.d.prepare(`SELECT id, uid, checksum, size, state FROM blobs WHERE id IN (${part.map(() => '?').join(',')})`).all(...part) as Row[];
+      for (const r of rows) {
+        out.set(Number(r.id), { id: Number(r.id), uid: r.uid as string, checksum: r.checksum as Buffer, size: Number(r.size), state: Number(r.state) });
+      }
+    }
+    return out;
+  }
+
+  async markBad(ids: number[]): Promise<string[]> {
+    if (!ids.length) return [];
+    const db = this.d;
+    const bad = new Set(ids);
+    return db.transaction(() => {
+      for (const part of batches(ids, 500)) {
+        db.prepare(`UPDATE blobs SET state = 2 WHERE state IN (0, 1) AND id IN (${part.map(() => '?').join(',')})`).run(...part);
+      }
+      const hit = new Set<number>();
+      for (const r of db.prepare(`SELECT version_id, data FROM block_maps`).iterate() as Iterable<Row>) {
+        const vid = Number(r.version_id);
+        if (hit.has(vid)) continue;
+        const entries = decodeChunk(r.data as Buffer);
+        for (let i = 0; i < entries.length; i++) if (bad.has(entries[i])) { hit.add(vid); break; }
+      }
+      const uids: string[] = [];
+      for (const vid of hit) {
+        db.prepare(`UPDATE versions SET valid = 0 WHERE id = ?`).run(vid);
+        uids.push((db.prepare(`SELECT uid FROM versions WHERE id = ?`).get(vid) as Row).uid as string);
+      }
+      return uids;
+    }).immediate();
+  }
+
+  // ---- cleanup
+
+  async markForDeletion(graceMs: number, now: number): Promise<CleanupMark> {
+    const db = this.d;
+    // One IMMEDIATE transaction: no backup can record a block between the scan and the marking, so a blob
+    // that any map references at the moment of marking is never marked.
+    return db.transaction(() => {
+      const maxId = Number((db.prepare(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`).get() as Row).m);
+      const refs = new IdBitmap(maxId);
+      for (const r of db.prepare(`SELECT data FROM block_maps`).iterate() as Iterable<Row>) refs.addChunk(r.data as Buffer);
+      const clear: number[] = [];
+      const stamp: number[] = [];
+      const del: number[] = [];
+      const mark: CleanupMark = { marked: 0, waiting: 0, referenced: 0 };
+      for (const r of db.prepare(`SELECT id, unref_since FROM blobs WHERE state <> 3`).iterate() as Iterable<Row>) {
+        const id = Number(r.id);
+        const referenced = refs.has(id);
+        if (referenced) mark.referenced++;
+        const d = cleanupDecision(referenced, r.unref_since === null ? null : Number(r.unref_since), graceMs, now);
+        if (d === 'clear') clear.push(id);
+        else if (d === 'stamp') { stamp.push(id); mark.waiting++; }
+        else if (d === 'wait') mark.waiting++;
+        else if (d === 'delete') del.push(id);
+      }
+      const upd = (sql: string, ids: number[], ...pre: unknown[]) => {
+        for (const part of batches(ids, 500)) db.prepare(sql.replace('(?)', `(${part.map(() => '?').join(',')})`)).run(...pre, ...part);
+      };
+      upd(`UPDATE blobs SET unref_since = NULL WHERE id IN (?)`, clear);
+      upd(`UPDATE blobs SET unref_since = ? WHERE id IN (?)`, stamp, now);
+      upd(`UPDATE blobs SET state = 3 WHERE id IN (?)`, del);
+      mark.marked = del.length;
+      return mark;
+    }).immediate();
+  }
+
+  async blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]> {
+    return (this.d.prepare(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT ?`).all(limit) as Row[])
+      .map((r) => ({ id: Number(r.id), uid: r.uid as string }));
+  }
+
+  async forgetBlobs(ids: number[]): Promise<void> {
+    const db = this.d;
+    db.transaction(() => {
+      for (const part of batches(ids, 500)) db.prepare(`DELETE FROM blobs WHERE state = 3 AND id IN (${part.map(() => '?').join(',')})`).run(...part);
+    }).immediate();
+  }
+
+  async knownBlobUids(uids: string[]): Promise<Set<string>> {
+    const out = new Set<string>();
+    for (const part of batches(uids, 500)) {
+      for (const r of this.d.prepare(`SELECT uid FROM blobs WHERE uid IN (${part.map(() => '?').join(',')})`).all(...part) as Row[]) out.add(r.uid as string);
+    }
+    return out;
+  }
+
+  async *blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]> {
+    let after = 0;
+    for (;;) {
+      const rows = this.d.prepare(`SELECT id, uid, state FROM blobs WHERE id > ? ORDER BY id LIMIT ?`).all(after, pageSize) as Row[];
+      if (!rows.length) return;
+      after = Number(rows[rows.length - 1].id);
+      yield rows.map((r) => ({ id: Number(r.id), uid: r.uid as string, state: Number(r.state) }));
+    }
+  }
+
+  async repositoryStats(): Promise<RepositoryStats> {
+    const v = this.d.prepare(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
+    const b = this.d.prepare(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
+    return { versions: Number(v.n), blobs: Number(b.n), storedBytes: Number(b.s), plainBytes: Number(b.p) };
+  }
+
+  // ---- stats
+
+  async addStats(s: StatsRow): Promise<void> {
+    this.d.prepare(`INSERT INTO stats (date, version_uid, version_name, version_size_bytes, version_size_blocks, bytes_read, blocks_read,
+      bytes_written, blocks_written, bytes_dedup, blocks_dedup, bytes_sparse, blocks_sparse, duration_seconds)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`).run(s.date, s.versionUid, s.versionName, s.versionSizeBytes, s.versionSizeBlocks,
+      s.bytesRead, s.blocksRead, s.bytesWritten, s.blocksWritten, s.bytesDedup, s.blocksDedup, s.bytesSparse, s.blocksSparse, s.durationSeconds);
+  }
+
+  async listStats(versionUid?: string, limit?: number): Promise<StatsRow[]> {
+    const where = versionUid ? 'WHERE version_uid = ?' : '';
+    const lim = limit !== undefined ? 'LIMIT ?' : '';
+    const args: unknown[] = [];
+    if (versionUid) args.push(versionUid);
+    if (limit !== undefined) args.push(limit);
+    const rows = this.d.prepare(`SELECT * FROM (SELECT * FROM stats ${where} ORDER BY date DESC, id DESC ${lim}) ORDER BY date, id`).all(...args) as Row[];
+    return rows.map((r) => ({
+      date: Number(r.date), versionUid: r.version_uid as string, versionName: r.version_name as string,
+      versionSizeBytes: Number(r.version_size_bytes), versionSizeBlocks: Number(r.version_size_blocks),
+      bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read), bytesWritten: Number(r.bytes_written),
+      blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
+      bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
+    }));
+  }
+
+  // ---- locks
+
+  async tryLock(name: string, info: LockInfo, conflicts: string[] = []): Promise<LockInfo | undefined> {
+    const db = this.d;
+    return db.transaction(() => {
+      const holders: Row[] = [];
+      for (const c of [name, ...conflicts]) {
+        if (c.endsWith('*')) holders.push(...(db.prepare(`SELECT * FROM locks WHERE substr(name, 1, ?) = ?`).all(c.length - 1, c.slice(0, -1)) as Row[]));
+        else holders.push(...(db.prepare(`SELECT * FROM locks WHERE name = ?`).all(c) as Row[]));
+      }
+      for (const h of holders) {
+        const holder: LockInfo = { session: h.session as string, host: h.host as string, pid: Number(h.pid), pidStart: h.pid_start as string, what: h.what as string };
+        if (holder.session === info.session) continue;
+        if (holderAlive(holder)) return holder;
+        db.prepare(`DELETE FROM locks WHERE name = ? AND session = ?`).run(h.name, h.session); // stale: its process died
+      }
+      db.prepare(`INSERT INTO locks (name, session, host, pid, pid_start, what, since) VALUES (?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (name) DO UPDATE SET session = excluded.session, host = excluded.host, pid = excluded.pid,
+        pid_start = excluded.pid_start, what = excluded.what, since = excluded.since`)
+        .run(name, info.session, info.host, info.pid, info.pidStart, info.what, Date.now());
+      return undefined;
+    }).immediate();
+  }
+
+  async unlock(name: string, session: string): Promise<void> {
+    this.d.prepare(`DELETE FROM locks WHERE name = ? AND session = ?`).run(name, session);
+  }
+}

@@ -1,0 +1,176 @@
+/**
+ * The metadata of a repository: versions, their block maps, the blobs in storage, statistics and locks.
+ * Implementations: sqlite.ts (embedded default) and postgres.ts (several hosts). Every method that changes
+ * more than one row does so in one transaction; callers never see half of an operation.
+ */
+
+export interface VersionRow {
+  id: number;
+  uid: string;
+  name: string;
+  snapshotName: string;
+  /** ms since the epoch (UTC) */
+  date: number;
+  /** bytes */
+  size: number;
+  blockSize: number;
+  /** complete and every block verified readable as far as we know */
+  valid: boolean;
+  /** the backup finished (an invalid complete version failed a scrub; an incomplete one can be continued) */
+  complete: boolean;
+  protected: boolean;
+  /** ms since the epoch, or null */
+  expire: number | null;
+  baseUid: string | null;
+  tags: string[];
+}
+
+export interface NewVersion {
+  uid: string;
+  name: string;
+  snapshotName: string;
+  date: number;
+  size: number;
+  blockSize: number;
+  expire: number | null;
+  baseUid: string | null;
+  tags: string[];
+}
+
+export const enum BlobState {
+  Uploading = 0,
+  Live = 1,
+  Bad = 2,
+  Deleting = 3,
+}
+
+export interface BlobRef {
+  id: number;
+  /** storage uid (the key is derived from it) */
+  uid: string;
+  checksum: Buffer;
+  /** plaintext bytes */
+  size: number;
+  state: BlobState;
+}
+
+/** One block a backup has read: all-zero, or data with its checksum. */
+export type BlockEntry = { index: number; zero: true } | { index: number; zero?: false; checksum: Buffer; size: number };
+
+/** Where a data block went: an existing blob (dedup) or a new one the caller must upload. */
+export interface ResolvedBlock {
+  index: number;
+  blobId: number;
+  uid: string;
+  /** true: the caller must store the blob (new, bad, or another backup's upload still in flight) */
+  upload: boolean;
+}
+
+export interface StatsRow {
+  date: number;
+  versionUid: string;
+  versionName: string;
+  versionSizeBytes: number;
+  versionSizeBlocks: number;
+  bytesRead: number;
+  blocksRead: number;
+  bytesWritten: number;
+  blocksWritten: number;
+  bytesDedup: number;
+  blocksDedup: number;
+  bytesSparse: number;
+  blocksSparse: number;
+  durationSeconds: number;
+}
+
+export interface LockInfo {
+  /** unique per process run */
+  session: string;
+  host: string;
+  pid: number;
+  /** process start time (from /proc), to tell a reused pid from the holder */
+  pidStart: string;
+  /** what the holder does, for the "locked by" message */
+  what: string;
+}
+
+export interface CleanupMark {
+  /** blobs unreferenced for at least the grace period, now marked for deletion */
+  marked: number;
+  /** blobs unreferenced but still inside the grace period */
+  waiting: number;
+  /** blobs referenced by at least one version */
+  referenced: number;
+}
+
+export interface RepositoryStats {
+  versions: number;
+  blobs: number;
+  storedBytes: number;
+  plainBytes: number;
+}
+
+export interface MetaStore {
+  /** Engine description without credentials. */
+  readonly description: string;
+
+  /** Creates the schema. false when it already existed (nothing is changed then). */
+  initdb(): Promise<boolean>;
+  /** Connects and checks the schema (migrating it if older). Throws DatabaseError when there is none. */
+  open(): Promise<void>;
+  close(): Promise<void>;
+
+  getSetting(key: string): Promise<string | undefined>;
+  /** Stores the value unless the key has one; returns the value in effect. */
+  setSettingIfAbsent(key: string, value: string): Promise<string>;
+
+  /**
+   * Creates an incomplete, invalid version. Its map starts all PENDING, or, with `base`, as a copy of the
+   * base version's map with the listed block indices (and any beyond the base's end) set to PENDING.
+   */
+  createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow>;
+  getVersion(uid: string): Promise<VersionRow | undefined>;
+  listVersions(): Promise<VersionRow[]>;
+  updateVersion(id: number, fields: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void>;
+  addTags(id: number, tags: string[]): Promise<void>;
+  removeTags(id: number, tags: string[]): Promise<void>;
+  /** Removes the version, its map and tags; its blobs start their grace period. */
+  removeVersion(id: number): Promise<void>;
+
+  /** Entries of one chunk of a version's map (length chunkLength(blocks, chunkNo)). */
+  readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array>;
+
+  /**
+   * Records blocks of a running backup, in one transaction: looks up each checksum, reserves a new blob for
+   * unknown ones, and writes every entry into the version's map, so a blob is referenced the moment it is
+   * found or reserved (cleanup can never take it away from under the backup).
+   */
+  recordBlocks(versionId: number, session: string, entries: BlockEntry[]): Promise<ResolvedBlock[]>;
+  /** The blobs are now safely in storage. */
+  markUploaded(blobs: { id: number; storedSize: number }[]): Promise<void>;
+  getBlobs(ids: number[]): Promise<Map<number, BlobRef>>;
+  /** Marks blobs bad and every version using them invalid; returns the uids of those versions. */
+  markBad(ids: number[]): Promise<string[]>;
+
+  /** Cleanup step 1: under an exclusive lock, marks blobs unreferenced for `graceMs` for deletion. */
+  markForDeletion(graceMs: number, now: number): Promise<CleanupMark>;
+  /** Cleanup step 2: blobs marked for deletion, a batch at a time. */
+  blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]>;
+  /** Cleanup step 3: forget blobs whose objects are gone. */
+  forgetBlobs(ids: number[]): Promise<void>;
+  /** Of these uids, those any blob row (in any state) has. */
+  knownBlobUids(uids: string[]): Promise<Set<string>>;
+  /** Every blob uid in the repository, page by page (cleanup --full checks storage has them). */
+  blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]>;
+  repositoryStats(): Promise<RepositoryStats>;
+
+  addStats(row: StatsRow): Promise<void>;
+  listStats(versionUid?: string, limit?: number): Promise<StatsRow[]>;
+
+  /**
+   * Takes lock `name` unless it, or a lock matching one of `conflicts` (exact names, or prefixes ending in
+   * '*'), is held by a live process. Returns undefined on success, else the holder.
+   */
+  tryLock(name: string, info: LockInfo, conflicts?: string[]): Promise<LockInfo | undefined>;
+  unlock(name: string, session: string): Promise<void>;
+}

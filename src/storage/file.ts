@@ -1,0 +1,132 @@
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { BlobNotFoundError, StorageError } from '../util/errors';
+import type { BlobStore, StoredObject } from './types';
+
+const TMP_PREFIX = '.tmp.';
+
+/**
+ * Blobs as files under a directory (local disk or an NFS mount): `path/ab/cd/<uid>`. Each blob is written
+ * to a temporary name in its final directory, fsynced, then renamed, and the directory fsynced, so a crash
+ * leaves either the whole blob or a temporary file that `cleanup --full` removes.
+ */
+export class FileStore implements BlobStore {
+  readonly description: string;
+  private knownDirs = new Set<string>();
+
+  constructor(readonly root: string, private readonly fsync = true) {
+    this.description = `directory ${root}`;
+  }
+
+  private file(key: string): string {
+    return path.join(this.root, key);
+  }
+
+  async check(): Promise<void> {
+    let st: fs.Stats;
+    try {
+      st = await fsp.stat(this.root);
+    } catch (e) {
+      throw new StorageError(`data directory ${this.root} is not usable: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'it does not exist (run "backy initdb", or mount the share)' : (e as Error).message}`);
+    }
+    if (!st.isDirectory()) throw new StorageError(`data directory ${this.root} is not a directory`);
+  }
+
+  /** Creates the root directory (initdb). */
+  async create(): Promise<void> {
+    await fsp.mkdir(this.root, { recursive: true, mode: 0o700 });
+  }
+
+  async put(key: string, data: Buffer): Promise<void> {
+    const final = this.file(key);
+    const dir = path.dirname(final);
+    const tmp = path.join(dir, `${TMP_PREFIX}${path.basename(final)}.${randomBytes(4).toString('hex')}`);
+    try {
+      if (!this.knownDirs.has(dir)) {
+        await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+        this.knownDirs.add(dir);
+      }
+      const fh = await fsp.open(tmp, 'wx', 0o600);
+      try {
+        await fh.write(data, 0, data.length, 0);
+        if (this.fsync) await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+      await fsp.rename(tmp, final);
+      if (this.fsync) await syncDir(dir);
+    } catch (e) {
+      await fsp.unlink(tmp).catch(() => undefined);
+      throw new StorageError(`cannot write blob ${key} to ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  }
+
+  async get(key: string): Promise<Buffer> {
+    try {
+      return await fsp.readFile(this.file(key));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new BlobNotFoundError(key);
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  }
+
+  async delete(keys: string[]): Promise<void> {
+    await Promise.all(keys.map(async (key) => {
+      try {
+        await fsp.unlink(this.file(key));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
+          throw new StorageError(`cannot delete blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+        }
+      }
+    }));
+  }
+
+  async *list(): AsyncIterable<(StoredObject & { partial?: boolean })[]> {
+    const page: (StoredObject & { partial?: boolean })[] = [];
+    for (const a of await readdirSorted(this.root)) {
+      if (!/^[0-9a-f]{2}$/.test(a)) continue;
+      for (const b of await readdirSorted(path.join(this.root, a))) {
+        if (!/^[0-9a-f]{2}$/.test(b)) continue;
+        const dir = path.join(this.root, a, b);
+        for (const name of await readdirSorted(dir)) {
+          let st: fs.Stats;
+          try {
+            st = await fsp.stat(path.join(dir, name));
+          } catch {
+            continue; // removed meanwhile
+          }
+          if (!st.isFile()) continue;
+          const partial = name.startsWith(TMP_PREFIX);
+          page.push({ key: `${a}/${b}/${name}`, size: st.size, mtime: st.mtimeMs, ...(partial ? { partial } : {}) });
+          if (page.length >= 1000) yield page.splice(0);
+        }
+      }
+    }
+    if (page.length) yield page;
+  }
+
+  async close(): Promise<void> {
+    /* nothing held open */
+  }
+}
+
+async function readdirSorted(dir: string): Promise<string[]> {
+  try {
+    return (await fsp.readdir(dir)).sort();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw new StorageError(`cannot list ${dir}: ${(e as Error).message}`);
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
