@@ -14,8 +14,12 @@ import { register as stats } from './stats';
 import { register as addTag } from './add-tag';
 import { register as removeTag } from './remove-tag';
 import { register as expire } from './expire';
+import { register as nbd } from './nbd';
+import { register as mount } from './mount';
+import { register as umount } from './umount';
+import { register as dbMigrate } from './db-migrate';
 
 export type Register = (program: Command, wrap: (fn: Action) => (...args: unknown[]) => Promise<void>) => void;
 
 /** Every command, in the order `backy --help` lists them. */
-export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire];
+export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, dbMigrate];

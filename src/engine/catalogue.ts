@@ -1,0 +1,35 @@
+import { fmtDate } from '../cli/output';
+import { ReadaheadDevice } from '../device/readahead';
+import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
+import type { VersionRow } from '../meta/types';
+import { Repository } from './repository';
+
+/** "name snapshot date" line describing a version to NBD and FUSE clients. */
+export function describeVersion(v: VersionRow): string {
+  return [v.name, v.snapshotName ? `snapshot ${v.snapshotName}` : '', fmtDate(v.date), v.valid ? '' : '(invalid)'].filter(Boolean).join(' ');
+}
+
+/**
+ * Every version of a repository as a read-only device, for the NBD server and the FUSE mount. All devices
+ * share the repository's one block cache (`cache_size`), so equal blocks of different versions are fetched
+ * and decrypted once. Opening a version reads only its row: block map chunks load on first use.
+ */
+export class VersionCatalogue implements ExportCatalogue {
+  constructor(readonly repo: Repository, private readonly opts: { readaheadBlocks?: number } = {}) {}
+
+  async list(): Promise<ExportInfo[]> {
+    const versions = await this.repo.meta.listVersions();
+    return versions.map((v) => ({ name: v.uid, description: describeVersion(v) }));
+  }
+
+  async open(name: string): Promise<{ device: BlockDevice; description: string; version: VersionRow } | undefined> {
+    const v = await this.repo.meta.getVersion(name);
+    if (!v) return undefined;
+    return { device: this.device(v), description: describeVersion(v), version: v };
+  }
+
+  device(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
+    const dev = this.repo.device(v, this.repo.cache());
+    return new ReadaheadDevice(dev, v.blockSize, this.opts.readaheadBlocks ?? 8);
+  }
+}
