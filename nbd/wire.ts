@@ -1,0 +1,238 @@
+/**
+ * Byte-stream helpers shared by the NBD server and client: an exact-length reader over a socket with bounded
+ * buffering (it pauses the socket when nobody consumes), and a message writer that respects socket
+ * backpressure and writes a header and its payload together without copying the payload.
+ */
+import type { Socket } from 'node:net';
+
+/** The peer went away, sent EOF, or the reader was cancelled. Not a protocol violation. */
+export class ConnectionClosedError extends Error {
+  constructor(message = 'connection closed') {
+    super(message);
+    this.name = 'ConnectionClosedError';
+  }
+}
+
+/** The peer broke the protocol; the connection should be dropped. */
+export class ProtocolError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ProtocolError';
+  }
+}
+
+export const EMPTY = Buffer.alloc(0);
+
+export class SocketReader {
+  private readonly chunks: Buffer[] = [];
+  /** Bytes of chunks[0] already consumed. */
+  private head = 0;
+  private buffered = 0;
+  private waiter: { need: number; resolve: () => void; reject: (e: Error) => void } | null = null;
+  private failure: Error | null = null;
+  /** Data still buffered stays readable after EOF; after cancel() it does not. */
+  private discarded = false;
+  private paused = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly highWater = 256 * 1024,
+  ) {
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('end', () => this.fail(new ConnectionClosedError('connection closed by peer'), false));
+    socket.on('close', () => this.fail(new ConnectionClosedError('connection closed'), false));
+  }
+
+  get bufferedBytes(): number {
+    return this.buffered;
+  }
+
+  /** Stops reading: pending and future reads fail with `error`, buffered data is dropped. */
+  cancel(error: Error = new ConnectionClosedError('reader cancelled')): void {
+    this.fail(error, true);
+  }
+
+  /** Returns `n` bytes if they are already buffered, else null (no promise, for hot paths). */
+  tryRead(n: number): Buffer | null {
+    if (this.discarded || this.buffered < n) return null;
+    return this.take(n);
+  }
+
+  /** Resolves with exactly `n` bytes; rejects with ConnectionClosedError if the stream ends first. */
+  async read(n: number): Promise<Buffer> {
+    if (n === 0) return EMPTY;
+    if (!this.discarded && this.buffered >= n) return this.take(n);
+    await this.waitFor(n);
+    return this.take(n);
+  }
+
+  /** Consumes and drops `n` bytes as they arrive, without buffering them all. */
+  async skip(n: number): Promise<void> {
+    while (n > 0) {
+      if (this.discarded || this.buffered === 0) await this.waitFor(1);
+      const k = Math.min(n, this.buffered);
+      this.drop(k);
+      n -= k;
+    }
+  }
+
+  private waitFor(n: number): Promise<void> {
+    if (this.failure && (this.discarded || this.buffered < n)) return Promise.reject(this.failure);
+    if (this.waiter) return Promise.reject(new Error('SocketReader: concurrent reads are not supported'));
+    return new Promise<void>((resolve, reject) => {
+      this.waiter = { need: n, resolve, reject };
+      if (this.paused) {
+        this.paused = false;
+        this.socket.resume();
+      }
+    });
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.discarded) return;
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const w = this.waiter;
+    if (w && this.buffered >= w.need) {
+      this.waiter = null;
+      w.resolve();
+    }
+    if (this.buffered >= this.highWater && !this.paused && !(this.waiter && this.waiter.need > this.buffered)) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private fail(error: Error, discard: boolean): void {
+    if (discard && !this.discarded) {
+      this.discarded = true;
+      this.chunks.length = 0;
+      this.head = 0;
+      this.buffered = 0;
+      if (!this.socket.destroyed) this.socket.pause();
+    }
+    if (!this.failure) this.failure = error;
+    const w = this.waiter;
+    if (w && (this.discarded || this.buffered < w.need)) {
+      this.waiter = null;
+      w.reject(this.failure);
+    }
+  }
+
+  private take(n: number): Buffer {
+    const first = this.chunks[0];
+    let out: Buffer;
+    if (first.length - this.head >= n) {
+      out = first.subarray(this.head, this.head + n);
+      this.head += n;
+      if (this.head === first.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let filled = 0;
+      while (filled < n) {
+        const c = this.chunks[0];
+        const k = Math.min(c.length - this.head, n - filled);
+        c.copy(out, filled, this.head, this.head + k);
+        filled += k;
+        this.head += k;
+        if (this.head === c.length) {
+          this.chunks.shift();
+          this.head = 0;
+        }
+      }
+    }
+    this.buffered -= n;
+    this.maybeResume();
+    return out;
+  }
+
+  private drop(n: number): void {
+    while (n > 0) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length - this.head, n);
+      this.head += k;
+      n -= k;
+      this.buffered -= k;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
+    this.maybeResume();
+  }
+
+  private maybeResume(): void {
+    if (this.paused && !this.discarded && this.buffered < this.highWater / 2) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+}
+
+/**
+ * Writes whole messages (a header and optional payload buffers) to a socket. Each message is written in one
+ * synchronous corked batch, so messages never interleave; before writing, it waits while the socket asks for
+ * 'drain'. A write to a closed socket is silently dropped (returns false).
+ */
+export class SocketWriter {
+  private closed = false;
+  private waiters: Array<() => void> = [];
+
+  constructor(private readonly socket: Socket) {
+    socket.on('drain', () => this.release());
+    socket.on('close', () => {
+      this.closed = true;
+      this.release();
+    });
+  }
+
+  get usable(): boolean {
+    return !this.closed && !this.socket.destroyed && this.socket.writable;
+  }
+
+  async write(bufs: readonly Buffer[]): Promise<boolean> {
+    while (this.usable && this.socket.writableNeedDrain) {
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+    if (!this.usable) return false;
+    if (bufs.length === 1) {
+      this.socket.write(bufs[0]);
+    } else {
+      this.socket.cork();
+      for (const b of bufs) if (b.length > 0) this.socket.write(b);
+      this.socket.uncork();
+    }
+    return true;
+  }
+
+  private release(): void {
+    const ws = this.waiters;
+    this.waiters = [];
+    for (const w of ws) w();
+  }
+}
+
+/** Truncates a string to at most `maxBytes` of UTF-8 without splitting a character. */
+export function utf8Truncate(s: string, maxBytes: number): Buffer {
+  const b = Buffer.from(s, 'utf8');
+  if (b.length <= maxBytes) return b;
+  let end = maxBytes;
+  // Back off over continuation bytes (10xxxxxx) so we cut at a character boundary.
+  while (end > 0 && (b[end] & 0xc0) === 0x80) end--;
+  return b.subarray(0, end);
+}
+
+/** A 64-bit unsigned big-endian value as a JS number, or Infinity if it exceeds 2^53 - 1. */
+export function readU64(buf: Buffer, at: number): number {
+  const hi = buf.readUInt32BE(at);
+  const lo = buf.readUInt32BE(at + 4);
+  return hi < 0x200000 ? hi * 0x100000000 + lo : Infinity;
+}
+
+export function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(value / 0x100000000), at);
+  buf.writeUInt32BE(value >>> 0, at + 4);
+}
