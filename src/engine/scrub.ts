@@ -81,6 +81,11 @@ async function scrubBlocks(repo: Repository, v: VersionRow, source: Source | und
             data = await fetcher.load(slot.ref);
             if (slot.ref.state === BlobState.Bad) repaired.push({ id: slot.ref.id, storedSize: 0 });
           } catch (e) {
+            if (e instanceof BlobNotFoundError && slot.ref.state === BlobState.Uploading) {
+              // Reserved by a backup that has not stored it (yet, or ever: interrupted). Not damage.
+              pending++;
+              return;
+            }
             if (e instanceof BlobNotFoundError || e instanceof BlobCorruptError) {
               bad.add(slot.ref.id);
               ok = false;

@@ -1,0 +1,151 @@
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { configFromText } from '../src/config/config';
+import { parseSize } from '../src/config/size';
+import { parseIni } from '../src/config/ini';
+import { decodeChunk, encodeChunk, HOLE, PENDING } from '../src/meta/block-map';
+import { checksum, decodeBlob, encodeBlob, isZero } from '../src/codec/blob-format';
+import { parseHints, hintedBlocks } from '../src/engine/hints';
+import { Coalescer } from '../src/util/coalescer';
+import { newVersionChunks, cleanupDecision } from '../src/meta/logic';
+import { parseExpire } from '../src/util/dates';
+import { ConfigError } from '../src/util/errors';
+
+const KEY = 'a'.repeat(64);
+
+test('ini: sections, both separators, comments, continuation lines', () => {
+  const ini = parseIni('[DEFAULTS]\nblock_size: 4096\n# c\nlogfile = /x ; comment\n[io_rbd]\nnew_image_features:\n    A\n    B\n', 't');
+  assert.equal(ini.get('defaults')!.get('block_size'), '4096');
+  assert.equal(ini.get('defaults')!.get('logfile'), '/x');
+  assert.equal(ini.get('io_rbd')!.get('new_image_features'), 'A\nB');
+  assert.throws(() => parseIni('key = value\n', 't'), /no \[section\]/);
+});
+
+test('config: built-in defaults apply, a file only needs what differs', () => {
+  const c = configFromText(`[DEFAULTS]\nencryption_key = ${KEY}\n`);
+  assert.equal(c.blockSize, 4194304);
+  assert.equal(c.hashFunction, 'sha512');
+  assert.equal(c.disallowRmWhenYoungerThanDays, 6);
+  assert.equal(c.compression, 'zstd');
+  assert.equal(c.cacheSize, 1024 ** 3);
+  assert.equal(c.metaEngine, 'sqlite:////var/lib/backy/backy.sqlite');
+  assert.equal(c.data.type, 'file');
+});
+
+test('config: invalid values name the key and what is allowed', () => {
+  const bad: [string, RegExp][] = [
+    ['[DEFAULTS]\nblock_size = abc', /\[DEFAULTS\] block_size = "abc".*integer/],
+    ['[DEFAULTS]\nhash_function = md5', /hash_function.*allowed: sha512/],
+    ['[DEFAULTS]\ncompression = lz4', /compression.*allowed: zstd, none/],
+    ['[DEFAULTS]\ncache_size = lots', /cache_size/],
+    ['[MetaBackend]\nengine = mysql://x', /engine.*sqlite/],
+    ['[DataBackend]\ntype = ftp', /type.*allowed: file, s3/],
+  ];
+  for (const [text, re] of bad) {
+    assert.throws(() => configFromText(`[DEFAULTS]\nencryption_key = ${KEY}\n${text}`), (e: unknown) => e instanceof ConfigError && re.test((e as Error).message), text);
+  }
+  assert.throws(() => configFromText('[DEFAULTS]\n'), /no encryption_key/);
+  assert.throws(() => configFromText('[DEFAULTS]\nencryption_key = abcd'), /64 hexadecimal/);
+  assert.equal(configFromText('[DEFAULTS]\nencryption = none').encryptionKey, undefined);
+});
+
+test('sizes with suffixes', () => {
+  assert.equal(parseSize('1G'), 1024 ** 3);
+  assert.equal(parseSize('512M'), 512 * 1024 ** 2);
+  assert.equal(parseSize('64k'), 65536);
+  assert.equal(parseSize('123'), 123);
+  assert.equal(parseSize('x'), undefined);
+});
+
+test('block map chunks round-trip (holes, pending, ids up and down, large ids)', () => {
+  const e = new Float64Array([HOLE, PENDING, 1, 2, 3, 3, 100000, 5, HOLE, 2 ** 40, 7, PENDING]);
+  assert.deepEqual([...decodeChunk(encodeChunk(e))], [...e]);
+  const seq = new Float64Array(1024).map((_, i) => 1000 + i);
+  assert.ok(encodeChunk(seq).length < 1100, 'consecutive ids take about a byte each');
+});
+
+test('new version chunks: copied from base, pending marks, grown and shrunk', () => {
+  const base = new Float64Array(1500).map((_, i) => i + 1);
+  const raw = [encodeChunk(base.subarray(0, 1024)), encodeChunk(base.subarray(1024))];
+  const chunks = new Map(newVersionChunks(1600, { blocks: 1500, chunk: (c) => raw[c] }, [5, 1400]));
+  const c0 = decodeChunk(chunks.get(0)!);
+  const c1 = decodeChunk(chunks.get(1)!);
+  assert.equal(c0[5], PENDING);
+  assert.equal(c0[6], 7);
+  assert.equal(c1.length, 1600 - 1024);
+  assert.equal(c1[1400 - 1024], PENDING);
+  assert.equal(c1[1499 - 1024], 1500);
+  assert.equal(c1[1500 - 1024], PENDING);
+  const shrunk = new Map(newVersionChunks(10, { blocks: 1500, chunk: (c) => raw[c] }, []));
+  assert.deepEqual([...decodeChunk(shrunk.get(0)!)], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  assert.equal(shrunk.size, 1);
+});
+
+test('blob format: round trip, wrong key, flipped bit, swapped checksum', () => {
+  const key = randomBytes(32);
+  const opts = { key, compression: 'zstd' as const, compressionLevel: 1, hashFunction: 'sha512' };
+  for (const data of [randomBytes(100000), Buffer.alloc(70000, 7), Buffer.from('x'), Buffer.alloc(0)]) {
+    const sum = checksum('sha512', data);
+    const blob = encodeBlob(data, sum, opts);
+    assert.ok(decodeBlob(blob, sum, data.length, opts).equals(data));
+  }
+  const data = Buffer.alloc(65536, 1);
+  const sum = checksum('sha512', data);
+  const blob = encodeBlob(data, sum, opts);
+  assert.ok(blob.length < 1000, 'compressible data is compressed');
+  assert.throws(() => decodeBlob(blob, sum, data.length, { ...opts, key: randomBytes(32) }), /authentication failed/);
+  const flipped = Buffer.from(blob);
+  flipped[30] ^= 1;
+  assert.throws(() => decodeBlob(flipped, sum, data.length, opts), /authentication failed/);
+  assert.throws(() => decodeBlob(blob, checksum('sha512', Buffer.from('other')), data.length, opts), /authentication failed/);
+  const plain = encodeBlob(data, sum, { ...opts, key: undefined });
+  const p2 = Buffer.from(plain);
+  p2[p2.length - 1] ^= 1;
+  assert.throws(() => decodeBlob(p2, sum, data.length, { ...opts, key: undefined }), /checksum mismatch|decompression/);
+});
+
+test('zero detection', () => {
+  assert.equal(isZero(Buffer.alloc(4 << 20)), true);
+  const b = Buffer.alloc(4 << 20);
+  b[b.length - 1] = 1;
+  assert.equal(isZero(b), false);
+  assert.equal(isZero(Buffer.alloc(0)), true);
+});
+
+test('rbd diff hints', () => {
+  const h = parseHints('[{"offset":0,"length":4194304,"exists":"true"},{"offset":10485760,"length":1,"exists":"false"},{"offset":8388608,"length":0,"exists":true}]', 'x');
+  assert.equal(h.length, 3);
+  assert.equal(h[1].exists, false);
+  assert.deepEqual([...hintedBlocks(h, 4194304, 10)].sort(), [0, 2]);
+  assert.throws(() => parseHints('{', 'x'), /cannot parse hints/);
+  assert.throws(() => parseHints('[{"offset":-1,"length":3}]', 'x'), /entry 0/);
+});
+
+test('coalescer batches concurrent pushes and keeps order', async () => {
+  const sizes: number[] = [];
+  const c = new Coalescer<number, number>(async (items) => {
+    sizes.push(items.length);
+    await new Promise((r) => setTimeout(r, 5));
+    return items.map((i) => i * 2);
+  });
+  const results = await Promise.all(Array.from({ length: 100 }, (_, i) => c.push(i)));
+  assert.deepEqual(results, Array.from({ length: 100 }, (_, i) => i * 2));
+  assert.ok(sizes.length < 10, `batched: ${sizes}`);
+});
+
+test('cleanup decisions', () => {
+  assert.equal(cleanupDecision(true, null, 3600e3, 0), 'keep');
+  assert.equal(cleanupDecision(true, 5, 3600e3, 0), 'clear');
+  assert.equal(cleanupDecision(false, null, 3600e3, 10), 'stamp');
+  assert.equal(cleanupDecision(false, 10, 3600e3, 20), 'wait');
+  assert.equal(cleanupDecision(false, 10, 3600e3, 10 + 3600e3), 'delete');
+  assert.equal(cleanupDecision(false, null, 0, 10), 'delete');
+});
+
+test('expiry dates', () => {
+  assert.equal(parseExpire('2030-01-02'), Date.UTC(2030, 0, 2));
+  assert.equal(parseExpire('2030-01-02 03:04:05'), Date.UTC(2030, 0, 2, 3, 4, 5));
+  assert.throws(() => parseExpire('2030-02-30'), /invalid expiry/);
+  assert.throws(() => parseExpire('tomorrow'), /invalid expiry/);
+});
