@@ -1,5 +1,5 @@
 import { openTarget } from '../io/file';
-import { zeroes } from '../device/version-device';
+import { BlockSlot, zeroes } from '../device/version-device';
 import { formatBytes } from '../config/size';
 import { StorageError, errorLine } from '../util/errors';
 import { log } from '../util/log';
@@ -32,8 +32,8 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
   const target = await openTarget(opts.target, v.size, opts.force);
-  // A small cache of its own: restore reads each block once, except duplicates, which it then decrypts once.
-  const dev = repo.device(v, new BlockCache(Math.min(repo.cfg.cacheSize, 64 * 1024 * 1024)));
+  // No block cache: restore reads each blob once (repeats are copied from their first copy, below).
+  const dev = repo.device(v, new BlockCache(0));
   if (opts.sparse && !target.zeroed) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
   const progress = new Progress(`restore ${v.uid.slice(0, 8)}`, v.size, { quiet: opts.quiet });
   const errors: RestoreResult['errors'] = [];
@@ -41,31 +41,83 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   let fatal: unknown;
   const started = Date.now();
   const jobs = new Set<Promise<void>>();
+  // A block whose blob was already restored elsewhere is copied from there (a page-cache read) instead of
+  // being fetched, decrypted and verified again. Bounded: the first MAX_REMEMBERED blobs are remembered.
+  const firstCopy = new Map<number, { offset: number; done: Promise<boolean> }>();
+  const MAX_REMEMBERED = 1 << 20;
+  const spare: Buffer[] = [];
+  const run = (len: number, work: () => Promise<void>) => {
+    const job = (async () => {
+      try {
+        await work();
+      } catch (e) {
+        fatal ??= e; // the target failed: no point going on
+      } finally {
+        inflight.release();
+        progress.add(len);
+      }
+    })();
+    jobs.add(job);
+    void job.finally(() => jobs.delete(job));
+  };
   try {
     for (let i = 0; i < dev.blocks && !fatal; i++) {
       const offset = i * v.blockSize;
       const len = dev.blockLength(i);
       await inflight.acquire();
-      const job = (async () => {
-        try {
-          let data: Buffer | undefined;
-          try {
-            data = await dev.readBlock(i);
-          } catch (e) {
-            errors.push({ offset, message: errorLine(e) });
+      let slot: BlockSlot;
+      try {
+        slot = await dev.slot(i);
+      } catch (e) {
+        errors.push({ offset, message: errorLine(e) });
+        inflight.release();
+        progress.add(len);
+        continue;
+      }
+      if (slot.kind !== 'data') {
+        if (slot.kind === 'pending') errors.push({ offset, message: `block at offset ${offset} was never backed up (incomplete version)` });
+        run(len, async () => {
+          if (!(opts.sparse && target.zeroed)) await target.write(zeroes(len), offset);
+        });
+        continue;
+      }
+      const id = slot.ref.id;
+      const earlier = firstCopy.get(id);
+      if (earlier) {
+        run(len, async () => {
+          if (!(await earlier.done)) {
+            errors.push({ offset, message: `same data as offset ${earlier.offset}, which could not be restored` });
             return;
           }
-          if (data) await target.write(data, offset);
-          else if (!(opts.sparse && target.zeroed)) await target.write(zeroes(len), offset);
+          const buf = spare.pop() ?? Buffer.allocUnsafeSlow(v.blockSize);
+          try {
+            await target.read(buf.subarray(0, len), earlier.offset);
+            await target.write(buf.subarray(0, len), offset);
+          } finally {
+            spare.push(buf);
+          }
+        });
+        continue;
+      }
+      let settle: (ok: boolean) => void = () => undefined;
+      if (firstCopy.size < MAX_REMEMBERED) firstCopy.set(id, { offset, done: new Promise<boolean>((r) => (settle = r)) });
+      run(len, async () => {
+        let data: Buffer | undefined;
+        try {
+          data = await dev.readBlock(i);
         } catch (e) {
-          fatal ??= e; // the target failed: no point going on
-        } finally {
-          inflight.release();
-          progress.add(len);
+          errors.push({ offset, message: errorLine(e) });
+          settle(false);
+          return;
         }
-      })();
-      jobs.add(job);
-      void job.finally(() => jobs.delete(job));
+        try {
+          await target.write(data!, offset);
+          settle(true);
+        } catch (e) {
+          settle(false);
+          throw e;
+        }
+      });
     }
     await Promise.all(jobs);
   } finally {

@@ -67,6 +67,8 @@ export interface Target {
   /** true for a regular file we created or truncated: unwritten ranges read as zeroes */
   readonly zeroed: boolean;
   write(buf: Buffer, offset: number): Promise<void>;
+  /** Reads back what was written (restore copies a repeated block from its first copy). */
+  read(buf: Buffer, offset: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -92,7 +94,7 @@ export async function openTarget(url: string, size: number, force: boolean): Pro
       fh = await fsp.open(p, 'r+');
     } else {
       if (st && !st.isFile()) throw new IoError(`target ${p} is neither a regular file nor a block device`);
-      fh = await fsp.open(p, st ? 'w' : 'wx', 0o600);
+      fh = await fsp.open(p, st ? 'w+' : 'wx+', 0o600);
       await fh.truncate(size);
       zeroed = true;
     }
@@ -114,8 +116,17 @@ export async function openTarget(url: string, size: number, force: boolean): Pro
         }
       }
     },
+    async read(buf, offset) {
+      let done = 0;
+      while (done < buf.length) {
+        const { bytesRead } = await fh.read(buf, done, buf.length - done, offset + done);
+        if (!bytesRead) throw new IoError(`target ${p} is shorter than expected at offset ${offset + done}`);
+        done += bytesRead;
+      }
+    },
     async close() {
       try {
+        // A restore reports success only once the data is on disk.
         await fh.sync();
       } finally {
         await fh.close();
