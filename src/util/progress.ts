@@ -3,7 +3,8 @@ import { log } from './log';
 
 /**
  * Progress of long work: a bar with bytes done, throughput and ETA when stderr is a terminal, otherwise a
- * log line every 5 % (and at least every minute), so cron mails and journals stay readable.
+ * log line every 5 % (and at least every minute) once the work takes more than two seconds, so cron mails and
+ * journals stay readable.
  */
 export class Progress {
   private done = 0;
@@ -28,7 +29,9 @@ export class Progress {
       return;
     }
     const pct = this.total ? Math.floor((this.done / this.total) * 20) * 5 : 100;
-    if (pct !== this.lastPct && pct < 100 && (pct > this.lastPct || now - this.lastLine > 60_000)) {
+    // Short jobs stay quiet: lines start once the work has taken two seconds.
+    if (now - this.start < 2000) return;
+    if (pct < 100 && (pct > this.lastPct || now - this.lastLine > 60_000)) {
       this.lastPct = pct;
       this.lastLine = now;
       const line = `${this.what}: ${pct}% (${this.stats(now)})`;
