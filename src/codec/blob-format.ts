@@ -55,7 +55,27 @@ function worthCompressing(data: Buffer, level: number): boolean {
   return outSize < inSize * 0.9;
 }
 
-export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions): Buffer {
+/** Largest encoded size of a block of `size` bytes (compressed output is only kept when smaller). */
+export function encodedCapacity(size: number): number {
+  return HEADER_AES + size + TAG;
+}
+
+// Cipher output is copied into the caller's buffer a piece at a time, so encrypting a 4 MiB block leaves
+// small garbage behind instead of a second 4 MiB buffer per block.
+const PIECE = 256 * 1024;
+
+function updateInto(c: { update(b: Buffer): Buffer }, src: Buffer, dst: Buffer, at: number): number {
+  let pos = at;
+  for (let i = 0; i < src.length; i += PIECE) {
+    const part = c.update(src.subarray(i, Math.min(src.length, i + PIECE)));
+    part.copy(dst, pos);
+    pos += part.length;
+  }
+  return pos;
+}
+
+/** Encodes a block; writes into `out` (capacity encodedCapacity(data.length)) when given. */
+export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions, out?: Buffer): Buffer {
   let payload = data;
   let flags = 0;
   if (opts.compression === 'zstd' && data.length > 0 && worthCompressing(data, opts.compressionLevel)) {
@@ -65,28 +85,25 @@ export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions): Buffe
       flags |= FLAG_ZSTD;
     }
   }
+  const need = opts.key ? HEADER_AES + payload.length + TAG : HEADER_PLAIN + payload.length;
+  const dst = out && out.length >= need ? out : Buffer.allocUnsafe(need);
+  MAGIC.copy(dst, 0);
   if (!opts.key) {
-    const out = Buffer.allocUnsafe(HEADER_PLAIN + payload.length);
-    MAGIC.copy(out, 0);
-    out.writeUInt32LE(flags, 4);
-    payload.copy(out, HEADER_PLAIN);
-    return out;
+    dst.writeUInt32LE(flags, 4);
+    payload.copy(dst, HEADER_PLAIN);
+    return dst.subarray(0, need);
   }
   flags |= FLAG_AES;
-  const out = Buffer.allocUnsafe(HEADER_AES + payload.length + TAG);
-  MAGIC.copy(out, 0);
-  out.writeUInt32LE(flags, 4);
-  randomBytes(12).copy(out, 8);
-  const cipher = createCipheriv('aes-256-gcm', opts.key, out.subarray(8, 20));
-  cipher.setAAD(Buffer.concat([out.subarray(0, HEADER_AES), sum]));
-  const ct = cipher.update(payload);
-  ct.copy(out, HEADER_AES);
-  let end = HEADER_AES + ct.length;
+  dst.writeUInt32LE(flags, 4);
+  randomBytes(12).copy(dst, 8);
+  const cipher = createCipheriv('aes-256-gcm', opts.key, dst.subarray(8, 20));
+  cipher.setAAD(Buffer.concat([dst.subarray(0, HEADER_AES), sum]));
+  let end = updateInto(cipher, payload, dst, HEADER_AES);
   const fin = cipher.final();
-  fin.copy(out, end);
+  fin.copy(dst, end);
   end += fin.length;
-  cipher.getAuthTag().copy(out, end);
-  return out;
+  cipher.getAuthTag().copy(dst, end);
+  return dst.subarray(0, end + TAG);
 }
 
 export class BlobFormatError extends Error {}
@@ -96,7 +113,7 @@ export class BlobFormatError extends Error {}
  * not a backy blob, authentication failed (wrong key or tampered), decompression failed, wrong size,
  * checksum mismatch.
  */
-export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecOptions): Buffer {
+export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecOptions, out?: Buffer): Buffer {
   if (blob.length < HEADER_PLAIN || !blob.subarray(0, 4).equals(MAGIC)) throw new BlobFormatError('not a backy blob (bad magic)');
   const flags = blob.readUInt32LE(4);
   if (flags & ~(FLAG_AES | FLAG_ZSTD)) throw new BlobFormatError(`unknown flags ${flags}`);
@@ -107,13 +124,15 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     const decipher = createDecipheriv('aes-256-gcm', opts.key, blob.subarray(8, 20));
     decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER_AES), sum]));
     decipher.setAuthTag(blob.subarray(blob.length - TAG));
-    const body = decipher.update(blob.subarray(HEADER_AES, blob.length - TAG));
+    const body = blob.subarray(HEADER_AES, blob.length - TAG);
+    const dst = out && out.length >= body.length ? out : Buffer.allocUnsafe(body.length);
+    const end = updateInto(decipher, body, dst, 0);
     try {
       decipher.final();
     } catch {
       throw new BlobFormatError('authentication failed (corrupt, tampered with, or another key)');
     }
-    payload = body;
+    payload = dst.subarray(0, end);
   } else {
     payload = blob.subarray(HEADER_PLAIN);
   }

@@ -31,20 +31,50 @@ export class Codec {
     return { zero: r.zero, sum: r.sum ? Buffer.from(r.sum.buffer, r.sum.byteOffset, r.sum.byteLength) : undefined, buf: Buffer.from(r.buf) };
   }
 
-  async encode(buf: Buffer, len: number, sum: Buffer): Promise<{ blob: Buffer; buf: Buffer }> {
+  /**
+   * Compresses and encrypts. With `out` (an allocBlock of encodedCapacity(len) bytes) the blob is written
+   * into it, so a backup can reuse the same few output buffers: `blob.buffer` is then that memory.
+   */
+  async encode(buf: Buffer, len: number, sum: Buffer, out?: Buffer): Promise<{ blob: Buffer; buf: Buffer }> {
     const { ab } = transferable(buf);
-    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum) }, [ab]);
+    const transfer = [ab];
+    let outAb: ArrayBuffer | undefined;
+    if (out) {
+      outAb = transferable(out).ab;
+      if (outAb !== ab) transfer.push(outAb);
+    }
+    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum), out: outAb }, transfer);
     if (r.op !== 'encode') throw new Error('codec: unexpected reply');
     return { blob: Buffer.from(r.blob, 0, r.len), buf: Buffer.from(r.buf) };
   }
 
   /** Decrypts, decompresses and verifies; throws BlobFormatError with the reason. */
   async decode(blob: Buffer, sum: Buffer, size: number): Promise<Buffer> {
-    const { ab, len } = transferable(blob);
-    const r = await this.pool.run({ op: 'decode', blob: ab, len, sum: new Uint8Array(sum), size }, [ab]);
-    if (r.op !== 'decode') throw new Error('codec: unexpected reply');
+    const r = await this.decodeReusing(blob, sum, size);
     if (r.error !== undefined) throw new BlobFormatError(r.error);
-    return Buffer.from(r.data!, 0, r.len);
+    return r.data!;
+  }
+
+  /**
+   * Decode that gives the memory back: `blob` returns as `spareBlob` (read the next blob into it) and, when
+   * `out` is given, the plaintext is written into it if possible (else `spareOut` returns it unused).
+   */
+  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer): Promise<{ data?: Buffer; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
+    const { ab, len } = transferable(blob);
+    const transfer = [ab];
+    let outAb: ArrayBuffer | undefined;
+    if (out) {
+      outAb = transferable(out).ab;
+      if (outAb !== ab) transfer.push(outAb);
+    }
+    const r = await this.pool.run({ op: 'decode', blob: ab, len, sum: new Uint8Array(sum), size, out: outAb }, transfer);
+    if (r.op !== 'decode') throw new Error('codec: unexpected reply');
+    return {
+      data: r.data ? Buffer.from(r.data, 0, r.len) : undefined,
+      error: r.error,
+      spareBlob: Buffer.from(r.blob),
+      spareOut: r.out ? Buffer.from(r.out) : undefined,
+    };
   }
 
   /** Same as decode, on the calling thread (small jobs, tests). */

@@ -7,13 +7,13 @@ import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero
  */
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
-  | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number };
+  | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer };
 
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
   | { id: number; op: 'encode'; blob: ArrayBuffer; len: number; buf: ArrayBuffer }
-  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string };
+  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer };
 
 export interface WorkerInit {
   keyHex?: string;
@@ -53,20 +53,44 @@ if (parentPort) {
       }
       case 'encode': {
         const data = Buffer.from(req.buf, 0, req.len);
-        const blob = encodeBlob(data, Buffer.from(req.sum), opts);
-        const ab = own(blob);
-        port.postMessage({ id: req.id, op: 'encode', blob: ab, len: blob.length, buf: req.buf } satisfies WorkerReply, [ab, req.buf]);
+        const out = req.out ? Buffer.from(req.out) : undefined;
+        const blob = encodeBlob(data, Buffer.from(req.sum), opts, out);
+        // Written into the caller's buffer: hand it back as it is (no copy); else a fresh one.
+        const ab = out && blob.buffer === req.out ? req.out : own(blob);
+        const transfer = [ab, req.buf];
+        if (req.out && ab !== req.out) transfer.push(req.out);
+        port.postMessage({ id: req.id, op: 'encode', blob: ab, len: blob.length, buf: req.buf } satisfies WorkerReply, transfer);
         break;
       }
       case 'decode': {
+        // The blob's memory goes back too, so the caller can read the next blob into it.
+        const out = req.out ? Buffer.from(req.out) : undefined;
+        let reply: WorkerReply;
+        const transfer: ArrayBuffer[] = [req.blob];
         try {
-          const data = decodeBlob(Buffer.from(req.blob, 0, req.len), Buffer.from(req.sum), req.size, opts);
-          const ab = own(data);
-          port.postMessage({ id: req.id, op: 'decode', data: ab, len: data.length } satisfies WorkerReply, [ab]);
+          const data = decodeBlob(Buffer.from(req.blob, 0, req.len), Buffer.from(req.sum), req.size, opts, out);
+          if (req.out && data.buffer === req.out && data.byteOffset === 0) {
+            reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
+            transfer.push(req.out);
+          } else if (data.buffer === req.blob) {
+            // Unencrypted, uncompressed: the data is part of the blob buffer; copy it out.
+            const ab = new ArrayBuffer(data.length);
+            new Uint8Array(ab).set(data);
+            reply = { id: req.id, op: 'decode', data: ab, len: data.length, out: req.out, blob: req.blob };
+            transfer.push(ab);
+            if (req.out) transfer.push(req.out);
+          } else {
+            const ab = own(data);
+            reply = { id: req.id, op: 'decode', data: ab, len: data.length, out: req.out, blob: req.blob };
+            transfer.push(ab);
+            if (req.out && ab !== req.out) transfer.push(req.out);
+          }
         } catch (e) {
           const msg = e instanceof BlobFormatError ? e.message : `decode failed: ${(e as Error).message}`;
-          port.postMessage({ id: req.id, op: 'decode', len: 0, error: msg } satisfies WorkerReply);
+          reply = { id: req.id, op: 'decode', len: 0, error: msg, out: req.out, blob: req.blob };
+          if (req.out) transfer.push(req.out);
         }
+        port.postMessage(reply, transfer);
         break;
       }
     }

@@ -1,4 +1,5 @@
-import { BlobFormatError } from '../codec/blob-format';
+import { encodedCapacity } from '../codec/blob-format';
+import { allocBlock } from '../codec/codec';
 import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
@@ -21,15 +22,37 @@ export class BlobFetcher {
     return this.cache.has(BlobFetcher.cacheKey(ref));
   }
 
+  // Blob read buffers come back from the worker after decoding and are reused for the next read.
+  private spare: Buffer[] = [];
+
   /** Without the cache: scrub must read storage, not a cached copy. */
   async load(ref: BlobRef): Promise<Buffer> {
+    const r = await this.loadInto(ref);
+    return r.data;
+  }
+
+  /** Loads and decodes; with `out`, the plaintext goes into it when possible (spareOut returns it if not). */
+  async loadInto(ref: BlobRef, out?: Buffer): Promise<{ data: Buffer; spareOut?: Buffer }> {
     const key = blobKey(ref.uid);
-    const raw = await this.store.get(key);
-    try {
-      return await this.codec.decode(raw, ref.checksum, ref.size);
-    } catch (e) {
-      if (e instanceof BlobFormatError) throw new BlobCorruptError(key, e.message);
-      throw e;
+    let raw: Buffer;
+    if (this.store.getInto) {
+      const into = this.spare.pop() ?? allocBlock(encodedCapacity(ref.size));
+      try {
+        raw = await this.store.getInto(key, into);
+      } catch (e) {
+        this.recycle(into);
+        throw e;
+      }
+    } else {
+      raw = await this.store.get(key);
     }
+    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out);
+    this.recycle(r.spareBlob);
+    if (r.error !== undefined) throw new BlobCorruptError(key, r.error);
+    return { data: r.data!, spareOut: r.spareOut };
+  }
+
+  private recycle(b: Buffer): void {
+    if (this.spare.length < 16 && b.length >= 64 * 1024) this.spare.push(b);
   }
 }

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { allocBlock } from '../codec/codec';
+import { encodedCapacity } from '../codec/blob-format';
 import { openSource, Source } from '../io/file';
 import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
 import { BlobState, BlockEntry, ResolvedBlock, StatsRow, VersionRow } from '../meta/types';
@@ -181,7 +182,10 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
   // or its encoded blob.
   const inflight = Math.max(4, Math.min(64, Math.floor((64 * 1024 * 1024) / bs), repo.cfg.workers * 4 + repo.cfg.data.simultaneousWrites));
   const slots = new Semaphore(inflight);
+  // Block buffers and encoded-blob buffers travel to the workers and back and are reused: no per-block
+  // allocation, so memory stays at `inflight` blocks however long the image.
   const free: Buffer[] = [];
+  const freeOut: Buffer[] = [];
   let failure: unknown;
   let active = 0;
   let drained: (() => void) | undefined;
@@ -203,9 +207,13 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
       c.bytesDedup += len;
       return;
     }
-    const enc = await codec.encode(buf, len, scan.sum!);
+    const enc = await codec.encode(buf, len, scan.sum!, freeOut.pop() ?? allocBlock(encodedCapacity(bs)));
     free.push(enc.buf);
-    await repo.store.put(blobKey(r.uid), enc.blob);
+    try {
+      await repo.store.put(blobKey(r.uid), enc.blob);
+    } finally {
+      freeOut.push(Buffer.from(enc.blob.buffer));
+    }
     await uploaded.push({ id: r.blobId, storedSize: enc.blob.length });
     c.blocksWritten++;
     c.bytesWritten += enc.blob.length;

@@ -1,5 +1,6 @@
 import { openTarget } from '../io/file';
-import { BlockSlot, zeroes } from '../device/version-device';
+import { BlockSlot, VersionDevice, zeroes } from '../device/version-device';
+import { allocBlock } from '../codec/codec';
 import { formatBytes } from '../config/size';
 import { StorageError, errorLine } from '../util/errors';
 import { log } from '../util/log';
@@ -33,7 +34,10 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
   const target = await openTarget(opts.target, v.size, opts.force);
   // No block cache: restore reads each blob once (repeats are copied from their first copy, below).
-  const dev = repo.device(v, new BlockCache(0));
+  const fetcher = repo.fetcher(new BlockCache(0));
+  const dev = new VersionDevice(repo.meta, v, fetcher);
+  // Plaintext buffers are reused: decoded into, written out, decoded into again.
+  const outPool: Buffer[] = [];
   if (opts.sparse && !target.zeroed) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
   const progress = new Progress(`restore ${v.uid.slice(0, 8)}`, v.size, { quiet: opts.quiet });
   const errors: RestoreResult['errors'] = [];
@@ -101,21 +105,25 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
       }
       let settle: (ok: boolean) => void = () => undefined;
       if (firstCopy.size < MAX_REMEMBERED) firstCopy.set(id, { offset, done: new Promise<boolean>((r) => (settle = r)) });
+      const ref = slot.ref;
       run(len, async () => {
-        let data: Buffer | undefined;
+        let loaded: { data: Buffer; spareOut?: Buffer };
         try {
-          data = await dev.readBlock(i);
+          loaded = await fetcher.loadInto(ref, outPool.pop() ?? allocBlock(v.blockSize));
         } catch (e) {
           errors.push({ offset, message: errorLine(e) });
           settle(false);
           return;
         }
         try {
-          await target.write(data!, offset);
+          await target.write(loaded.data, offset);
           settle(true);
         } catch (e) {
           settle(false);
           throw e;
+        } finally {
+          const back = loaded.spareOut ?? Buffer.from(loaded.data.buffer);
+          if (back.length >= v.blockSize && outPool.length < 64) outPool.push(back);
         }
       });
     }

@@ -72,6 +72,31 @@ export class FileStore implements BlobStore {
     }
   }
 
+  async getInto(key: string, into: Buffer): Promise<Buffer> {
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(this.file(key), 'r');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new BlobNotFoundError(key);
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+    try {
+      const size = (await fh.stat()).size;
+      const buf = size <= into.length ? into.subarray(0, size) : Buffer.allocUnsafe(size);
+      let done = 0;
+      while (done < size) {
+        const { bytesRead } = await fh.read(buf, done, size - done, done);
+        if (!bytesRead) break;
+        done += bytesRead;
+      }
+      return buf.subarray(0, done);
+    } catch (e) {
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    } finally {
+      await fh.close();
+    }
+  }
+
   async delete(keys: string[]): Promise<void> {
     await Promise.all(keys.map(async (key) => {
       try {

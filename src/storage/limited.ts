@@ -35,6 +35,14 @@ export class LimitedStore implements BlobStore {
     });
   }
 
+  getInto(key: string, into: Buffer): Promise<Buffer> {
+    return this.readers.use(async () => {
+      const data = this.inner.getInto ? await this.inner.getInto(key, into) : await this.inner.get(key);
+      await this.readThrottle.take(data.length);
+      return data;
+    });
+  }
+
   delete(keys: string[]): Promise<void> {
     return this.writers.use(() => this.inner.delete(keys));
   }
