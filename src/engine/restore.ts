@@ -32,7 +32,7 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   const v = await repo.version(opts.uid);
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
-  const target = await openTarget(opts.target, v.size, opts.force);
+  const target = await openTarget(opts.target, v.size, opts.force, opts.sparse);
   // No block cache: restore reads each blob once (repeats are copied from their first copy, below).
   const fetcher = repo.fetcher(new BlockCache(0));
   const dev = new VersionDevice(repo.meta, v, fetcher);
@@ -81,7 +81,7 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
       if (slot.kind !== 'data') {
         if (slot.kind === 'pending') errors.push({ offset, message: `block at offset ${offset} was never backed up (incomplete version)` });
         run(len, async () => {
-          if (!(opts.sparse && target.zeroed)) await target.write(zeroes(len), offset);
+          if (!target.holesDone) await target.write(zeroes(len), offset);
         });
         continue;
       }

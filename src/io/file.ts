@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
+import { execFile } from 'node:child_process';
 import { IoError } from '../util/errors';
 import { parseIoUrl } from './url';
 
@@ -62,10 +63,19 @@ export async function openSource(url: string): Promise<Source> {
   }
 }
 
+/** Allocates the whole file (util-linux fallocate: unwritten extents, read as zeroes). */
+function preallocate(p: string, size: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('fallocate', ['-l', String(size), p], (err) => resolve(!err));
+  });
+}
+
 export interface Target {
   readonly url: string;
   /** true for a regular file we created or truncated: unwritten ranges read as zeroes */
   readonly zeroed: boolean;
+  /** true when holes need no write: a sparse file, or a file whose space was preallocated */
+  readonly holesDone: boolean;
   write(buf: Buffer, offset: number): Promise<void>;
   /** Reads back what was written (restore copies a repeated block from its first copy). */
   read(buf: Buffer, offset: number): Promise<void>;
@@ -76,7 +86,7 @@ export interface Target {
  * Opens a restore target. An existing file or device is refused unless `force`; a regular file is created
  * (or truncated) at exactly `size` bytes, so skipped holes stay holes; a block device must be large enough.
  */
-export async function openTarget(url: string, size: number, force: boolean): Promise<Target> {
+export async function openTarget(url: string, size: number, force: boolean, sparse = false): Promise<Target> {
   const { path: p } = parseIoUrl(url);
   let st: fs.Stats | undefined;
   try {
@@ -87,6 +97,7 @@ export async function openTarget(url: string, size: number, force: boolean): Pro
   if (st && !force) throw new IoError(`target ${p} already exists; use -f to overwrite it`);
   let fh: fsp.FileHandle;
   let zeroed = false;
+  let holesDone = false;
   try {
     if (st?.isBlockDevice()) {
       const devSize = await sizeOf(p, st);
@@ -97,6 +108,10 @@ export async function openTarget(url: string, size: number, force: boolean): Pro
       fh = await fsp.open(p, st ? 'w+' : 'wx+', 0o600);
       await fh.truncate(size);
       zeroed = true;
+      // Not sparse: the file gets all its space. fallocate does that without writing gigabytes of zeroes;
+      // where the filesystem cannot, the zeroes are written.
+      holesDone = sparse || (size > 0 && (await preallocate(p, size)));
+      if (size === 0) holesDone = true;
     }
   } catch (e) {
     if (e instanceof IoError) throw e;
@@ -105,6 +120,7 @@ export async function openTarget(url: string, size: number, force: boolean): Pro
   return {
     url,
     zeroed,
+    holesDone,
     async write(buf, offset) {
       let done = 0;
       while (done < buf.length) {
