@@ -332,3 +332,27 @@ describe('kill -9 and continue', () => {
     await repo.ok(['rm', '-f', uid]);
   });
 });
+
+describe('interrupting a backup', () => {
+  test('SIGINT stops the backup cleanly: one message with the continue command, exit 100, version continuable', async (t) => {
+    const repo = makeTestRepo('[DataBackend]\nbandwidth_write = 16M\n');
+    t.after(() => repo.cleanup());
+    await repo.ok(['initdb']);
+    const img = path.join(repo.dir, 'int.img');
+    writeImage(img, 32 * BS, 'random');
+    const child = spawn(process.execPath, [BACKY, '-c', repo.cfg, 'backup', `file://${img}`, 'int'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    await new Promise((res) => setTimeout(res, 1500));
+    child.kill('SIGINT');
+    const code = await new Promise<number>((res) => child.on('close', (c) => res(c ?? -1)));
+    assert.equal(code, 100, stderr);
+    assert.match(stderr, /interrupted by SIGINT: version (\S+) is incomplete; continue it with "backy backup -c \1 /);
+    const v = JSON.parse((await repo.ok(['--json', 'ls', 'int'])).stdout)[0];
+    assert.equal(v.valid, false);
+    await repo.ok(['backup', '-c', v.uid, `file://${img}`, 'int']);
+    const out = path.join(repo.dir, 'int.out');
+    await repo.ok(['restore', v.uid, `file://${out}`]);
+    assert.equal(sha256File(out), sha256File(img));
+  });
+});

@@ -5,7 +5,7 @@ import { openSource, Source } from '../io/file';
 import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
 import { BlobState, BlockEntry, ResolvedBlock, StatsRow, VersionRow } from '../meta/types';
 import { blobKey } from '../storage/types';
-import { BackyError, IoError, NotFoundError, SanityError } from '../util/errors';
+import { BackyError, ExitCode, IoError, NotFoundError, SanityError } from '../util/errors';
 import { Coalescer } from '../util/coalescer';
 import { log } from '../util/log';
 import { sessionId } from '../util/process-info';
@@ -54,7 +54,23 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
     const { version, todo } = await prepareVersion(repo, source, opts);
     log.info(`backup of ${source.url} (${formatBytes(source.size)}) into version ${version.uid}` +
       (opts.continueUid ? ' (continued)' : opts.baseUid ? ` (base ${opts.baseUid})` : ''));
-    const stats = await copyBlocks(repo, source, version, todo, session, opts.quiet);
+    // Ctrl-C / SIGTERM: stop reading, let blocks in flight finish, release locks, and say how to continue.
+    // A second signal exits at once (the version stays continuable either way).
+    const stop = { reason: '' };
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (stop.reason) process.exit(ExitCode.OTHER);
+      stop.reason = `interrupted by ${sig}: version ${version.uid} is incomplete; continue it with ` +
+        `"backy backup -c ${version.uid} ${opts.source} ${opts.name}"`;
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    let stats: Counters;
+    try {
+      stats = await copyBlocks(repo, source, version, todo, session, opts.quiet, stop);
+    } finally {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
     const valid = await finalize(repo, version);
     const row: StatsRow = {
       date: started, versionUid: version.uid, versionName: version.name, versionSizeBytes: version.size,
@@ -161,7 +177,7 @@ async function sanityCheck(repo: Repository, source: Source, base: VersionRow, h
 
 type Counters = Omit<StatsRow, 'date' | 'versionUid' | 'versionName' | 'versionSizeBytes' | 'versionSizeBlocks' | 'durationSeconds'>;
 
-async function copyBlocks(repo: Repository, source: Source, version: VersionRow, todo: number[], session: string, quiet?: boolean): Promise<Counters> {
+async function copyBlocks(repo: Repository, source: Source, version: VersionRow, todo: number[], session: string, quiet: boolean | undefined, stop: { reason: string }): Promise<Counters> {
   const c: Counters = { bytesRead: 0, blocksRead: 0, bytesWritten: 0, blocksWritten: 0, bytesDedup: 0, blocksDedup: 0, bytesSparse: 0, blocksSparse: 0 };
   const bs = version.blockSize;
   const lenOf = (i: number) => Math.min(bs, version.size - i * bs);
@@ -222,6 +238,7 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
   try {
     for (const index of todo) {
       await slots.acquire();
+      if (stop.reason) failure ??= new BackyError(stop.reason);
       if (failure) {
         slots.release();
         break;
@@ -252,6 +269,7 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     if (active > 0) await new Promise<void>((r) => (drained = r));
     progress.finish();
   }
+  if (stop.reason) failure ??= new BackyError(stop.reason);
   if (failure) throw failure;
   return c;
 }
