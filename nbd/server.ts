@@ -49,6 +49,11 @@ export const PREFERRED_BLOCK_SIZE = 4096;
 /** Zero runs shorter than this inside a structured READ are sent as data (a hole chunk saves nothing and would
  * split the device read). */
 const MIN_HOLE_CHUNK = 4096;
+/** Reads shorter than this are answered as one data chunk without asking the device for its zero runs: a
+ * hole chunk would save the client almost nothing, and small random reads are where per-request work shows. */
+const MIN_PLANNED_READ = 64 * 1024;
+/** Replies with at most this much data are sent as one buffer (one small copy instead of a corked batch). */
+const COALESCE_REPLY_BYTES = 16 * 1024;
 /** Zero runs are reported to clients on this alignment (the spec asks for multiples of 512 where possible). */
 const HOLE_ALIGN = 512;
 /** Context ID we assign to base:allocation in NBD_OPT_SET_META_CONTEXT. */
@@ -779,20 +784,18 @@ class NbdConnection {
         this.logReadError(req, req.offset, req.length, e);
         return this.replyError(req, errnoOf(e), messageForClient(e));
       }
-      await this.writer.write([this.simpleHeader(req, 0), data]);
+      await this.writer.write(joinSmall(this.simpleHeader(req, 0), data));
       return;
     }
 
+    if ((req.flags & C.CMD_FLAG_DF) !== 0 || req.length < MIN_PLANNED_READ) return this.readOneChunk(req, device);
+
     // Structured: holes as OFFSET_HOLE chunks, data segments read concurrently, one DONE at the end.
-    let segments: Extent[] = [{ offset: req.offset, length: req.length, zero: false }];
-    if ((req.flags & C.CMD_FLAG_DF) === 0 && req.length >= MIN_HOLE_CHUNK) {
-      segments = await this.readPlan(req.offset, req.length);
-    }
+    const segments = await this.readPlan(req.offset, req.length);
     const results = await Promise.allSettled(
       segments.map((s) => (s.zero ? Promise.resolve(EMPTY) : readExact(device, s.offset, s.length))),
     );
     const bufs: Buffer[] = [];
-    let firstErrno = 0;
     for (let i = 0; i < segments.length; i++) {
       const s = segments[i];
       const r = results[i];
@@ -808,22 +811,39 @@ class NbdConnection {
         writeU64(h, s.offset, 20);
         bufs.push(h, r.value);
       } else {
-        const e = r.reason;
-        const errno = errnoOf(e);
-        if (!firstErrno) firstErrno = errno;
-        let at = failingOffset(e);
-        if (at === undefined || at < s.offset || at >= s.offset + s.length) at = s.offset;
-        this.logReadError(req, s.offset, s.length, e);
-        const msg = utf8Truncate(messageForClient(e), MAX_CLIENT_MESSAGE);
-        const h = this.chunkHeader(req, flags, C.REPLY_TYPE_ERROR_OFFSET, 14 + msg.length, 6);
-        h.writeUInt32BE(errno, 20);
-        h.writeUInt16BE(msg.length, 24);
-        const tail = Buffer.allocUnsafe(8);
-        writeU64(tail, at, 0);
-        bufs.push(h, msg, tail);
+        this.logReadError(req, s.offset, s.length, r.reason);
+        bufs.push(...this.errorOffsetChunk(req, flags, s.offset, s.length, r.reason));
       }
     }
     await this.writer.write(bufs);
+  }
+
+  /** A structured read answered as one OFFSET_DATA chunk (or one error chunk): the small-read fast path. */
+  private async readOneChunk(req: Request, device: BlockDevice): Promise<void> {
+    let data: Buffer;
+    try {
+      data = await readExact(device, req.offset, req.length);
+    } catch (e) {
+      this.logReadError(req, req.offset, req.length, e);
+      await this.writer.write(this.errorOffsetChunk(req, C.REPLY_FLAG_DONE, req.offset, req.length, e));
+      return;
+    }
+    const h = this.chunkHeader(req, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, 8 + req.length, 8);
+    writeU64(h, req.offset, 20);
+    await this.writer.write(joinSmall(h, data));
+  }
+
+  /** An NBD_REPLY_TYPE_ERROR_OFFSET chunk for a failed read of [offset, offset+length). */
+  private errorOffsetChunk(req: Request, flags: number, offset: number, length: number, e: unknown): Buffer[] {
+    let at = failingOffset(e);
+    if (at === undefined || at < offset || at >= offset + length) at = offset;
+    const msg = utf8Truncate(messageForClient(e), MAX_CLIENT_MESSAGE);
+    const h = this.chunkHeader(req, flags, C.REPLY_TYPE_ERROR_OFFSET, 14 + msg.length, 6);
+    h.writeUInt32BE(errnoOf(e), 20);
+    h.writeUInt16BE(msg.length, 24);
+    const tail = Buffer.allocUnsafe(8);
+    writeU64(tail, at, 0);
+    return [h, msg, tail];
   }
 
   /** Splits a read into data and hole segments using the device's zero runs (small holes become data). */
@@ -943,6 +963,15 @@ class NbdConnection {
         `${at !== undefined ? ` at offset ${at}` : ''}: ${C.errnoName(errnoOf(e))}: ${oneLine(e)}`,
     );
   }
+}
+
+/** [header, data] as one buffer when the data is small: one socket write instead of a corked batch. */
+function joinSmall(header: Buffer, data: Buffer): Buffer[] {
+  if (data.length > COALESCE_REPLY_BYTES) return [header, data];
+  const b = Buffer.allocUnsafe(header.length + data.length);
+  header.copy(b, 0);
+  data.copy(b, header.length);
+  return [b];
 }
 
 async function readExact(device: BlockDevice, offset: number, length: number): Promise<Buffer> {

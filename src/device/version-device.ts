@@ -13,6 +13,12 @@ interface LoadedChunk {
 /** What one block of a version is. */
 export type BlockSlot = { kind: 'hole' } | { kind: 'pending' } | { kind: 'data'; ref: BlobRef };
 
+/**
+ * Errors already logged. Concurrent readers of one block share one fetch (and so one error object): the
+ * failure is logged once, not once per waiting request.
+ */
+const logged = new WeakSet<object>();
+
 let zeroBlock = Buffer.alloc(0);
 /** A shared all-zero buffer of at least `len` bytes. Callers must never write into it. */
 export function zeroes(len: number): Buffer {
@@ -50,12 +56,18 @@ export class VersionDevice implements BlockDevice {
     let p = this.chunks.get(c);
     if (!p) {
       p = (async () => {
-        const entries = await this.meta.readMapChunk(this.version.id, c);
-        if (entries.length !== chunkLength(this.blocks, c)) throw new Error(`block map chunk ${c} of ${this.version.uid} has the wrong length`);
-        const ids: number[] = [];
-        for (let i = 0; i < entries.length; i++) if (entries[i] > 0) ids.push(entries[i]);
-        const refs = await this.meta.getBlobs(ids);
-        return { entries, refs };
+        // Any failure here (a version removed while open makes its map rows disappear; a lost database
+        // connection) fails only the requests that need this chunk, as an I/O error: never the process.
+        try {
+          const entries = await this.meta.readMapChunk(this.version.id, c);
+          if (entries.length !== chunkLength(this.blocks, c)) throw new Error(`block map chunk ${c} has the wrong length`);
+          const ids: number[] = [];
+          for (let i = 0; i < entries.length; i++) if (entries[i] > 0) ids.push(entries[i]);
+          const refs = await this.meta.getBlobs(ids);
+          return { entries, refs };
+        } catch (e) {
+          throw new DeviceError(`version ${this.version.uid}: cannot read its block map: ${errorLine(e)}`, 'EIO', c * MAP_CHUNK * this.blockSize);
+        }
       })();
       p.catch(() => this.chunks.delete(c));
       this.chunks.set(c, p);
@@ -73,21 +85,40 @@ export class VersionDevice implements BlockDevice {
     return { kind: 'data', ref };
   }
 
+  private logOnce(e: unknown, line: string): void {
+    if (typeof e === 'object' && e !== null) {
+      if (logged.has(e)) return;
+      logged.add(e);
+    }
+    this.log(line);
+  }
+
   blockLength(index: number): number {
     return Math.min(this.blockSize, this.size - index * this.blockSize);
   }
 
   /** The plaintext of block `index`, or undefined for a hole. */
   async readBlock(index: number): Promise<Buffer | undefined> {
-    const s = await this.slot(index);
-    if (s.kind === 'hole') return undefined;
     const at = index * this.blockSize;
-    if (s.kind === 'pending') throw new DeviceError(`block at offset ${at} of version ${this.version.uid} was never backed up (incomplete version)`, 'EIO', at);
+    let s: BlockSlot;
+    try {
+      s = await this.slot(index);
+    } catch (e) {
+      const line = `cannot read block at offset ${at}: ${errorLine(e)}`;
+      this.logOnce(e, line);
+      throw new DeviceError(line, 'EIO', at);
+    }
+    if (s.kind === 'hole') return undefined;
+    if (s.kind === 'pending') {
+      const line = `version ${this.version.uid}: block at offset ${at} was never backed up (incomplete version)`;
+      this.log(line);
+      throw new DeviceError(line, 'EIO', at);
+    }
     try {
       return await this.fetcher.fetch(s.ref);
     } catch (e) {
       const line = `version ${this.version.uid}: cannot read block at offset ${at}: ${errorLine(e)}`;
-      this.log(line);
+      this.logOnce(e, line);
       throw new DeviceError(line, 'EIO', at);
     }
   }
@@ -133,9 +164,14 @@ export class VersionDevice implements BlockDevice {
     return out;
   }
 
-  /** Starts fetching the blocks of the range into the cache; resolves when they are there (errors ignored). */
+  /**
+   * Starts fetching the blocks of the range into the cache; resolves when they are there (errors ignored).
+   * At most half the cache is prefetched per call: more would evict what this call just fetched (a client's
+   * NBD_CMD_CACHE may name gigabytes).
+   */
   async prefetch(offset: number, length: number): Promise<void> {
-    const end = Math.min(this.size, offset + length);
+    if (this.fetcher.cache.maxBytes <= 0) return; // nowhere to keep what would be fetched
+    const end = Math.min(this.size, offset + length, offset + Math.max(this.blockSize, this.fetcher.cache.maxBytes / 2));
     const jobs: Promise<unknown>[] = [];
     for (let i = Math.floor(offset / this.blockSize); i * this.blockSize < end; i++) {
       jobs.push(this.slot(i).then((s) => (s.kind === 'data' && !this.fetcher.isCached(s.ref) ? this.fetcher.fetch(s.ref) : undefined)).catch(() => undefined));

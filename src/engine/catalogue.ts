@@ -6,7 +6,8 @@ import { Repository } from './repository';
 
 /** "name snapshot date" line describing a version to NBD and FUSE clients. */
 export function describeVersion(v: VersionRow): string {
-  return [v.name, v.snapshotName ? `snapshot ${v.snapshotName}` : '', fmtDate(v.date), v.valid ? '' : '(invalid)'].filter(Boolean).join(' ');
+  const state = !v.complete ? '(incomplete)' : v.valid ? '' : '(invalid)';
+  return [v.name, v.snapshotName ? `snapshot ${v.snapshotName}` : '', fmtDate(v.date), state].filter(Boolean).join(' ');
 }
 
 /**
@@ -29,7 +30,11 @@ export class VersionCatalogue implements ExportCatalogue {
   }
 
   device(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
-    const dev = this.repo.device(v, this.repo.cache());
-    return new ReadaheadDevice(dev, v.blockSize, this.opts.readaheadBlocks ?? 8);
+    const cache = this.repo.cache();
+    const dev = this.repo.device(v, cache);
+    // Read-ahead pays only while what it fetches stays in the cache until it is read: the window is kept to
+    // an eighth of the cache (several streams share it), and a cache of fewer than 16 blocks gets none.
+    const window = Math.min(this.opts.readaheadBlocks ?? 8, Math.floor(cache.maxBytes / v.blockSize / 8));
+    return window >= 2 ? new ReadaheadDevice(dev, v.blockSize, window) : dev;
   }
 }

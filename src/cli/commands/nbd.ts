@@ -1,8 +1,29 @@
+import { InvalidArgumentError } from 'commander';
 import type { Register } from './index';
-import { BackyError } from '../../util/errors';
+import { serveUntilSignal } from '../../engine/nbd-service';
+import { UsageError } from '../../util/errors';
+
+function port(text: string): number {
+  if (!/^\d{1,5}$/.test(text) || Number(text) > 65535) throw new InvalidArgumentError('expected a port number from 0 to 65535 (0: any free port)');
+  return Number(text);
+}
 
 export const register: Register = (program, wrap) => {
   program.command('nbd')
-    .description('serve every version as an NBD export (not yet available)')
-    .action(wrap(async () => { throw new BackyError('the NBD server is not available in this build'); }));
+    .description('serve every version as a read-only NBD export named by its uid (until SIGTERM or Ctrl-C)')
+    // Defaults are applied below, not by commander, so that -a/-p together with --socket can be refused.
+    .option('-a, --address <addr>', 'address to listen on (default 127.0.0.1)')
+    .option('-p, --port <port>', 'TCP port (default 10809; 0 picks a free port, printed at start)', port)
+    .option('--socket <path>', 'listen on this Unix socket instead of TCP')
+    .option('-r, --read-only', 'read-only exports (the only mode so far; a writable mode will come)')
+    .action(wrap(async (ctx, o: { address?: string; port?: number; socket?: string; readOnly?: boolean }) => {
+      if (o.socket !== undefined && (o.address !== undefined || o.port !== undefined)) throw new UsageError('--socket cannot be combined with -a or -p');
+      if (o.socket === '') throw new UsageError('--socket needs a path');
+      if (o.address === '') throw new UsageError('-a needs an address');
+      const repo = await ctx.repository();
+      await serveUntilSignal(repo, {
+        listen: o.socket ? { path: o.socket } : { host: o.address ?? '127.0.0.1', port: o.port ?? 10809 },
+        readOnly: !!o.readOnly,
+      });
+    }));
 };

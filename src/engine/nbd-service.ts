@@ -1,0 +1,203 @@
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import { NbdAddress, NbdListenOptions, NbdServer } from '../../nbd/server';
+import { formatBytes } from '../config/size';
+import type { BlockDevice, ExportCatalogue, ExportInfo, Extent } from '../device/types';
+import { ConfigError, errorLine } from '../util/errors';
+import { log } from '../util/log';
+import { VersionCatalogue } from './catalogue';
+import type { Repository } from './repository';
+
+export interface NbdServiceOptions {
+  listen: NbdListenOptions;
+  /**
+   * -r was given. Only read-only serving exists so far; without -r the exports are read-only all the same,
+   * and the log says so (a later writable mode will give the flag its meaning).
+   */
+  readOnly: boolean;
+  /** How long a stop waits for requests in flight before it drops connections. */
+  stopTimeoutMs?: number;
+}
+
+/** `nbd://host:port` or `nbd+unix:///?socket=path`: what to tell the user to connect to. */
+export function describeAddress(a: NbdAddress): string {
+  if ('path' in a) return `nbd+unix:///?socket=${a.path}`;
+  return `nbd://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
+/**
+ * Every version of a repository served as a read-only NBD export, all connections sharing the repository's
+ * one block cache. Start with `start`, stop with `stop` (stops accepting, lets requests in flight finish).
+ */
+export class NbdService {
+  private constructor(
+    private readonly repo: Repository,
+    private readonly server: NbdServer,
+    readonly address: NbdAddress,
+    private readonly socketPath?: string,
+  ) {}
+
+  static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
+    const catalogue = new LoggingCatalogue(new VersionCatalogue(repo));
+    let starting = true;
+    const server = new NbdServer({
+      catalogue,
+      readOnly: true,
+      // A failed listen is reported once, by the error thrown below, not also as a server error line.
+      log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
+      closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
+    });
+    if ('path' in opts.listen) await removeStaleSocket(opts.listen.path);
+    let address: NbdAddress;
+    try {
+      address = await server.listen(opts.listen);
+    } catch (e) {
+      await server.close().catch(() => undefined);
+      const where = 'path' in opts.listen ? opts.listen.path : `${opts.listen.host ?? '127.0.0.1'}:${opts.listen.port}`;
+      throw new ConfigError(`cannot listen on ${where}: ${listenError(e)}`);
+    } finally {
+      starting = false;
+    }
+    if (!opts.readOnly) log.info('writable exports are not available yet: serving every version read-only');
+    const versions = (await repo.meta.listVersions()).length;
+    log.info(`serving ${versions} version${versions === 1 ? '' : 's'} read-only on ${describeAddress(address)} ` +
+      `(block cache ${formatBytes(repo.cfg.cacheSize)}); stop with SIGTERM or Ctrl-C`);
+    return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
+  }
+
+  get connections(): number {
+    return this.server.connectionCount;
+  }
+
+  async stop(): Promise<void> {
+    await this.server.close();
+    if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
+    const c = this.repo.cache();
+    log.debug(`block cache: ${c.hits} hits, ${c.misses} misses, ${formatBytes(c.size)} cached`);
+  }
+}
+
+/**
+ * Runs the service until SIGTERM or SIGINT, then stops it: no new connections, requests in flight finish (or
+ * fail when the stop timeout passes), and the promise resolves so the command exits 0. A second signal
+ * exits at once.
+ */
+export async function serveUntilSignal(repo: Repository, opts: NbdServiceOptions): Promise<void> {
+  // Listening for signals first: one that arrives while the server starts stops it as soon as it is up.
+  const signalled = new Promise<NodeJS.Signals>((resolve) => {
+    const on = (signal: NodeJS.Signals): void => {
+      process.off('SIGTERM', on);
+      process.off('SIGINT', on);
+      process.once('SIGTERM', forceExit);
+      process.once('SIGINT', forceExit);
+      resolve(signal);
+    };
+    process.on('SIGTERM', on);
+    process.on('SIGINT', on);
+  });
+  const service = await NbdService.start(repo, opts);
+  const signal = await signalled;
+  log.info(`${signal}: stopping the NBD server (${service.connections} connection${service.connections === 1 ? '' : 's'} open)`);
+  await service.stop();
+  log.info('NBD server stopped');
+}
+
+function forceExit(): void {
+  log.warn('second signal: exiting without waiting for requests in flight');
+  process.exit(0);
+}
+
+/**
+ * The protocol layer's lines. Failed reads are logged (once per block, at error level) by the version device,
+ * so the server's own line about the same request only goes to the debug log; bad clients are warnings.
+ */
+function serverLog(line: string): void {
+  if (/: (READ \d+\+\d+: device read|CACHE \d+\+\d+: prefetch failed)/.test(line)) log.debug(line);
+  else log.warn(line);
+}
+
+/** "address already in use (EADDRINUSE)" rather than Node's "listen EADDRINUSE: address already in use ::1:80". */
+function listenError(e: unknown): string {
+  const err = e as NodeJS.ErrnoException;
+  if (!err?.code || typeof err.message !== 'string') return errorLine(e);
+  const what = err.message.replace(/^\w+ [A-Z0-9_]+: /, '').replace(/ \S+$/, '');
+  return `${what} (${err.code})`;
+}
+
+/** A socket file left by a server that died is removed; one with a live server behind it is an error. */
+async function removeStaleSocket(file: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(file);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new ConfigError(`cannot listen on ${file}: it exists and is not a socket`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const c = net.connect({ path: file }, () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.on('error', () => resolve(false));
+  });
+  if (alive) throw new ConfigError(`cannot listen on ${file}: another server is listening there`);
+  fs.rmSync(file, { force: true });
+}
+
+/** Logs, at debug level, every export a connection opens and closes (one line each). */
+class LoggingCatalogue implements ExportCatalogue {
+  private seq = 0;
+
+  constructor(private readonly inner: VersionCatalogue) {}
+
+  list(): Promise<ExportInfo[]> {
+    return this.inner.list();
+  }
+
+  async open(name: string): Promise<{ device: BlockDevice; description: string } | undefined> {
+    const e = await this.inner.open(name);
+    if (!e) {
+      log.debug(`nbd: no export "${name.slice(0, 100)}"`);
+      return undefined;
+    }
+    const n = ++this.seq;
+    log.debug(`nbd: connection #${n} opened version ${name} (${e.description})`);
+    return { device: new ObservedDevice(e.device, n, name), description: e.description };
+  }
+}
+
+/** Counts what a connection read, for its closing log line. Adds no promise to the read path. */
+class ObservedDevice implements BlockDevice {
+  private reads = 0;
+  private bytes = 0;
+  private readonly opened = Date.now();
+
+  constructor(private readonly inner: BlockDevice, private readonly n: number, private readonly name: string) {}
+
+  get size(): number {
+    return this.inner.size;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    this.reads++;
+    this.bytes += length;
+    return this.inner.read(offset, length);
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.inner.extents(offset, length);
+  }
+
+  prefetch(offset: number, length: number): Promise<void> {
+    return this.inner.prefetch?.(offset, length) ?? Promise.resolve();
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.inner.close?.();
+    } finally {
+      const secs = (Date.now() - this.opened) / 1000;
+      log.debug(`nbd: connection #${this.n} closed version ${this.name} after ${secs.toFixed(1)} s: ${this.reads} reads, ${formatBytes(this.bytes)}`);
+    }
+  }
+}
