@@ -125,14 +125,15 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER_AES), sum]));
     decipher.setAuthTag(blob.subarray(blob.length - TAG));
     const body = blob.subarray(HEADER_AES, blob.length - TAG);
-    const dst = out && out.length >= body.length ? out : Buffer.allocUnsafe(body.length);
-    const end = updateInto(decipher, body, dst, 0);
+    // Into the caller's buffer when given (memory reuse); otherwise one update, whose result is the
+    // plaintext itself (no copy).
+    const plain = out && out.length >= body.length ? out.subarray(0, updateInto(decipher, body, out, 0)) : decipher.update(body);
     try {
       decipher.final();
     } catch {
       throw new BlobFormatError('authentication failed (corrupt, tampered with, or another key)');
     }
-    payload = dst.subarray(0, end);
+    payload = plain;
   } else {
     payload = blob.subarray(HEADER_PLAIN);
   }
