@@ -1,8 +1,15 @@
 import type { Register } from './index';
-import { BackyError } from '../../util/errors';
+import { serveMount } from '../../fuse/mount';
 
 export const register: Register = (program, wrap) => {
-  program.command('mount')
-    .description('mount versions as image files with FUSE (not yet available)')
-    .action(wrap(async () => { throw new BackyError('FUSE mounts are not available in this build'); }));
+  program.command('mount <version_uid_or_dir> [dir]')
+    .usage('[options] [version_uid] <dir>')
+    .description('mount a version (DIR/<name>.img and info files), or all versions (DIR/by_version_uid, DIR/by_name), read-only with FUSE; runs until Ctrl-C or "backy umount DIR"')
+    .option('-p, --partitions', 'also attach the image to a loop device and mount its filesystems read-only under DIR/partN (or DIR/fs); root only')
+    .option('--allow-other', 'let other users read the mount (FUSE allow_other; non-root needs user_allow_other in /etc/fuse.conf)')
+    .action(wrap(async (ctx, first: string, second: string | undefined, o: { partitions?: boolean; allowOther?: boolean }) => {
+      const [uid, dir] = second === undefined ? [undefined, first] : [first, second];
+      const repo = await ctx.repository();
+      await serveMount(repo, { dir, uid, partitions: !!o.partitions, allowOther: !!o.allowOther });
+    }));
 };

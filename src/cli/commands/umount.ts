@@ -1,8 +1,11 @@
 import type { Register } from './index';
-import { BackyError } from '../../util/errors';
+import { unmountDir } from '../../fuse/unmount';
+import { log } from '../../util/log';
 
 export const register: Register = (program, wrap) => {
-  program.command('umount')
-    .description('unmount a backy mount (not yet available)')
-    .action(wrap(async () => { throw new BackyError('FUSE mounts are not available in this build'); }));
+  program.command('umount <dir>')
+    .description('unmount a backy mount (also one left by a killed process): its partition mounts, loop device, then DIR')
+    .action(wrap(async (_ctx, dir: string) => {
+      for (const note of await unmountDir(dir)) log.warn(note);
+    }));
 };

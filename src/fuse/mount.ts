@@ -1,0 +1,168 @@
+import { access, constants, readdir, realpath, stat } from 'node:fs/promises';
+import * as path from 'node:path';
+import { VersionCatalogue } from '../engine/catalogue';
+import type { Repository } from '../engine/repository';
+import { BackyError, errorLine, ExitCode, IoError } from '../util/errors';
+import { log } from '../util/log';
+import { FailureLog } from './failure-log';
+import { imageFileName } from './info-files';
+import { createFuse, FuseHandle } from './native';
+import { OpenImages } from './open-images';
+import { createOperations } from './operations';
+import { LoopAttachment } from './partitions';
+import { FUSE_TYPE, readMounts } from './system';
+import { AllVersionsTree, SingleVersionTree, Tree } from './tree';
+import { VersionList } from './version-list';
+
+/**
+ * The kernel sends reads of at most 128 KiB to a libfuse 2 filesystem (fuse-native cannot negotiate more
+ * pages per request), so this is the largest max_read that means anything.
+ */
+export const MAX_READ = 128 * 1024;
+
+export interface MountOptions {
+  dir: string;
+  /** one version; all versions when undefined */
+  uid?: string;
+  /** attach the image to a loop device and mount its filesystems (root only, needs `uid`) */
+  partitions?: boolean;
+  /** let other users than the one mounting read the mount (FUSE allow_other) */
+  allowOther?: boolean;
+  /** progress lines (stderr) */
+  say?: (line: string) => void;
+}
+
+/** Refuses a mount point that is missing, not a directory, already mounted on, or not empty. Returns its real path. */
+async function checkMountPoint(dir: string): Promise<string> {
+  try {
+    const st = await stat(dir);
+    if (!st.isDirectory()) throw new IoError(`mount point ${dir} is not a directory`);
+  } catch (e) {
+    if (e instanceof BackyError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOTCONN') throw new BackyError(`${dir} is busy: the process of an earlier backy mount there has ended; run "backy umount ${dir}"`);
+    if (code === 'ENOENT') throw new IoError(`mount point ${dir} does not exist`);
+    throw new IoError(`mount point ${dir}: ${errorLine(e)}`);
+  }
+  const real = await realpath(dir);
+  const taken = (await readMounts()).find((m) => m.mountPoint === real);
+  if (taken) {
+    const hint = taken.fsType === FUSE_TYPE ? ` (another backy mount; "backy umount ${dir}" ends it)` : '';
+    throw new BackyError(`${dir} is busy: ${taken.fsType} is mounted there${hint}`);
+  }
+  if ((await readdir(dir)).length) throw new BackyError(`mount point ${dir} is not empty`);
+  return real;
+}
+
+/** libfuse only says "fuse failed" when it cannot open /dev/fuse: say why first. */
+async function checkFuseDevice(): Promise<void> {
+  try {
+    await access('/dev/fuse', constants.R_OK | constants.W_OK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new BackyError(code === 'ENOENT'
+      ? 'FUSE is not available: /dev/fuse does not exist (load the fuse kernel module)'
+      : `FUSE is not available to this user: /dev/fuse: ${errorLine(e)} (it is normally mode 0666)`);
+  }
+}
+
+function mountFuse(fuse: FuseHandle, dir: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fuse.mount((err) => (err ? reject(new BackyError(`cannot mount ${dir}: ${err.message}`)) : resolve()));
+  });
+}
+
+function unmountFuse(fuse: FuseHandle): Promise<void> {
+  return new Promise((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
+}
+
+/**
+ * Resolves `stopped` with the reason once a stop signal arrives or, after `watch()`, once the mount
+ * disappears (someone ran `backy umount` or `fusermount -u`).
+ */
+function stopConditions(real: string): { stopped: Promise<string>; watch(): void; dispose(): void } {
+  let done: (why: string) => void = () => undefined;
+  const stopped = new Promise<string>((r) => (done = r));
+  const onSignal = (sig: NodeJS.Signals) => done(sig);
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const s of signals) process.on(s, onSignal);
+  let timer: NodeJS.Timeout | undefined;
+  return {
+    stopped,
+    watch() {
+      timer = setInterval(() => {
+        readMounts().then((ms) => {
+          if (!ms.some((m) => m.mountPoint === real && m.fsType === FUSE_TYPE)) done('unmounted from outside');
+        }, () => undefined);
+      }, 1000);
+    },
+    dispose() {
+      clearInterval(timer);
+      for (const s of signals) process.off(s, onSignal);
+    },
+  };
+}
+
+/**
+ * `backy mount`: serves one version (`DIR/<name>.img` and info files) or all versions (`by_version_uid/`,
+ * `by_name/`) read-only until SIGINT/SIGTERM/SIGHUP or until the mount is unmounted from outside, then
+ * undoes everything (partition mounts, loop device, FUSE mount) and resolves.
+ */
+export async function serveMount(repo: Repository, o: MountOptions): Promise<void> {
+  const say = o.say ?? ((l: string) => log.info(l));
+  if (o.partitions && !o.uid) throw new BackyError('--partitions needs a version uid', ExitCode.USAGE);
+  if (o.partitions && process.geteuid?.() !== 0) {
+    throw new BackyError('--partitions needs root (loop devices and mount); without root, mount the version and run "losetup -r -P" and "mount -o ro" yourself');
+  }
+  const dir = path.resolve(o.dir);
+  const version = o.uid ? await repo.version(o.uid) : undefined;
+  const real = await checkMountPoint(dir);
+  await checkFuseDevice();
+
+  const list = new VersionList(repo.meta, { only: version?.uid });
+  const tree: Tree = version ? new SingleVersionTree(list, version) : new AllVersionsTree(list);
+  const catalogue = new VersionCatalogue(repo);
+  const images = new OpenImages((v) => catalogue.device(v));
+  const failures = new FailureLog((line) => log.error(line));
+  const ops = createOperations({
+    tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,
+    logFailure: (key, line) => failures.report(key, line),
+  });
+  const options = [
+    'ro', `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
+    // Images never change and keep their size and mtime, so their cached pages survive reopening; info
+    // files get a new mtime when their content changes (VersionList.changed), which drops stale pages.
+    'auto_cache',
+    `max_read=${MAX_READ}`,
+    ...(o.allowOther ? ['allow_other'] : []),
+  ];
+  // Replies that take longer are answered ETIMEDOUT by fuse-native rather than hanging the reader forever.
+  const fuse = createFuse(dir, ops, options, { default: 30_000, read: 120_000 });
+
+  const stop = stopConditions(real);
+  let attachment: LoopAttachment | undefined;
+  const problems: string[] = [];
+  try {
+    await mountFuse(fuse, dir);
+    stop.watch();
+    say(version ? `mounted version ${version.uid} (${version.name}) at ${dir}: ${path.join(dir, imageFileName(version))}` : `mounted all versions at ${dir}`);
+    if (o.partitions && version) {
+      const single = tree as SingleVersionTree;
+      attachment = await LoopAttachment.attach(path.join(dir, imageFileName(version)), dir, {
+        add: (n) => single.addMountDir(n),
+        remove: (n) => single.removeMountDir(n),
+      }, say);
+      if (!attachment.mounts.length) say('no filesystem of the image could be mounted; the image file is still there');
+    }
+    say('serving until interrupted (Ctrl-C) or "backy umount"');
+    const why = await stop.stopped;
+    say(`${why}: unmounting ${dir}`);
+  } finally {
+    // Signals stay caught until everything is undone: a second Ctrl-C must not leave a loop device behind.
+    if (attachment) problems.push(...(await attachment.detach()));
+    const stillMounted = (await readMounts().catch(() => [])).some((m) => m.mountPoint === real && m.fsType === FUSE_TYPE);
+    if (stillMounted) await unmountFuse(fuse).catch((e) => problems.push(`cannot unmount ${dir}: ${errorLine(e)}`));
+    stop.dispose();
+  }
+  if (problems.length) throw new BackyError(problems.join('; '));
+}

@@ -1,0 +1,136 @@
+import { DeviceError } from '../device/types';
+import { errorLine } from '../util/errors';
+import { Errno, FuseOps, FuseStat } from './native';
+import { OpenImages, readInto } from './open-images';
+import type { Node, Tree } from './tree';
+
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const O_ACCMODE = 3;
+const O_TRUNC = 0o1000;
+
+/** st_blksize of images: `cat`, `cp` and friends size their reads by it. */
+export const IMAGE_IO_SIZE = 1024 * 1024;
+
+export interface OperationsOptions {
+  tree: Tree;
+  images: OpenImages;
+  uid: number;
+  gid: number;
+  /** One line about a request that failed; `key` groups failures of one cause (see FailureLog). */
+  logFailure(key: string, line: string): void;
+}
+
+function errnoOf(e: unknown): number {
+  if (e instanceof DeviceError) return e.errno === 'EINVAL' ? Errno.EINVAL : Errno.EIO;
+  return Errno.EIO;
+}
+
+/**
+ * The fuse-native callbacks for a read-only tree. Every callback answers exactly once, also when something
+ * throws: a failing request gets an errno, never takes the process down.
+ */
+export function createOperations(o: OperationsOptions): FuseOps {
+  const { tree, images } = o;
+
+  const stat = (node: Node): FuseStat => {
+    const base = { uid: o.uid, gid: o.gid };
+    if (node.kind === 'dir') {
+      // nlink 1 means "subdirectories not counted", so `find` does not skip any by the link-count shortcut.
+      return { ...base, mode: S_IFDIR | 0o555, nlink: 1, size: 0, mtime: node.mtime, atime: node.mtime, ctime: node.mtime };
+    }
+    if (node.kind === 'image') {
+      const v = node.version;
+      return {
+        ...base, mode: S_IFREG | 0o444, nlink: 1, size: v.size, mtime: v.date, atime: v.date, ctime: v.date,
+        blksize: IMAGE_IO_SIZE, blocks: Math.ceil(v.size / 512),
+      };
+    }
+    return {
+      ...base, mode: S_IFREG | 0o444, nlink: 1, size: node.content.length, mtime: node.mtime, atime: node.mtime, ctime: node.mtime,
+      blocks: Math.ceil(node.content.length / 512),
+    };
+  };
+
+  /**
+   * Runs a request: `work` answers through `reply`; whatever it throws (a database error while resolving a
+   * path, a failed fetch) becomes one errno answer instead of an unhandled rejection, which would end the
+   * process. A second answer is ignored.
+   */
+  const handle = <A extends [number, ...unknown[]]>(what: string, cb: (...a: A) => void, work: (reply: (...a: A) => void) => Promise<void>): void => {
+    let answered = false;
+    const reply = (...a: A) => {
+      if (answered) return;
+      answered = true;
+      cb(...a);
+    };
+    work(reply).catch((e: unknown) => {
+      // The device layer has logged a block it could not fetch; anything else is news.
+      if (!(e instanceof DeviceError && e.errno === 'EIO')) o.logFailure(errorLine(e), `${what}: ${errorLine(e)}`);
+      // Every fuse-native callback takes a negative errno alone as its failure answer.
+      reply(...([errnoOf(e)] as unknown as A));
+    });
+  };
+
+  const resolve = async (path: string): Promise<Node | number> => (await tree.resolve(path)) ?? Errno.ENOENT;
+
+  const readOnly = (...args: unknown[]): void => {
+    const cb = args[args.length - 1] as (err: number) => void;
+    cb(Errno.EROFS);
+  };
+
+  return {
+    getattr(path, cb) {
+      handle(`stat ${path}`, cb, async (reply) => {
+        const n = await resolve(path);
+        if (typeof n === 'number') reply(n);
+        else reply(0, stat(n));
+      });
+    },
+
+    readdir(path, cb) {
+      handle(`list ${path}`, cb, async (reply) => {
+        const n = await resolve(path);
+        if (typeof n === 'number') reply(n);
+        else if (n.kind !== 'dir') reply(Errno.ENOTDIR);
+        else reply(0, ['.', '..', ...(await n.list())]);
+      });
+    },
+
+    open(path, flags, cb) {
+      if ((flags & O_ACCMODE) !== 0 || flags & O_TRUNC) return cb(Errno.EROFS);
+      handle(`open ${path}`, cb, async (reply) => {
+        const n = await resolve(path);
+        if (typeof n === 'number') reply(n);
+        else if (n.kind === 'dir') reply(Errno.EISDIR);
+        // Info files are read by path; only images keep state per open file.
+        else if (n.kind === 'info') reply(0, 0);
+        else reply(0, images.open(n.version));
+      });
+    },
+
+    read(path, fh, buf, len, pos, cb) {
+      const img = fh ? images.get(fh) : undefined;
+      handle(`read of ${len} bytes at ${pos} of ${path}`, cb, async (reply) => {
+        if (img) return reply(await readInto(img.device, img.version.blockSize, buf, len, pos));
+        const n = await resolve(path);
+        if (typeof n === 'number') return reply(n);
+        if (n.kind !== 'info') return reply(n.kind === 'dir' ? Errno.EISDIR : Errno.EBADF);
+        const part = n.content.subarray(Math.min(pos, n.content.length), Math.min(pos + len, n.content.length));
+        part.copy(buf);
+        reply(part.length);
+      });
+    },
+
+    release(path, fh, cb) {
+      // Closing cannot fail from the kernel's point of view: answer at once, tidy up behind.
+      cb(0);
+      if (fh) images.release(fh).catch((e: unknown) => o.logFailure(errorLine(e), `closing ${path}: ${errorLine(e)}`));
+    },
+
+    // Read-only: the kernel refuses most of these itself on an `ro` mount; answering them too costs nothing.
+    write: readOnly, create: readOnly, mkdir: readOnly, unlink: readOnly, rmdir: readOnly, rename: readOnly,
+    truncate: readOnly, ftruncate: readOnly, chmod: readOnly, chown: readOnly, utimens: readOnly,
+    symlink: readOnly, link: readOnly, mknod: readOnly, setxattr: readOnly, removexattr: readOnly,
+  };
+}
