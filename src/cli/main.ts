@@ -40,7 +40,7 @@ export function buildProgram(): Command {
     } finally {
       await ctx.close().catch(() => undefined);
     }
-    process.exit(code);
+    await exitAfterOutput(code);
   };
   // Set before the commands exist: subcommands copy these settings when created.
   program.configureOutput({
@@ -49,6 +49,23 @@ export function buildProgram(): Command {
   });
   for (const register of commands) register(program, wrap);
   return program;
+}
+
+/**
+ * Exits once stdout and stderr have been handed to the kernel: a pipe to a slow reader (`backy -m ls | ...`)
+ * makes writes asynchronous, and exiting earlier would cut the output short.
+ */
+export async function exitAfterOutput(code: number): Promise<never> {
+  for (const s of [process.stdout, process.stderr]) {
+    if (s.writableLength > 0 && !s.destroyed) {
+      await new Promise<void>((resolve) => {
+        s.once('drain', resolve);
+        s.once('error', resolve);
+        s.once('close', resolve);
+      });
+    }
+  }
+  process.exit(code);
 }
 
 export function reportError(e: unknown, debug: boolean): number {

@@ -225,14 +225,16 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     }
     const enc = await codec.encode(buf, len, scan.sum!, freeOut.pop() ?? allocBlock(encodedCapacity(bs)));
     free.push(enc.buf);
+    // Read before the buffer goes back to the pool: once another block takes it to a worker it is detached.
+    const storedSize = enc.blob.length;
     try {
       await repo.store.put(blobKey(r.uid), enc.blob);
     } finally {
       freeOut.push(Buffer.from(enc.blob.buffer));
     }
-    await uploaded.push({ id: r.blobId, storedSize: enc.blob.length });
+    await uploaded.push({ id: r.blobId, storedSize });
     c.blocksWritten++;
-    c.bytesWritten += enc.blob.length;
+    c.bytesWritten += storedSize;
   };
 
   try {
