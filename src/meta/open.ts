@@ -1,5 +1,6 @@
 import { sqlitePath } from '../config/config';
 import { ConfigError } from '../util/errors';
+import { maskEngineUrl } from './pg-errors';
 import { SqliteMetaStore } from './sqlite';
 import type { MetaStore } from './types';
 
@@ -11,7 +12,7 @@ export function createMetaStore(engine: string, opts: { poolSize?: number } = {}
     // Loaded only when used, so SQLite users never need pg's connection code.
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const { PostgresMetaStore } = require('./postgres') as typeof import('./postgres');
-    return new PostgresMetaStore(engine, opts) as unknown as MetaStore;
+    return new PostgresMetaStore(engine, opts);
   }
-  throw new ConfigError(`unsupported [MetaBackend] engine ${engine.replace(/\/\/[^@/]*@/, '//***@')}`);
+  throw new ConfigError(`unsupported [MetaBackend] engine ${maskEngineUrl(engine)}`);
 }

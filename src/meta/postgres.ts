@@ -1,11 +1,561 @@
+import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
-import type { MetaStore } from './types';
+import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
+import { batches, cleanupDecision, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
+import { PgLocks } from './pg-locks';
+import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
+import {
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  StatsRow, VersionRow,
+} from './types';
 
-/** Placeholder until the PostgreSQL store lands: a clear error instead of a crash. */
-export class PostgresMetaStore {
-  constructor(engine: string, _opts: { poolSize?: number }) {
-    void engine;
-    throw new DatabaseError('the PostgreSQL metadata backend is not available in this build');
+type Row = Record<string, any>;
+
+/** Two-key advisory lock serializing schema creation and migrations of concurrently starting processes. */
+const SCHEMA_MUTEX = [0x6261636b, 1];
+/** SQLSTATEs after which a transaction is simply run again: deadlock detected, serialization failure. */
+const RETRY_CODES = new Set(['40P01', '40001']);
+const ID_BATCH = 10_000;
+/**
+ * The many small commits of a running backup (recordBlocks, markUploaded) do not wait for the WAL flush,
+ * like SQLite's synchronous=NORMAL. Safe: WAL is flushed in order, so any later synchronous commit (the
+ * version becoming valid, a cleanup marking blobs) makes them durable first; a server crash can only lose
+ * the last of them, which looks like a backup interrupted a moment earlier (version invalid, continuable; an
+ * uploaded but unrecorded object is an orphan for cleanup --full).
+ */
+const ASYNC_COMMIT = 'SET LOCAL synchronous_commit = off';
+const CURSOR_PAGE = 1000;
+
+/**
+ * BIGINT columns (ids, sizes, ms timestamps) as JavaScript numbers: every value backy stores is far below
+ * 2^53. The override is per pool, so other pg users in the process keep the driver's defaults.
+ */
+export const pgTypeParsers = {
+  getTypeParser(oid: number, format?: string): any {
+    if (oid === 20) return (v: string) => Number(v);
+    const parser = pgTypes.getTypeParser as (o: number, f?: string) => (v: string) => unknown;
+    if (oid === 1016) return (v: string) => (parser(1016, 'text')(v) as string[]).map(Number);
+    return parser(oid, format);
+  },
+};
+
+export const PG_DDL = SCHEMA_V1.map((s) => s.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA'));
+
+/**
+ * The metadata store on PostgreSQL, for several hosts sharing one repository. Same schema and semantics as
+ * SqliteMetaStore; the engine-independent decisions come from logic.ts.
+ *
+ * Why cleanup can never delete a blob that a version or a running backup references, by construction:
+ * every transaction that adds blob references to a block map (recordBlocks, createVersion with a base) takes
+ * `blobs` in ROW EXCLUSIVE mode explicitly, before it reads anything; statements that change blob rows
+ * (reservations, uploads, stamps, forgetting) take the same mode implicitly. markForDeletion takes `blobs` in
+ * SHARE ROW EXCLUSIVE mode, which conflicts with ROW EXCLUSIVE (and with itself), and only then takes its
+ * snapshot (REPEATABLE READ: the snapshot comes with the first query after LOCK TABLE, not with the LOCK)
+ * and scans every block map, running backups' partial maps included. So each writer either committed before
+ * cleanup got its lock, and then cleanup's snapshot contains the writer's map, or it starts reading after
+ * cleanup committed, and then its lookup sees the blobs cleanup flipped to state 3 and never reuses them
+ * (the partial unique index lets it insert a new blob for the same checksum). Nothing can add a reference
+ * between the scan and the flip, and no timer is involved. A differential version copies its base's map:
+ * the base row is locked FOR KEY SHARE, so removeVersion (FOR UPDATE) cannot delete it meanwhile. markBad
+ * uses the same lock as cleanup so that no backup starts to use a blob between its scan and its marking.
+ * The price: backups pause while cleanup scans the maps, as they do on SQLite.
+ */
+export class PostgresMetaStore implements MetaStore {
+  readonly description: string;
+  private pool: Pool | undefined;
+  private readonly config: PoolConfig;
+  private readonly locks: PgLocks;
+  /** Decoded map chunks of versions this process is writing (it holds their locks, so nobody else writes them). */
+  private writeChunks = new Map<string, Float64Array>();
+  private cursorNo = 0;
+
+  constructor(private readonly engine: string, opts: { poolSize?: number } = {}) {
+    this.description = maskEngineUrl(engine);
+    this.config = {
+      connectionString: engine,
+      max: Math.max(1, opts.poolSize ?? 4),
+      connectionTimeoutMillis: 15_000,
+      idleTimeoutMillis: 30_000,
+      keepAlive: true,
+      application_name: 'backy',
+      types: pgTypeParsers,
+    } as PoolConfig;
+    this.locks = new PgLocks(this.config, (e) => pgError(e, engine));
+  }
+
+  // ---- plumbing
+
+  private fail(e: unknown): Error {
+    if (this.locks.lost) return this.locks.lostError();
+    return pgError(e, this.engine);
+  }
+
+  private get p(): Pool {
+    if (this.locks.lost) throw this.locks.lostError();
+    if (!this.pool) {
+      const pool = new Pool(this.config);
+      // An idle connection that breaks (server restart, terminated backend) is dropped by the pool; the
+      // next query reports the problem. Without a listener the error would end the process.
+      pool.on('error', () => undefined);
+      this.pool = pool;
+    }
+    return this.pool;
+  }
+
+  private async q(sql: string, params: unknown[] = []): Promise<Row[]> {
+    try {
+      return (await this.p.query(sql, params)).rows;
+    } catch (e) {
+      throw this.fail(e);
+    }
+  }
+
+  /**
+   * Runs `fn` in one transaction. Deadlocks and serialization failures (possible between concurrent backups
+   * reserving the same checksums) roll back and run `fn` again; `onRollback` forgets derived state.
+   */
+  private async tx<T>(fn: (c: PoolClient) => Promise<T>, opts: { isolation?: string; prelude?: string; onRollback?: () => void } = {}): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      let c: PoolClient;
+      try {
+        c = await this.p.connect();
+      } catch (e) {
+        throw this.fail(e);
+      }
+      let broken: unknown;
+      try {
+        // BEGIN and the first lock in one round trip: a backup runs many short transactions.
+        await c.query(`BEGIN${opts.isolation ? ` ISOLATION LEVEL ${opts.isolation}` : ''}${opts.prelude ? `; ${opts.prelude}` : ''}`);
+        const out = await fn(c);
+        await c.query('COMMIT');
+        return out;
+      } catch (e) {
+        opts.onRollback?.();
+        if (isConnectionError(e)) broken = e;
+        else await c.query('ROLLBACK').catch((r) => { broken = r; });
+        const code = (e as { code?: string }).code;
+        if (!broken && code && RETRY_CODES.has(code) && attempt < 8) {
+          await new Promise((r) => setTimeout(r, Math.random() * 20 * attempt));
+          continue;
+        }
+        throw this.fail(e);
+      } finally {
+        c.release(broken ? (broken as Error) : undefined);
+      }
+    }
+  }
+
+  /** Rows of a query, a page at a time, through a cursor (inside a transaction). */
+  private async *cursor(c: PoolClient, sql: string, params: unknown[] = []): AsyncGenerator<Row[]> {
+    const name = `backy_cursor_${++this.cursorNo}`;
+    await c.query(`DECLARE ${name} NO SCROLL CURSOR FOR ${sql}`, params);
+    for (;;) {
+      const rows = (await c.query(`FETCH ${CURSOR_PAGE} FROM ${name}`)).rows;
+      if (!rows.length) break;
+      yield rows;
+    }
+    await c.query(`CLOSE ${name}`);
+  }
+
+  // ---- schema
+
+  async initdb(): Promise<boolean> {
+    return this.tx(async (c) => {
+      await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
+      if ((await c.query(`SELECT to_regclass('settings') IS NOT NULL AS e`)).rows[0].e) return false;
+      for (const s of PG_DDL) await c.query(s);
+      await c.query(`INSERT INTO settings (key, value) VALUES ('schema_version', $1)`, [String(SCHEMA_VERSION)]);
+      return true;
+    });
+  }
+
+  async open(): Promise<void> {
+    const version = async (c: { query: PoolClient['query'] }): Promise<number> => {
+      if (!(await c.query(`SELECT to_regclass('settings') IS NOT NULL AS e`)).rows[0].e) {
+        throw new DatabaseError(`database ${this.description} is not initialized: run "backy initdb"`);
+      }
+      return Number((await c.query(`SELECT value FROM settings WHERE key = 'schema_version'`)).rows[0]?.value ?? 0);
+    };
+    let v: number;
+    try {
+      v = await version(this.p);
+    } catch (e) {
+      throw this.fail(e);
+    }
+    if (v > SCHEMA_VERSION) throw new DatabaseError(`database ${this.description} has schema version ${v}, newer than this backy understands (${SCHEMA_VERSION}): upgrade backy`);
+    if (v < SCHEMA_VERSION) {
+      await this.tx(async (c) => {
+        await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
+        const now = await version(c); // another process may have migrated while we waited
+        for (let n = now; n < SCHEMA_VERSION; n++) for (const s of MIGRATIONS[n - 1] ?? []) await c.query(s);
+        if (now < SCHEMA_VERSION) await c.query(`UPDATE settings SET value = $1 WHERE key = 'schema_version'`, [String(SCHEMA_VERSION)]);
+      });
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.locks.close();
+    const pool = this.pool;
+    this.pool = undefined;
+    await pool?.end().catch(() => undefined);
+  }
+
+  async getSetting(key: string): Promise<string | undefined> {
+    return (await this.q(`SELECT value FROM settings WHERE key = $1`, [key]))[0]?.value;
+  }
+
+  async setSettingIfAbsent(key: string, value: string): Promise<string> {
+    await this.q(`INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING`, [key, value]);
+    return (await this.q(`SELECT value FROM settings WHERE key = $1`, [key]))[0].value;
+  }
+
+  // ---- versions
+
+  private toVersion(r: Row, tags: string[]): VersionRow {
+    return {
+      id: Number(r.id), uid: r.uid, name: r.name, snapshotName: r.snapshot_name, date: Number(r.date), size: Number(r.size),
+      blockSize: Number(r.block_size), valid: !!r.valid, complete: !!r.complete, protected: !!r.protected,
+      expire: r.expire === null ? null : Number(r.expire), baseUid: r.base_uid ?? null, tags,
+    };
+  }
+
+  async createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow> {
+    const blocks = blockCount(v.size, v.blockSize);
+    const pending = base ? [...base.pending] : [];
+    const tags = [...new Set(v.tags)].sort();
+    return this.tx(async (c) => {
+      let baseInfo: { blocks: number; chunk: (n: number) => Buffer | undefined } | undefined;
+      if (base) {
+        // The copied map references blobs: ordered against cleanup like every such writer (see the class comment).
+        await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
+        const b = (await c.query(`SELECT size, block_size FROM versions WHERE id = $1 FOR KEY SHARE`, [base.versionId])).rows[0];
+        if (!b) throw new DatabaseError('the base version was removed meanwhile');
+        const chunks = new Map<number, Buffer>();
+        for (const r of (await c.query(`SELECT chunk, data FROM block_maps WHERE version_id = $1`, [base.versionId])).rows) chunks.set(r.chunk, r.data);
+        baseInfo = { blocks: blockCount(Number(b.size), Number(b.block_size)), chunk: (n) => chunks.get(n) };
+      }
+      const row = (await c.query(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+        VALUES ($1, $2, $3, $4, $5, $6, 0, 0, 0, $7, $8) RETURNING *`,
+      [v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.expire, v.baseUid])).rows[0];
+      const id = Number(row.id);
+      if (tags.length) await c.query(`INSERT INTO tags (version_id, name) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING`, [id, tags]);
+      // The whole map in a few statements: 256 chunk rows for a 1 TiB version.
+      const chunks = [...newVersionChunks(blocks, baseInfo, pending)];
+      for (const part of batches(chunks, 1000)) {
+        await c.query(`INSERT INTO block_maps (version_id, chunk, data) SELECT $1, * FROM unnest($2::int[], $3::bytea[])`,
+          [id, part.map((x) => x[0]), part.map((x) => x[1])]);
+      }
+      return this.toVersion(row, tags);
+    });
+  }
+
+  async getVersion(uid: string): Promise<VersionRow | undefined> {
+    const r = (await this.q(`SELECT v.*, ARRAY(SELECT name FROM tags t WHERE t.version_id = v.id ORDER BY name) AS tag_list
+      FROM versions v WHERE uid = $1`, [uid]))[0];
+    return r ? this.toVersion(r, r.tag_list) : undefined;
+  }
+
+  async listVersions(): Promise<VersionRow[]> {
+    // One query: versions with their tags aggregated (a join with the grouped tags beats a subquery per row).
+    const rows = await this.q(`SELECT v.*, COALESCE(t.tag_list, '{}') AS tag_list FROM versions v
+      LEFT JOIN (SELECT version_id, array_agg(name ORDER BY name) AS tag_list FROM tags GROUP BY version_id) t ON t.version_id = v.id
+      ORDER BY v.date, v.id`);
+    return rows.map((r) => this.toVersion(r, r.tag_list));
+  }
+
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+    const sets: string[] = [];
+    const args: unknown[] = [];
+    const set = (col: string, value: unknown) => { args.push(value); sets.push(`${col} = $${args.length}`); };
+    if (f.valid !== undefined) set('valid', f.valid ? 1 : 0);
+    if (f.complete !== undefined) set('complete', f.complete ? 1 : 0);
+    if (f.protected !== undefined) set('protected', f.protected ? 1 : 0);
+    if (f.expire !== undefined) set('expire', f.expire);
+    if (!sets.length) return;
+    args.push(id);
+    await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length}`, args);
+  }
+
+  async addTags(id: number, tags: string[]): Promise<void> {
+    if (!tags.length) return;
+    await this.q(`INSERT INTO tags (version_id, name) SELECT $1, t FROM unnest($2::text[]) AS t
+      WHERE EXISTS (SELECT 1 FROM versions WHERE id = $1) ON CONFLICT DO NOTHING`, [id, [...new Set(tags)]]);
+  }
+
+  async removeTags(id: number, tags: string[]): Promise<void> {
+    if (!tags.length) return;
+    await this.q(`DELETE FROM tags WHERE version_id = $1 AND name = ANY($2::text[])`, [id, tags]);
+  }
+
+  async removeVersion(id: number): Promise<void> {
+    const now = Date.now();
+    await this.tx(async (c) => {
+      await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
+      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first.
+      if (!(await c.query(`SELECT 1 FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows.length) return;
+      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1`, [id])).rows.map((r) => r.data as Buffer);
+      for (const ids of batches(idsOfChunks(chunks), ID_BATCH)) {
+        await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, ids]);
+      }
+      await c.query(`DELETE FROM versions WHERE id = $1`, [id]);
+    });
+    this.forgetChunks(id);
+  }
+
+  private forgetChunks(versionId: number): void {
+    for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${versionId}:`)) this.writeChunks.delete(k);
+  }
+
+  // ---- block maps
+
+  async readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array> {
+    const r = (await this.q(`SELECT data FROM block_maps WHERE version_id = $1 AND chunk = $2`, [versionId, chunkNo]))[0];
+    if (!r) throw new DatabaseError(`block map chunk ${chunkNo} of version ${versionId} is missing (version removed?)`);
+    return decodeChunk(r.data);
+  }
+
+  async recordBlocks(versionId: number, session: string, entries: BlockEntry[]): Promise<ResolvedBlock[]> {
+    if (!entries.length) return [];
+    const now = Date.now();
+    return this.tx(async (c) => {
+      const v = (await c.query(`SELECT size, block_size FROM versions WHERE id = $1 FOR KEY SHARE`, [versionId])).rows[0];
+      if (!v) throw new DatabaseError('the version was removed while it was being written');
+      const blocks = blockCount(Number(v.size), Number(v.block_size));
+
+      // Map chunks touched by this batch: cached ones, the rest in one query.
+      const touched = [...new Set(entries.map((e) => Math.floor(e.index / MAP_CHUNK)))];
+      const missing = touched.filter((n) => !this.writeChunks.has(`${versionId}:${n}`));
+      if (missing.length) {
+        const rows = (await c.query(`SELECT chunk, data FROM block_maps WHERE version_id = $1 AND chunk = ANY($2::int[])`, [versionId, missing])).rows;
+        for (const r of rows) {
+          const decoded = decodeChunk(r.data);
+          if (decoded.length !== chunkLength(blocks, r.chunk)) throw new DatabaseError(`block map chunk ${r.chunk} of version ${versionId} has the wrong length`);
+          this.writeChunks.set(`${versionId}:${r.chunk}`, decoded);
+        }
+        for (const n of missing) if (!this.writeChunks.has(`${versionId}:${n}`)) throw new DatabaseError(`block map chunk ${n} of version ${versionId} is missing`);
+      }
+
+      // Each distinct checksum of the batch is decided once.
+      const wanted = new Map<string, { checksum: Buffer; size: number }>();
+      for (const e of entries) if (!e.zero && !wanted.has(e.checksum.toString('hex'))) wanted.set(e.checksum.toString('hex'), { checksum: e.checksum, size: e.size });
+      const decided = new Map<string, { blobId: number; uid: string; upload: boolean }>();
+      let open = [...wanted.keys()];
+      for (let round = 0; open.length; round++) {
+        if (round >= 5) throw new DatabaseError('could not reserve blobs: the same checksums keep changing (concurrent cleanups?)');
+        const found = new Map<string, Row>();
+        const lookup = await c.query(`SELECT id, uid, checksum, state, owner FROM blobs WHERE checksum = ANY($1::bytea[]) AND state <> 3`,
+          [open.map((h) => wanted.get(h)!.checksum)]);
+        for (const r of lookup.rows) found.set((r.checksum as Buffer).toString('hex'), r);
+        const inserts: string[] = [];
+        const takeOvers: number[] = [];
+        for (const h of open) {
+          const existing = found.get(h);
+          const d = decideBlob(existing ? { state: Number(existing.state), owner: existing.owner } : undefined, session);
+          if (d.kind === 'insert') {
+            inserts.push(h);
+            continue;
+          }
+          if (d.kind === 'take-over') takeOvers.push(Number(existing!.id));
+          decided.set(h, { blobId: Number(existing!.id), uid: existing!.uid, upload: d.upload });
+        }
+        if (takeOvers.length) {
+          await c.query(`UPDATE blobs SET state = 0, owner = $1 WHERE id = ANY($2::bigint[])`, [session, takeOvers.sort((a, b) => a - b)]);
+        }
+        open = [];
+        if (!inserts.length) break;
+        // Ids in block order (consecutive ids make small map chunks), rows inserted in checksum order (two
+        // backups inserting overlapping checksums wait for each other instead of deadlocking). A checksum
+        // another backup reserved meanwhile conflicts on the unique index: it is looked up again next round.
+        const uids = inserts.map(() => newBlobUid());
+        const ins = await c.query(`INSERT INTO blobs (id, uid, checksum, size, state, owner, created)
+          SELECT id, uid, checksum, size, 0, $4, $5 FROM (
+            SELECT nextval('blobs_id_seq') AS id, u.uid, u.checksum, u.size
+            FROM unnest($1::text[], $2::bytea[], $3::int[]) WITH ORDINALITY AS u(uid, checksum, size, ord)
+            ORDER BY u.ord OFFSET 0) s
+          ORDER BY checksum
+          ON CONFLICT (checksum) WHERE state <> 3 DO NOTHING
+          RETURNING id, uid, checksum`,
+        [uids, inserts.map((h) => wanted.get(h)!.checksum), inserts.map((h) => wanted.get(h)!.size), session, now]);
+        for (const r of ins.rows) decided.set((r.checksum as Buffer).toString('hex'), { blobId: Number(r.id), uid: r.uid, upload: true });
+        open = inserts.filter((h) => !decided.has(h));
+      }
+
+      const results: ResolvedBlock[] = [];
+      const first = new Set<string>();
+      const dirty = new Set<number>();
+      for (const e of entries) {
+        const n = Math.floor(e.index / MAP_CHUNK);
+        const chunk = this.writeChunks.get(`${versionId}:${n}`)!;
+        dirty.add(n);
+        if (e.zero) {
+          chunk[e.index % MAP_CHUNK] = HOLE;
+          continue;
+        }
+        const h = e.checksum.toString('hex');
+        const d = decided.get(h)!;
+        const upload = d.upload && !first.has(h);
+        first.add(h);
+        chunk[e.index % MAP_CHUNK] = d.blobId;
+        results.push({ index: e.index, blobId: d.blobId, uid: d.uid, upload });
+      }
+      const ns = [...dirty];
+      await c.query(`UPDATE block_maps m SET data = u.data FROM unnest($2::int[], $3::bytea[]) AS u(chunk, data)
+        WHERE m.version_id = $1 AND m.chunk = u.chunk`,
+      [versionId, ns, ns.map((n) => encodeChunk(this.writeChunks.get(`${versionId}:${n}`)!))]);
+      if (this.writeChunks.size > 64) {
+        for (const k of [...this.writeChunks.keys()].slice(0, this.writeChunks.size - 64)) this.writeChunks.delete(k);
+      }
+      return results;
+    }, {
+      // Before any read: ordered against markForDeletion (see the class comment).
+      prelude: `LOCK TABLE blobs IN ROW EXCLUSIVE MODE; ${ASYNC_COMMIT}`,
+      onRollback: () => this.forgetChunks(versionId), // the cached chunks may hold rolled-back entries
+    });
+  }
+
+  async markUploaded(blobs: { id: number; storedSize: number }[]): Promise<void> {
+    if (!blobs.length) return;
+    await this.tx(async (c) => {
+      await c.query(`UPDATE blobs b SET state = 1, stored_size = COALESCE(NULLIF(u.stored, 0), b.stored_size), owner = NULL
+        FROM unnest($1::bigint[], $2::int[]) AS u(id, stored) WHERE b.id = u.id AND b.state IN (0, 2)`,
+      [blobs.map((b) => b.id), blobs.map((b) => b.storedSize)]);
+    }, { prelude: ASYNC_COMMIT });
+  }
+
+  async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
+    const out = new Map<number, BlobRef>();
+    for (const part of batches([...new Set(ids)], ID_BATCH)) {
+      for (const r of await this.q(`SELECT id, uid, checksum, size, state FROM blobs WHERE id = ANY($1::bigint[])`, [part])) {
+        out.set(Number(r.id), { id: Number(r.id), uid: r.uid, checksum: r.checksum, size: Number(r.size), state: Number(r.state) });
+      }
+    }
+    return out;
+  }
+
+  async markBad(ids: number[]): Promise<string[]> {
+    if (!ids.length) return [];
+    const bad = new Set(ids);
+    return this.tx(async (c) => {
+      // Like cleanup: no map may gain a reference to these blobs between the scan and the marking.
+      await c.query('LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE');
+      for (const part of batches(ids, ID_BATCH)) await c.query(`UPDATE blobs SET state = 2 WHERE state IN (0, 1) AND id = ANY($1::bigint[])`, [part]);
+      const hit: number[] = [];
+      const seen = new Set<number>();
+      for await (const rows of this.cursor(c, `SELECT version_id, data FROM block_maps`)) {
+        for (const r of rows) {
+          const vid = Number(r.version_id);
+          if (seen.has(vid)) continue;
+          const entries = decodeChunk(r.data);
+          for (let i = 0; i < entries.length; i++) if (bad.has(entries[i])) { seen.add(vid); hit.push(vid); break; }
+        }
+      }
+      if (!hit.length) return [];
+      const uids = new Map<number, string>();
+      for (const r of (await c.query(`UPDATE versions SET valid = 0 WHERE id = ANY($1::bigint[]) RETURNING id, uid`, [hit])).rows) uids.set(Number(r.id), r.uid);
+      return hit.map((id) => uids.get(id)!).filter((u) => u !== undefined);
+    });
+  }
+
+  // ---- cleanup
+
+  async markForDeletion(graceMs: number, now: number): Promise<CleanupMark> {
+    return this.tx(async (c) => {
+      const maxId = Number((await c.query(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`)).rows[0].m);
+      const refs = new IdBitmap(maxId);
+      for await (const rows of this.cursor(c, `SELECT data FROM block_maps`)) for (const r of rows) refs.addChunk(r.data);
+      const clear: number[] = [];
+      const stamp: number[] = [];
+      const del: number[] = [];
+      const mark: CleanupMark = { marked: 0, waiting: 0, referenced: 0 };
+      for await (const rows of this.cursor(c, `SELECT id, unref_since FROM blobs WHERE state <> 3`)) {
+        for (const r of rows) {
+          const id = Number(r.id);
+          const referenced = refs.has(id);
+          if (referenced) mark.referenced++;
+          const d = cleanupDecision(referenced, r.unref_since === null ? null : Number(r.unref_since), graceMs, now);
+          if (d === 'clear') clear.push(id);
+          else if (d === 'stamp') { stamp.push(id); mark.waiting++; }
+          else if (d === 'wait') mark.waiting++;
+          else if (d === 'delete') del.push(id);
+        }
+      }
+      for (const part of batches(clear, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = NULL WHERE id = ANY($1::bigint[])`, [part]);
+      for (const part of batches(stamp, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, part]);
+      for (const part of batches(del, ID_BATCH)) await c.query(`UPDATE blobs SET state = 3 WHERE id = ANY($1::bigint[])`, [part]);
+      mark.marked = del.length;
+      return mark;
+    }, {
+      // Lock first, snapshot after (taken by the first query, not by LOCK TABLE): see the class comment.
+      isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE',
+    });
+  }
+
+  async blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]> {
+    return (await this.q(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT $1`, [limit])).map((r) => ({ id: Number(r.id), uid: r.uid }));
+  }
+
+  async forgetBlobs(ids: number[]): Promise<void> {
+    for (const part of batches(ids, ID_BATCH)) await this.q(`DELETE FROM blobs WHERE state = 3 AND id = ANY($1::bigint[])`, [part]);
+  }
+
+  async knownBlobUids(uids: string[]): Promise<Set<string>> {
+    const out = new Set<string>();
+    for (const part of batches(uids, ID_BATCH)) {
+      for (const r of await this.q(`SELECT uid FROM blobs WHERE uid = ANY($1::text[])`, [part])) out.add(r.uid);
+    }
+    return out;
+  }
+
+  async *blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]> {
+    let after = 0;
+    for (;;) {
+      const rows = await this.q(`SELECT id, uid, state FROM blobs WHERE id > $1 ORDER BY id LIMIT $2`, [after, pageSize]);
+      if (!rows.length) return;
+      after = Number(rows[rows.length - 1].id);
+      yield rows.map((r) => ({ id: Number(r.id), uid: r.uid, state: Number(r.state) }));
+    }
+  }
+
+  async repositoryStats(): Promise<RepositoryStats> {
+    const r = (await this.q(`SELECT (SELECT COUNT(*) FROM versions) AS v, COUNT(*) AS n,
+      COALESCE(SUM(stored_size), 0)::bigint AS s, COALESCE(SUM(size), 0)::bigint AS p FROM blobs WHERE state <> 3`))[0];
+    return { versions: Number(r.v), blobs: Number(r.n), storedBytes: Number(r.s), plainBytes: Number(r.p) };
+  }
+
+  // ---- stats
+
+  async addStats(s: StatsRow): Promise<void> {
+    await this.q(`INSERT INTO stats (date, version_uid, version_name, version_size_bytes, version_size_blocks, bytes_read, blocks_read,
+      bytes_written, blocks_written, bytes_dedup, blocks_dedup, bytes_sparse, blocks_sparse, duration_seconds)
+      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`, [s.date, s.versionUid, s.versionName, s.versionSizeBytes,
+      s.versionSizeBlocks, s.bytesRead, s.blocksRead, s.bytesWritten, s.blocksWritten, s.bytesDedup, s.blocksDedup, s.bytesSparse,
+      s.blocksSparse, s.durationSeconds]);
+  }
+
+  async listStats(versionUid?: string, limit?: number): Promise<StatsRow[]> {
+    const args: unknown[] = [];
+    let where = '';
+    let lim = '';
+    if (versionUid) { args.push(versionUid); where = `WHERE version_uid = $${args.length}`; }
+    if (limit !== undefined) { args.push(limit); lim = `LIMIT $${args.length}`; }
+    const rows = await this.q(`SELECT * FROM (SELECT * FROM stats ${where} ORDER BY date DESC, id DESC ${lim}) s ORDER BY date, id`, args);
+    return rows.map((r) => ({
+      date: Number(r.date), versionUid: r.version_uid, versionName: r.version_name,
+      versionSizeBytes: Number(r.version_size_bytes), versionSizeBlocks: Number(r.version_size_blocks),
+      bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read), bytesWritten: Number(r.bytes_written),
+      blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
+      bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
+    }));
+  }
+
+  // ---- locks
+
+  async tryLock(name: string, info: LockInfo, conflicts: string[] = []): Promise<LockInfo | undefined> {
+    return this.locks.tryLock(name, info, conflicts);
+  }
+
+  async unlock(name: string, session: string): Promise<void> {
+    await this.locks.unlock(name, session);
   }
 }
-export const asMetaStore = (s: PostgresMetaStore): MetaStore => s as unknown as MetaStore;

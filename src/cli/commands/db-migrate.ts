@@ -1,8 +1,17 @@
 import type { Register } from './index';
-import { BackyError } from '../../util/errors';
+import { enginePassword } from '../../meta/pg-errors';
+import { log } from '../../util/log';
 
 export const register: Register = (program, wrap) => {
   program.command('db-migrate')
-    .description('copy the metadata to another engine (not yet available)')
-    .action(wrap(async () => { throw new BackyError('db-migrate is not available in this build'); }));
+    .description('copy the metadata (versions, block maps, blobs, statistics) into another, empty database: sqlite:////path or postgresql://...; storage is not touched')
+    .requiredOption('--to <engine_url>', 'destination engine URL, e.g. postgresql://backy:PASSWORD@dbhost:5432/backy')
+    .action(wrap(async (ctx, o: { to: string }) => {
+      log.addSecret(enginePassword(o.to));
+      // Loaded only for this command: the other commands never need the table copier.
+      const { migrateMetadata } = await import('../../engine/migrate');
+      const repo = await ctx.repository();
+      const r = await migrateMetadata(repo, o.to);
+      if (ctx.output.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+    }));
 };

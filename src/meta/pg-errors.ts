@@ -1,0 +1,82 @@
+import { BackyError, DatabaseError } from '../util/errors';
+
+/** The engine URL with its password replaced by ***: safe for messages, logs and `description`. */
+export function maskEngineUrl(url: string): string {
+  // A password may contain '@' (percent-encoded or not) but never '/': mask up to the last '@' of the authority.
+  return url.replace(/^([a-z][a-z0-9+.-]*:\/\/[^:@/]*):[^/]*@/i, '$1:***@');
+}
+
+/** The password of an engine URL (decoded), to keep it out of every message. */
+export function enginePassword(url: string): string | undefined {
+  const m = /^[a-z][a-z0-9+.-]*:\/\/[^:@/]*:([^/]*)@/i.exec(url);
+  if (!m || !m[1]) return undefined;
+  try {
+    return decodeURIComponent(m[1]);
+  } catch {
+    return m[1];
+  }
+}
+
+/** "host:port/db" and the user of a postgresql:// URL, for messages. */
+export function pgTarget(url: string): { where: string; user: string; db: string } {
+  try {
+    const u = new URL(url);
+    const db = decodeURIComponent(u.pathname.replace(/^\//, '')) || decodeURIComponent(u.username) || 'postgres';
+    const host = u.hostname || u.searchParams.get('host') || 'localhost';
+    return { where: `${host}:${u.port || '5432'}/${db}`, user: decodeURIComponent(u.username) || 'the current user', db };
+  } catch {
+    return { where: maskEngineUrl(url), user: 'the configured user', db: '?' };
+  }
+}
+
+const LOST_CODES = new Set(['57P01', '57P02', '57P03', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', '08006', '08003', '08000']);
+
+/** Whether `e` means the connection to the server is gone (as opposed to an error in one statement). */
+export function isConnectionError(e: unknown): boolean {
+  const err = e as { code?: string; message?: string };
+  if (err?.code && LOST_CODES.has(err.code)) return true;
+  if (err?.code === 'ECONNREFUSED' || err?.code === 'ENOTFOUND' || err?.code === 'EAI_AGAIN' || err?.code === 'EHOSTUNREACH') return true;
+  return /Connection terminated|connection error|not queryable|Client was closed|terminating connection/i.test(err?.message ?? '');
+}
+
+/**
+ * Any error of the pg driver as a DatabaseError with one clear line (exit 1), never containing the password.
+ * BackyErrors pass through unchanged.
+ */
+export function pgError(e: unknown, url: string): BackyError {
+  if (e instanceof BackyError) return e;
+  const err = e as { code?: string; message?: string };
+  const t = pgTarget(url);
+  const pw = enginePassword(url);
+  const clean = (s: string) => {
+    let line = String(s ?? '').split('\n')[0];
+    if (pw) line = line.split(pw).join('***');
+    return maskEngineUrl(line);
+  };
+  const msg = clean(err?.message ?? String(e));
+  switch (err?.code) {
+    case 'ECONNREFUSED':
+      return new DatabaseError(`cannot connect to PostgreSQL at ${t.where}: connection refused (is the server running and listening there?)`);
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return new DatabaseError(`cannot connect to PostgreSQL at ${t.where}: unknown host`);
+    case 'EHOSTUNREACH':
+    case 'ENETUNREACH':
+      return new DatabaseError(`cannot connect to PostgreSQL at ${t.where}: host unreachable`);
+    case '28P01':
+      return new DatabaseError(`PostgreSQL at ${t.where} refused the password of user "${t.user}" (check [MetaBackend] engine)`);
+    case '28000':
+      return new DatabaseError(`PostgreSQL at ${t.where} refused user "${t.user}": ${msg}`);
+    case '3D000':
+      return new DatabaseError(`PostgreSQL database "${t.db}" does not exist at ${t.where}: create it (createdb ${t.db}), then run "backy initdb"`);
+    case '42P01':
+      return new DatabaseError(`PostgreSQL database ${t.where} is not initialized: run "backy initdb"`);
+    case '53300':
+      return new DatabaseError(`PostgreSQL at ${t.where} has too many connections: ${msg}`);
+    default:
+      break;
+  }
+  if (/timeout/i.test(msg) && /connect/i.test(msg)) return new DatabaseError(`cannot connect to PostgreSQL at ${t.where}: timed out`);
+  if (isConnectionError(e)) return new DatabaseError(`lost the connection to PostgreSQL at ${t.where}: ${msg}`);
+  return new DatabaseError(`PostgreSQL ${t.where}: ${msg}${err?.code && /^[0-9A-Z]{5}$/.test(err.code) ? ` (${err.code})` : ''}`);
+}

@@ -1,0 +1,595 @@
+/**
+ * The MetaStore contract, run against both engines with the same test bodies: SQLite (a temp file) and
+ * PostgreSQL (a throwaway server from test/helpers/postgres.ts, one fresh database per test).
+ */
+import { after, before, describe, test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createHash, randomUUID } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { HOLE, MAP_CHUNK, PENDING, blockCount, chunkCount } from '../src/meta/block-map';
+import { createMetaStore } from '../src/meta/open';
+import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, VersionRow } from '../src/meta/types';
+import { DatabaseError } from '../src/util/errors';
+import { processStart } from '../src/util/process-info';
+import { startPostgres, TestPostgres } from './helpers/postgres';
+
+const BS = 4096;
+
+function sum(x: string | number): Buffer {
+  return createHash('sha512').update(String(x)).digest();
+}
+
+function data(index: number, content: string | number, size = BS): BlockEntry {
+  return { index, checksum: sum(content), size };
+}
+
+function newVersion(size: number, over: Partial<NewVersion> = {}): NewVersion {
+  return { uid: randomUUID(), name: 'vm1', snapshotName: '', date: Date.now(), size, blockSize: BS, expire: null, baseUid: null, tags: [], ...over };
+}
+
+function holder(session: string, pid = process.pid, host = os.hostname()): LockInfo {
+  return { session, host, pid, pidStart: processStart(pid), what: `work of ${session}` };
+}
+
+/** A pid that certainly belongs to no running process. */
+function deadPid(): number {
+  return spawnSync('true').pid!;
+}
+
+async function fullMap(store: MetaStore, v: VersionRow): Promise<number[]> {
+  const out: number[] = [];
+  const blocks = blockCount(v.size, v.blockSize);
+  for (let c = 0; c < chunkCount(blocks); c++) out.push(...(await store.readMapChunk(v.id, c)));
+  return out;
+}
+
+interface Engine {
+  name: string;
+  /** A URL of a fresh, empty database. */
+  fresh(): Promise<string>;
+}
+
+let pg: TestPostgres | undefined;
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'backy-meta-'));
+
+before(async () => {
+  pg = await startPostgres();
+});
+after(async () => {
+  await pg?.stop();
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+const engines: Engine[] = [
+  { name: 'sqlite', fresh: async () => `sqlite:///${path.join(tmp, `${randomUUID()}.sqlite`)}` },
+  { name: 'postgresql', fresh: () => pg!.createDatabase() },
+];
+
+for (const engine of engines) {
+  describe(`MetaStore on ${engine.name}`, () => {
+    const opened: MetaStore[] = [];
+    after(async () => {
+      for (const s of opened) await s.close().catch(() => undefined);
+    });
+
+    /** An initialized store on a fresh database (and `more` other stores on the same database). */
+    async function fresh(): Promise<{ url: string; store: MetaStore; another: () => Promise<MetaStore> }> {
+      const url = await engine.fresh();
+      const store = createMetaStore(url);
+      opened.push(store);
+      assert.equal(await store.initdb(), true);
+      return {
+        url, store,
+        async another() {
+          const s = createMetaStore(url);
+          opened.push(s);
+          await s.open();
+          return s;
+        },
+      };
+    }
+
+    test('initdb creates the schema once; open refuses an uninitialized database', async () => {
+      const url = await engine.fresh();
+      const blank = createMetaStore(url);
+      opened.push(blank);
+      if (engine.name === 'postgresql') {
+        await assert.rejects(blank.open(), (e: unknown) => e instanceof DatabaseError && /not initialized.*initdb/.test((e as Error).message));
+      }
+      // Two processes starting at once: exactly one creates the schema.
+      const a = createMetaStore(url);
+      const b = createMetaStore(url);
+      opened.push(a, b);
+      const created = await Promise.all([a.initdb(), b.initdb()]);
+      assert.deepEqual(created.sort(), [false, true]);
+      assert.equal(await a.initdb(), false);
+      await a.setSettingIfAbsent('hash_function', 'sha512');
+      assert.equal(await b.initdb(), false, 'nothing changes the second time');
+      assert.equal(await b.getSetting('hash_function'), 'sha512');
+      await blank.open();
+      assert.equal(await blank.getSetting('schema_version'), '1');
+      assert.equal(await blank.setSettingIfAbsent('hash_function', 'sha256'), 'sha512');
+      assert.equal(await blank.getSetting('nothing'), undefined);
+    });
+
+    test('createVersion without base: all pending, chunked', async () => {
+      const { store } = await fresh();
+      const size = (2 * MAP_CHUNK + 10) * BS - 100; // last block short
+      const v = await store.createVersion(newVersion(size, { tags: ['b', 'a', 'a'], expire: 123 }));
+      assert.equal(v.valid, false);
+      assert.equal(v.complete, false);
+      assert.deepEqual(v.tags, ['a', 'b']);
+      assert.equal(v.expire, 123);
+      assert.equal((await store.readMapChunk(v.id, 0)).length, MAP_CHUNK);
+      assert.equal((await store.readMapChunk(v.id, 2)).length, 10);
+      assert.ok((await fullMap(store, v)).every((e) => e === PENDING));
+      await assert.rejects(store.readMapChunk(v.id, 3), DatabaseError);
+      const got = await store.getVersion(v.uid);
+      assert.deepEqual(got, v);
+      assert.equal(await store.getVersion('nope'), undefined);
+    });
+
+    test('createVersion with base: copied map, pending indices, grown and shrunk sizes', async () => {
+      const { store } = await fresh();
+      const n = MAP_CHUNK + 6;
+      const base = await store.createVersion(newVersion(n * BS));
+      const entries: BlockEntry[] = [];
+      for (let i = 0; i < n; i++) entries.push(i % 3 === 0 ? { index: i, zero: true } : data(i, i));
+      const r = await store.recordBlocks(base.id, 's1', entries);
+      await store.markUploaded(r.map((x) => ({ id: x.blobId, storedSize: 100 })));
+      await store.updateVersion(base.id, { valid: true, complete: true });
+      const baseMap = await fullMap(store, base);
+
+      const same = await store.createVersion(newVersion(n * BS, { baseUid: base.uid }), { versionId: base.id, pending: [1, 5, MAP_CHUNK + 2, 999999] });
+      const m = await fullMap(store, same);
+      assert.equal(same.baseUid, base.uid);
+      assert.equal(m.length, n);
+      for (let i = 0; i < n; i++) assert.equal(m[i], [1, 5, MAP_CHUNK + 2].includes(i) ? PENDING : baseMap[i], `block ${i}`);
+
+      const grown = await store.createVersion(newVersion((n + 1100) * BS), { versionId: base.id, pending: [] });
+      const g = await fullMap(store, grown);
+      assert.equal(g.length, n + 1100);
+      for (let i = 0; i < n; i++) assert.equal(g[i], baseMap[i]);
+      for (let i = n; i < n + 1100; i++) assert.equal(g[i], PENDING);
+
+      const shrunk = await store.createVersion(newVersion(7 * BS), { versionId: base.id, pending: [2] });
+      assert.deepEqual(await fullMap(store, shrunk), baseMap.slice(0, 7).map((e, i) => (i === 2 ? PENDING : e)));
+
+      await store.removeVersion(base.id);
+      await assert.rejects(store.createVersion(newVersion(n * BS), { versionId: base.id, pending: [] }), /removed/);
+    });
+
+    test('recordBlocks: holes, dedup within and across batches, sessions, bad blobs', async () => {
+      const { store } = await fresh();
+      const v = await store.createVersion(newVersion(20 * BS));
+      // New blocks, one checksum twice in the batch, a hole.
+      const r1 = await store.recordBlocks(v.id, 's1', [data(0, 'a'), data(1, 'b'), data(2, 'a'), { index: 3, zero: true }]);
+      assert.deepEqual(r1.map((r) => [r.index, r.upload]), [[0, true], [1, true], [2, false]]);
+      assert.equal(r1[0].blobId, r1[2].blobId);
+      assert.notEqual(r1[0].blobId, r1[1].blobId);
+      assert.equal(r1[0].uid, r1[2].uid);
+      assert.match(r1[0].uid, /^[0-9a-f]{32}$/);
+      // Same session, upload not finished: reuse without uploading again.
+      const r2 = await store.recordBlocks(v.id, 's1', [data(4, 'a')]);
+      assert.deepEqual([r2[0].blobId, r2[0].upload], [r1[0].blobId, false]);
+      // Another session while s1's upload is in flight: it must store it too (s1 may die).
+      const v2 = await store.createVersion(newVersion(20 * BS));
+      const r3 = await store.recordBlocks(v2.id, 's2', [data(0, 'b')]);
+      assert.deepEqual([r3[0].blobId, r3[0].upload], [r1[1].blobId, true]);
+      // Uploaded: everybody reuses it.
+      await store.markUploaded([{ id: r1[0].blobId, storedSize: 50 }, { id: r1[1].blobId, storedSize: 60 }]);
+      const r4 = await store.recordBlocks(v2.id, 's2', [data(1, 'a'), data(2, 'b')]);
+      assert.deepEqual(r4.map((r) => [r.blobId, r.upload]), [[r1[0].blobId, false], [r1[1].blobId, false]]);
+      // Bad: the next backup stores it again under the same blob.
+      await store.markBad([r1[0].blobId]);
+      const r5 = await store.recordBlocks(v2.id, 's3', [data(3, 'a')]);
+      assert.deepEqual([r5[0].blobId, r5[0].upload], [r1[0].blobId, true]);
+      const blobs = await store.getBlobs([r1[0].blobId, r1[1].blobId, 99999]);
+      assert.equal(blobs.size, 2);
+      assert.equal(blobs.get(r1[0].blobId)!.state, BlobState.Uploading);
+      assert.equal(blobs.get(r1[1].blobId)!.state, BlobState.Live);
+      assert.ok(blobs.get(r1[1].blobId)!.checksum.equals(sum('b')));
+      assert.equal(blobs.get(r1[1].blobId)!.size, BS);
+      const m = await fullMap(store, v);
+      assert.deepEqual(m.slice(0, 6), [r1[0].blobId, r1[1].blobId, r1[0].blobId, HOLE, r1[0].blobId, PENDING]);
+      const stats = await store.repositoryStats();
+      assert.deepEqual(stats, { versions: 2, blobs: 2, storedBytes: 110, plainBytes: 2 * BS });
+      await assert.rejects(store.recordBlocks(987654, 's1', [data(0, 'x')]), /removed/);
+      assert.deepEqual(await store.recordBlocks(v.id, 's1', []), []);
+    });
+
+    test('recordBlocks: large batches over several chunks keep every entry', async () => {
+      const { store, another } = await fresh();
+      const blocks = 3 * MAP_CHUNK;
+      const v = await store.createVersion(newVersion(blocks * BS));
+      const all: BlockEntry[] = [];
+      const distinct = new Set<number>();
+      for (let i = 0; i < blocks; i++) {
+        if (i % 5) distinct.add(i % 701);
+        all.push(i % 5 === 0 ? { index: i, zero: true } : data(i, i % 701));
+      }
+      for (let i = 0; i < all.length; i += 512) await store.recordBlocks(v.id, 's1', all.slice(i, i + 512));
+      const reader = await another();
+      const m = await fullMap(reader, v);
+      const byContent = new Map<number, number>();
+      for (let i = 0; i < blocks; i++) {
+        if (i % 5 === 0) { assert.equal(m[i], HOLE); continue; }
+        assert.ok(m[i] > 0);
+        const known = byContent.get(i % 701);
+        if (known !== undefined) assert.equal(m[i], known, `block ${i} deduplicated`);
+        byContent.set(i % 701, m[i]);
+      }
+      assert.equal((await reader.repositoryStats()).blobs, distinct.size);
+      assert.equal(new Set(m.filter((e) => e > 0)).size, distinct.size);
+    });
+
+    test('two backups reserving the same new checksums at once share one blob per checksum', async () => {
+      const { store, another } = await fresh();
+      const other = await another();
+      const va = await store.createVersion(newVersion(400 * BS));
+      const vb = await other.createVersion(newVersion(400 * BS));
+      const entries = (offset: number) => Array.from({ length: 400 }, (_, i) => data(i, `shared-${(i + offset) % 400}`));
+      for (let round = 0; round < 4; round++) {
+        const lo = round * 100;
+        await Promise.all([
+          store.recordBlocks(va.id, 'sa', entries(0).slice(lo, lo + 100)),
+          other.recordBlocks(vb.id, 'sb', entries(37).slice(lo, lo + 100)),
+        ]);
+      }
+      const ma = await fullMap(store, va);
+      const mb = await fullMap(store, vb);
+      for (let i = 0; i < 400; i++) assert.equal(mb[i], ma[(i + 37) % 400], `block ${i} of b uses a's blob`);
+      assert.equal((await store.repositoryStats()).blobs, 400);
+    });
+
+    test('markBad invalidates the versions using the blob', async () => {
+      const { store } = await fresh();
+      const a = await store.createVersion(newVersion(4 * BS));
+      const b = await store.createVersion(newVersion(4 * BS));
+      const c = await store.createVersion(newVersion(4 * BS));
+      const ra = await store.recordBlocks(a.id, 's', [data(0, 'x'), data(1, 'y')]);
+      await store.recordBlocks(b.id, 's', [data(2, 'y')]);
+      await store.recordBlocks(c.id, 's', [data(0, 'z')]);
+      await store.markUploaded(ra.map((r) => ({ id: r.blobId, storedSize: 1 })));
+      for (const v of [a, b, c]) await store.updateVersion(v.id, { valid: true, complete: true });
+      const uids = await store.markBad([ra[1].blobId]);
+      assert.deepEqual(uids.sort(), [a.uid, b.uid].sort());
+      assert.equal((await store.getVersion(a.uid))!.valid, false);
+      assert.equal((await store.getVersion(b.uid))!.valid, false);
+      assert.equal((await store.getVersion(c.uid))!.valid, true);
+      assert.equal((await store.getVersion(a.uid))!.complete, true);
+      assert.equal((await store.getBlobs([ra[1].blobId])).get(ra[1].blobId)!.state, BlobState.Bad);
+      assert.deepEqual(await store.markBad([]), []);
+    });
+
+    test('versions: update, tags, remove', async () => {
+      const { store } = await fresh();
+      const v = await store.createVersion(newVersion(BS, { tags: ['x'] }));
+      await store.updateVersion(v.id, { protected: true, expire: 5 });
+      await store.addTags(v.id, ['y', 'z', 'y']);
+      await store.removeTags(v.id, ['x', 'nope']);
+      let got = (await store.getVersion(v.uid))!;
+      assert.deepEqual([got.protected, got.expire, got.tags], [true, 5, ['y', 'z']]);
+      await store.updateVersion(v.id, { protected: false, expire: null });
+      await store.updateVersion(v.id, {});
+      got = (await store.getVersion(v.uid))!;
+      assert.deepEqual([got.protected, got.expire], [false, null]);
+      await store.removeVersion(v.id);
+      assert.equal(await store.getVersion(v.uid), undefined);
+      assert.equal((await store.listVersions()).length, 0);
+    });
+
+    test('cleanup with grace: removal stamps, blobs wait, then are deleted; referenced blobs are never marked', async () => {
+      const { store } = await fresh();
+      const keep = await store.createVersion(newVersion(4 * BS));
+      const gone = await store.createVersion(newVersion(4 * BS));
+      const rk = await store.recordBlocks(keep.id, 's', [data(0, 'shared'), data(1, 'kept')]);
+      const rg = await store.recordBlocks(gone.id, 's', [data(0, 'shared'), data(1, 'only-gone'), data(2, 'only-gone-2')]);
+      await store.markUploaded([...rk, ...rg].map((r) => ({ id: r.blobId, storedSize: 10 })));
+      const grace = 3600e3;
+      let mark = await store.markForDeletion(grace, Date.now());
+      assert.deepEqual(mark, { marked: 0, waiting: 0, referenced: 4 });
+      await store.removeVersion(gone.id);
+      const t0 = Date.now();
+      mark = await store.markForDeletion(grace, t0);
+      assert.deepEqual(mark, { marked: 0, waiting: 2, referenced: 2 });
+      assert.deepEqual(await store.blobsToDelete(10), []);
+      mark = await store.markForDeletion(grace, t0 + grace + 1000);
+      assert.deepEqual(mark, { marked: 2, waiting: 0, referenced: 2 });
+      const del = await store.blobsToDelete(10);
+      assert.deepEqual(del.map((d) => d.id).sort((a, b) => a - b), [rg[1].blobId, rg[2].blobId].sort((a, b) => a - b));
+      assert.deepEqual(del.map((d) => d.uid).sort(), [rg[1].uid, rg[2].uid].sort());
+      assert.equal((await store.blobsToDelete(1)).length, 1);
+      // A blob being deleted does not count, nor can it be reused: the same content gets a new blob.
+      assert.equal((await store.repositoryStats()).blobs, 2);
+      const again = await store.createVersion(newVersion(4 * BS));
+      const ra = await store.recordBlocks(again.id, 's', [data(0, 'only-gone')]);
+      assert.notEqual(ra[0].blobId, rg[1].blobId);
+      assert.equal(ra[0].upload, true);
+      const known = await store.knownBlobUids([rg[1].uid, rk[1].uid, 'f'.repeat(32)]);
+      assert.deepEqual([...known].sort(), [rg[1].uid, rk[1].uid].sort());
+      await store.forgetBlobs(del.map((d) => d.id));
+      assert.deepEqual(await store.blobsToDelete(10), []);
+      assert.deepEqual([...(await store.knownBlobUids([rg[1].uid, rg[2].uid]))], []);
+      // The shared blob stayed: the kept version is intact.
+      const kept = await store.getBlobs([rk[0].blobId, rk[1].blobId]);
+      assert.equal(kept.size, 2);
+    });
+
+    test('cleanup with grace stamps unreferenced blobs it finds, a new reference clears the stamp', async () => {
+      const { store } = await fresh();
+      const v = await store.createVersion(newVersion(4 * BS));
+      const r = await store.recordBlocks(v.id, 's', [data(0, 'p')]);
+      await store.markUploaded([{ id: r[0].blobId, storedSize: 1 }]);
+      await store.recordBlocks(v.id, 's', [{ index: 0, zero: true }]); // the block was overwritten: blob unreferenced
+      const grace = 1000;
+      assert.deepEqual(await store.markForDeletion(grace, 100), { marked: 0, waiting: 1, referenced: 0 });
+      assert.deepEqual(await store.markForDeletion(grace, 600), { marked: 0, waiting: 1, referenced: 0 });
+      await store.recordBlocks(v.id, 's', [data(1, 'p')]);
+      assert.deepEqual(await store.markForDeletion(grace, 700), { marked: 0, waiting: 0, referenced: 1 });
+      await store.recordBlocks(v.id, 's', [{ index: 1, zero: true }]);
+      assert.deepEqual(await store.markForDeletion(grace, 800), { marked: 0, waiting: 1, referenced: 0 });
+      assert.deepEqual(await store.markForDeletion(grace, 1700), { marked: 0, waiting: 1, referenced: 0 }, 'the stamp restarted at 800');
+      assert.deepEqual(await store.markForDeletion(grace, 1800), { marked: 1, waiting: 0, referenced: 0 });
+    });
+
+    test('cleanup without grace deletes at once, but never a referenced or reserved blob', async () => {
+      const { store } = await fresh();
+      const v = await store.createVersion(newVersion(4 * BS));
+      const gone = await store.createVersion(newVersion(4 * BS));
+      const r = await store.recordBlocks(v.id, 's', [data(0, 'in-use')]); // reserved, upload still running
+      const g = await store.recordBlocks(gone.id, 's', [data(0, 'dropped')]);
+      await store.removeVersion(gone.id);
+      assert.deepEqual(await store.markForDeletion(0, Date.now()), { marked: 1, waiting: 0, referenced: 1 });
+      assert.deepEqual((await store.blobsToDelete(10)).map((b) => b.id), [g[0].blobId]);
+      assert.equal((await store.getBlobs([r[0].blobId])).get(r[0].blobId)!.state, BlobState.Uploading);
+    });
+
+    test('cleanup racing with backups never marks a referenced blob', async () => {
+      const { store, another } = await fresh();
+      const backup = await another();
+      const cleaner = await another();
+      // Ballast: map chunks that make every cleanup scan take a while, so backups run while it looks.
+      await store.createVersion(newVersion(1000 * MAP_CHUNK * BS));
+      const scratch = await backup.createVersion(newVersion(32 * BS));
+      let stop = false;
+      let cleanups = 0;
+      const loop = (async () => {
+        while (!stop) {
+          await cleaner.markForDeletion(0, Date.now());
+          const del = await cleaner.blobsToDelete(1000);
+          await cleaner.forgetBlobs(del.map((d) => d.id));
+          cleanups++;
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      })();
+      const kept: VersionRow[] = [];
+      try {
+        for (let round = 0; round < 30; round++) {
+          // Fresh garbage: stored, then dropped from the scratch map (no blob row changes after the upload).
+          const entries = Array.from({ length: 32 }, (_, i) => data(i, `g${round}-${i}`));
+          const res = await backup.recordBlocks(scratch.id, 'scratch', entries);
+          await backup.markUploaded(res.filter((x) => x.upload).map((x) => ({ id: x.blobId, storedSize: 1 })));
+          await backup.recordBlocks(scratch.id, 'scratch', entries.map((e) => ({ index: e.index, zero: true })));
+          // A backup deduplicates against the garbage, a few blocks at a time, while cleanup runs.
+          const v = await backup.createVersion(newVersion(32 * BS));
+          for (let i = 0; i < 32; i += 4) {
+            const got = await backup.recordBlocks(v.id, `s${round}`, entries.slice(i, i + 4));
+            await backup.markUploaded(got.filter((x) => x.upload).map((x) => ({ id: x.blobId, storedSize: 1 })));
+          }
+          kept.push(v);
+        }
+      } finally {
+        stop = true;
+        await loop;
+      }
+      assert.ok(cleanups > 0);
+      for (const v of kept) {
+        const m = await fullMap(store, v);
+        const blobs = await store.getBlobs(m);
+        for (const id of m) {
+          const b = blobs.get(id);
+          assert.ok(b, `blob ${id} of version ${v.uid} still exists`);
+          assert.equal(b.state, BlobState.Live, `blob ${id} of version ${v.uid} is live`);
+        }
+      }
+    });
+
+    test('a differential version created while its base is removed keeps its blobs', async () => {
+      const { store, another } = await fresh();
+      const remover = await another();
+      let created = 0;
+      let refused = 0;
+      for (let round = 0; round < 8; round++) {
+        const base = await store.createVersion(newVersion(2 * MAP_CHUNK * BS));
+        const r = await store.recordBlocks(base.id, 'b', Array.from({ length: 2 * MAP_CHUNK }, (_, i) => data(i, `r${round}-${i % 300}`)));
+        await store.markUploaded(r.filter((x) => x.upload).map((x) => ({ id: x.blobId, storedSize: 1 })));
+        const [diff] = await Promise.allSettled([
+          store.createVersion(newVersion(2 * MAP_CHUNK * BS), { versionId: base.id, pending: [0] }),
+          remover.removeVersion(base.id),
+        ]);
+        await remover.markForDeletion(0, Date.now());
+        if (diff.status === 'rejected') {
+          assert.match(String(diff.reason), /removed/);
+          refused++;
+          continue;
+        }
+        created++;
+        const m = await fullMap(store, diff.value);
+        const blobs = await store.getBlobs(m.filter((e) => e > 0));
+        assert.equal(blobs.size, 300);
+        for (const b of blobs.values()) assert.equal(b.state, BlobState.Live);
+      }
+      assert.equal(created + refused, 8);
+    });
+
+    test('blobUidPages, stats', async () => {
+      const { store } = await fresh();
+      const v = await store.createVersion(newVersion(10 * BS));
+      const r = await store.recordBlocks(v.id, 's', Array.from({ length: 5 }, (_, i) => data(i, i)));
+      const pages: { id: number; uid: string; state: BlobState }[][] = [];
+      for await (const p of store.blobUidPages(2)) pages.push(p);
+      assert.deepEqual(pages.map((p) => p.length), [2, 2, 1]);
+      assert.deepEqual(pages.flat().map((b) => b.uid), r.map((x) => x.uid));
+      assert.ok(pages.flat().every((b) => b.state === BlobState.Uploading));
+
+      const row = (uid: string, date: number) => ({
+        date, versionUid: uid, versionName: 'vm', versionSizeBytes: 2 ** 40, versionSizeBlocks: 262144, bytesRead: 1, blocksRead: 2,
+        bytesWritten: 3, blocksWritten: 4, bytesDedup: 5, blocksDedup: 6, bytesSparse: 7, blocksSparse: 8, durationSeconds: 1.5,
+      });
+      await store.addStats(row('u1', 1000));
+      await store.addStats(row('u2', 2000));
+      await store.addStats(row('u1', 3000));
+      assert.deepEqual(await store.listStats(), [row('u1', 1000), row('u2', 2000), row('u1', 3000)]);
+      assert.deepEqual(await store.listStats('u1'), [row('u1', 1000), row('u1', 3000)]);
+      assert.deepEqual(await store.listStats(undefined, 2), [row('u2', 2000), row('u1', 3000)]);
+      assert.deepEqual(await store.listStats('u1', 1), [row('u1', 3000)]);
+    });
+
+    test('locks: conflicts, prefixes, reentrance, unlock, stale holders', async () => {
+      const { another } = await fresh();
+      const a = await another();
+      const b = await another();
+      const A = holder('session-a');
+      const B = holder('session-b');
+      assert.equal(await a.tryLock('version:1', A), undefined);
+      assert.equal(await a.tryLock('version:1', A), undefined, 'the same session may take it again');
+      assert.equal(await a.tryLock('backup:session-a', A, ['cleanup-full']), undefined);
+      const h = await b.tryLock('version:1', B);
+      assert.deepEqual(h, A);
+      // Prefix and exact conflicts.
+      assert.deepEqual(await b.tryLock('cleanup-full', B, ['backup:*']), A);
+      assert.deepEqual(await b.tryLock('other', B, ['version:1']), A);
+      assert.equal(await b.tryLock('other', B, ['version:2', 'backup:x*', 'cleanup']), undefined);
+      assert.deepEqual(await a.tryLock('cleanup', A, ['other']), B);
+      // A refused attempt leaves nothing behind.
+      await b.unlock('other', B.session);
+      assert.equal(await a.tryLock('cleanup-full', A, ['backup:*']), undefined, 'own locks never conflict');
+      await a.unlock('cleanup-full', A.session);
+      assert.equal(await b.tryLock('cleanup-full', B), undefined);
+      await b.unlock('cleanup-full', B.session);
+      // Unlock by the wrong session does nothing.
+      await b.unlock('version:1', B.session);
+      assert.deepEqual(await b.tryLock('version:1', B), A);
+      await a.unlock('version:1', A.session);
+      assert.equal(await b.tryLock('version:1', B), undefined);
+      await b.unlock('version:1', B.session);
+
+      await a.unlock('backup:session-a', A.session);
+
+      // The holder dies without unlocking: its lock is stale and taken over, also through a prefix.
+      const c = await another();
+      const C = holder('session-c', deadPid());
+      assert.equal(await c.tryLock('backup:session-c', C), undefined);
+      assert.equal(await c.tryLock('version:9', C), undefined);
+      await c.close();
+      assert.equal(await b.tryLock('cleanup-full', B, ['backup:*']), undefined);
+      assert.equal(await b.tryLock('version:9', B), undefined);
+      // ... while a live backup lock still conflicts.
+      await b.unlock('cleanup-full', B.session);
+      assert.equal(await a.tryLock('backup:session-a', A), undefined);
+      assert.deepEqual(await b.tryLock('cleanup-full', B, ['backup:*']), A);
+    });
+
+    test('listVersions of 10,000 versions is quick and complete', async () => {
+      const { store, another } = await fresh();
+      const writers = [store, await another(), await another(), await another()];
+      const t0 = Date.now();
+      await Promise.all(writers.map(async (w, k) => {
+        for (let i = k; i < 10_000; i += writers.length) {
+          await w.createVersion(newVersion(4 * 1024 ** 3, { blockSize: 4 * 1024 ** 2, name: `vm${i % 50}`, date: 1_700_000_000_000 + i, tags: i % 10 ? [] : ['weekly', 'b'] }));
+        }
+      }));
+      const created = Date.now() - t0;
+      const t1 = process.hrtime.bigint();
+      const list = await store.listVersions();
+      const ms = Number(process.hrtime.bigint() - t1) / 1e6;
+      assert.equal(list.length, 10_000);
+      assert.deepEqual(list.map((v) => v.date), [...list.map((v) => v.date)].sort((x, y) => x - y));
+      assert.deepEqual(list[0].tags, ['b', 'weekly']);
+      assert.deepEqual(list[1].tags, []);
+      assert.equal(list[5].size, 4 * 1024 ** 3);
+      assert.ok(ms < 1000, `listVersions took ${ms.toFixed(0)} ms`);
+      console.log(`# ${engine.name}: created 10,000 versions in ${created} ms, listed in ${ms.toFixed(0)} ms`);
+    });
+  });
+}
+
+describe('PostgreSQL specifics', () => {
+  test('a 1 TiB version is 256 chunk rows, and a differential copy of it is quick', async () => {
+    const url = await pg!.createDatabase();
+    const store = createMetaStore(url);
+    try {
+      await store.initdb();
+      const size = 2 ** 40;
+      const base = await store.createVersion(newVersion(size, { blockSize: 4 * 1024 ** 2 }));
+      const rows = await pg!.query<{ n: number }>(`SELECT count(*)::int AS n FROM block_maps WHERE version_id = $1`, [base.id], url.split('/').pop());
+      assert.equal(rows[0].n, 256);
+      const t0 = Date.now();
+      const diff = await store.createVersion(newVersion(size, { blockSize: 4 * 1024 ** 2 }), { versionId: base.id, pending: Array.from({ length: 300 }, (_, i) => i * 800) });
+      assert.ok(Date.now() - t0 < 2000);
+      assert.equal((await store.readMapChunk(diff.id, 255)).length, 1024);
+    } finally {
+      await store.close();
+    }
+  });
+
+  test('lock of a holder on another host is released when its connection closes', async () => {
+    const url = await pg!.createDatabase();
+    const a = createMetaStore(url);
+    const b = createMetaStore(url);
+    try {
+      await a.initdb();
+      await b.open();
+      const far = holder('far', 4242, 'another-host.example');
+      assert.equal(await a.tryLock('version:x', far), undefined);
+      assert.deepEqual(await b.tryLock('version:x', holder('near')), far);
+      await a.close();
+      assert.equal(await b.tryLock('version:x', holder('near')), undefined);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+
+  test('connection problems are one clear line without the password', async () => {
+    const refused = createMetaStore(`postgresql://postgres:topsecret@127.0.0.1:1/nope`);
+    await assert.rejects(refused.open(), (e: unknown) => e instanceof DatabaseError && /connection refused/.test((e as Error).message) && !/topsecret/.test((e as Error).message));
+    assert.ok(!refused.description.includes('topsecret'));
+    await refused.close();
+
+    const missing = createMetaStore(pg!.url('no_such_db'));
+    await assert.rejects(missing.open(), (e: unknown) => e instanceof DatabaseError && /database "no_such_db" does not exist/.test((e as Error).message));
+    await missing.close();
+
+    await pg!.query(`CREATE ROLE backy_pw LOGIN PASSWORD 'right-password'`);
+    const wrong = createMetaStore(`postgresql://backy_pw:wrong-password@127.0.0.1:${pg!.port}/postgres`);
+    await assert.rejects(wrong.open(), (e: unknown) => e instanceof DatabaseError && /refused the password of user "backy_pw"/.test((e as Error).message) && !/wrong-password/.test((e as Error).message));
+    await wrong.close();
+  });
+
+  test('a terminated connection fails the operation clearly; locks held by it are released', async () => {
+    const url = await pg!.createDatabase();
+    const db = url.split('/').pop()!;
+    const a = createMetaStore(url);
+    const b = createMetaStore(url);
+    try {
+      await a.initdb();
+      await b.open();
+      const v = await a.createVersion(newVersion(8 * BS));
+      assert.equal(await a.tryLock(`version:${v.uid}`, holder('sa')), undefined);
+      assert.deepEqual((await b.tryLock(`version:${v.uid}`, holder('sb')))?.session, 'sa');
+      assert.ok((await pg!.terminateConnections(db)) >= 2);
+      await new Promise((r) => setTimeout(r, 200));
+      await assert.rejects(a.recordBlocks(v.id, 'sa', [data(0, 'q')]), (e: unknown) => e instanceof DatabaseError && /lost the connection to PostgreSQL/.test((e as Error).message));
+      await a.unlock(`version:${v.uid}`, 'sa'); // nothing to release: no second error
+      assert.equal(await b.tryLock(`version:${v.uid}`, holder('sb')), undefined, 'the lock died with its connection');
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+});
