@@ -149,3 +149,24 @@ test('expiry dates', () => {
   assert.throws(() => parseExpire('2030-02-30'), /invalid expiry/);
   assert.throws(() => parseExpire('tomorrow'), /invalid expiry/);
 });
+
+test('read_verification = tag: encrypted blobs verified by the GCM tag alone, which still binds the checksum', () => {
+  const key = randomBytes(32);
+  const opts = { key, compression: 'none' as const, compressionLevel: 1, hashFunction: 'sha512' };
+  const data = randomBytes(50000);
+  const sum = checksum('sha512', data);
+  const blob = encodeBlob(data, sum, opts);
+  assert.ok(decodeBlob(blob, sum, data.length, opts, undefined, false).equals(data));
+  const other = checksum('sha512', Buffer.from('x'));
+  assert.throws(() => decodeBlob(blob, other, data.length, opts, undefined, false), /authentication failed/);
+  const flipped = Buffer.from(blob);
+  flipped[100] ^= 4;
+  assert.throws(() => decodeBlob(flipped, sum, data.length, opts, undefined, false), /authentication failed/);
+  // Unencrypted blobs have no tag: the checksum is always recomputed.
+  const plain = encodeBlob(data, sum, { ...opts, key: undefined });
+  const bad = Buffer.from(plain);
+  bad[100] ^= 4;
+  assert.throws(() => decodeBlob(bad, sum, data.length, { ...opts, key: undefined }, undefined, false), /checksum mismatch/);
+  assert.equal(configFromText(`[DEFAULTS]\nencryption_key = ${KEY}\nread_verification = tag`).readVerification, 'tag');
+  assert.throws(() => configFromText(`[DEFAULTS]\nencryption_key = ${KEY}\nread_verification = maybe`), /read_verification.*allowed: checksum, tag/);
+});

@@ -111,9 +111,11 @@ export class BlobFormatError extends Error {}
 /**
  * Decodes and verifies a stored blob. Throws BlobFormatError with a short reason (never garbage data):
  * not a backy blob, authentication failed (wrong key or tampered), decompression failed, wrong size,
- * checksum mismatch.
+ * checksum mismatch. With `recompute` false, an encrypted blob is verified by its GCM tag alone, which
+ * authenticates the block's checksum as well (it is additional data); unencrypted blobs are always
+ * checksummed.
  */
-export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecOptions, out?: Buffer): Buffer {
+export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecOptions, out?: Buffer, recompute = true): Buffer {
   if (blob.length < HEADER_PLAIN || !blob.subarray(0, 4).equals(MAGIC)) throw new BlobFormatError('not a backy blob (bad magic)');
   const flags = blob.readUInt32LE(4);
   if (flags & ~(FLAG_AES | FLAG_ZSTD)) throw new BlobFormatError(`unknown flags ${flags}`);
@@ -148,6 +150,6 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     data = payload;
   }
   if (data.length !== size) throw new BlobFormatError(`wrong size ${data.length}, expected ${size}`);
-  if (!checksum(opts.hashFunction, data).equals(sum)) throw new BlobFormatError('checksum mismatch');
+  if ((recompute || !(flags & FLAG_AES)) && !checksum(opts.hashFunction, data).equals(sum)) throw new BlobFormatError('checksum mismatch');
   return data;
 }

@@ -21,7 +21,11 @@ export function allocBlock(size: number): Buffer {
  * must use the one returned instead.
  */
 export class Codec {
-  constructor(readonly pool: WorkerPool, readonly opts: CodecOptions) {}
+  /**
+   * @param recomputeOnRead read_verification = checksum (default): every read recomputes the plaintext
+   *   checksum besides checking the GCM tag; false: the tag alone (it authenticates the checksum too).
+   */
+  constructor(readonly pool: WorkerPool, readonly opts: CodecOptions, readonly recomputeOnRead = true) {}
 
   /** Zero test, then checksum of non-zero data. */
   async scan(buf: Buffer, len: number): Promise<{ zero: boolean; sum?: Buffer; buf: Buffer }> {
@@ -49,8 +53,8 @@ export class Codec {
   }
 
   /** Decrypts, decompresses and verifies; throws BlobFormatError with the reason. */
-  async decode(blob: Buffer, sum: Buffer, size: number): Promise<Buffer> {
-    const r = await this.decodeReusing(blob, sum, size);
+  async decode(blob: Buffer, sum: Buffer, size: number, recompute = this.recomputeOnRead): Promise<Buffer> {
+    const r = await this.decodeReusing(blob, sum, size, undefined, recompute);
     if (r.error !== undefined) throw new BlobFormatError(r.error);
     return r.data!;
   }
@@ -59,7 +63,7 @@ export class Codec {
    * Decode that gives the memory back: `blob` returns as `spareBlob` (read the next blob into it) and, when
    * `out` is given, the plaintext is written into it if possible (else `spareOut` returns it unused).
    */
-  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer): Promise<{ data?: Buffer; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
+  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead): Promise<{ data?: Buffer; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
     const { ab, len } = transferable(blob);
     const transfer = [ab];
     let outAb: ArrayBuffer | undefined;
@@ -67,7 +71,7 @@ export class Codec {
       outAb = transferable(out).ab;
       if (outAb !== ab) transfer.push(outAb);
     }
-    const r = await this.pool.run({ op: 'decode', blob: ab, len, sum: new Uint8Array(sum), size, out: outAb }, transfer);
+    const r = await this.pool.run({ op: 'decode', blob: ab, len, sum: new Uint8Array(sum), size, out: outAb, recompute }, transfer);
     if (r.op !== 'decode') throw new Error('codec: unexpected reply');
     return {
       data: r.data ? Buffer.from(r.data, 0, r.len) : undefined,

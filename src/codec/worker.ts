@@ -8,7 +8,7 @@ import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean };
 
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
@@ -68,7 +68,7 @@ if (parentPort) {
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
-          const data = decodeBlob(Buffer.from(req.blob, 0, req.len), Buffer.from(req.sum), req.size, opts, out);
+          const data = decodeBlob(Buffer.from(req.blob, 0, req.len), Buffer.from(req.sum), req.size, opts, out, req.recompute);
           if (req.out && data.buffer === req.out && data.byteOffset === 0) {
             reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
             transfer.push(req.out);

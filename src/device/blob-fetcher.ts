@@ -25,14 +25,17 @@ export class BlobFetcher {
   // Blob read buffers come back from the worker after decoding and are reused for the next read.
   private spare: Buffer[] = [];
 
-  /** Without the cache: scrub must read storage, not a cached copy. */
-  async load(ref: BlobRef): Promise<Buffer> {
-    const r = await this.loadInto(ref);
+  /**
+   * Without the cache: scrub must read storage, not a cached copy. `recompute` forces (true) or skips the
+   * checksum of the plaintext; by default read_verification decides.
+   */
+  async load(ref: BlobRef, recompute?: boolean): Promise<Buffer> {
+    const r = await this.loadInto(ref, undefined, recompute);
     return r.data;
   }
 
   /** Loads and decodes; with `out`, the plaintext goes into it when possible (spareOut returns it if not). */
-  async loadInto(ref: BlobRef, out?: Buffer): Promise<{ data: Buffer; spareOut?: Buffer }> {
+  async loadInto(ref: BlobRef, out?: Buffer, recompute?: boolean): Promise<{ data: Buffer; spareOut?: Buffer }> {
     const key = blobKey(ref.uid);
     let raw: Buffer;
     if (this.store.getInto) {
@@ -46,7 +49,7 @@ export class BlobFetcher {
     } else {
       raw = await this.store.get(key);
     }
-    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out);
+    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute);
     this.recycle(r.spareBlob);
     if (r.error !== undefined) throw new BlobCorruptError(key, r.error);
     return { data: r.data!, spareOut: r.spareOut };

@@ -69,7 +69,7 @@ export class Repository {
         compression: this.cfg.compression,
         compressionLevel: this.cfg.compressionLevel,
         hashFunction: this.cfg.hashFunction,
-      });
+      }, this.cfg.readVerification === 'checksum');
     }
     return this.codecInstance;
   }

@@ -78,7 +78,7 @@ async function scrubBlocks(repo: Repository, v: VersionRow, source: Source | und
         let data: Buffer | undefined;
         if (slot.kind === 'data') {
           try {
-            data = await fetcher.load(slot.ref);
+            data = await fetcher.load(slot.ref, true); // scrub always recomputes the checksum
             if (slot.ref.state === BlobState.Bad) repaired.push({ id: slot.ref.id, storedSize: 0 });
           } catch (e) {
             if (e instanceof BlobNotFoundError && slot.ref.state === BlobState.Uploading) {
