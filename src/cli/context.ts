@@ -1,5 +1,5 @@
 import { Config, loadConfig } from '../config/config';
-import { Repository } from '../engine/repository';
+import type { Repository } from '../engine/repository';
 import { log } from '../util/log';
 import type { OutputMode } from './output';
 
@@ -43,6 +43,7 @@ export class Context {
   }
 
   async repository(): Promise<Repository> {
+    const { Repository } = await import('../engine/repository');
     const repo = await Repository.open(this.config());
     this.repos.push(repo);
     return repo;

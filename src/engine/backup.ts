@@ -48,6 +48,7 @@ const SANITY_SAMPLES = 10;
 export async function backup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
   const started = Date.now();
   const session = sessionId();
+  void repo.codec; // start the worker threads now: they boot while the version is prepared
   await repo.lock(LOCKS.backup(session), `backup of ${opts.name}`, [LOCKS.fullCleanup]);
   const source = await openSource(opts.source);
   try {

@@ -29,6 +29,7 @@ export interface RestoreResult {
  * skipped; the rest is still restored, and the caller exits 6.
  */
 export async function restore(repo: Repository, opts: RestoreOptions): Promise<RestoreResult> {
+  void repo.codec; // start the worker threads now: they boot while the target is prepared
   const v = await repo.version(opts.uid);
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);

@@ -1,6 +1,4 @@
 import type { Register } from './index';
-import { backup } from '../../engine/backup';
-import { readHints } from '../../engine/hints';
 import { parseExpire, parseTags } from '../../util/dates';
 
 export const register: Register = (program, wrap) => {
@@ -13,6 +11,9 @@ export const register: Register = (program, wrap) => {
     .option('-t, --tag <tags>', 'tag(s) for the new version, comma separated')
     .option('-e, --expire <date>', 'expiry date (yyyy-mm-dd or "yyyy-mm-dd HH:MM:SS")', '')
     .action(wrap(async (ctx, source: string, name: string, o: Record<string, string | undefined>) => {
+      // Engine modules load when a command runs, so `backy --help` and quick commands start fast.
+      const { backup } = await import('../../engine/backup');
+      const { readHints } = await import('../../engine/hints');
       const expire = o.expire ? parseExpire(o.expire) : null;
       const hints = o.rbd ? readHints(o.rbd) : undefined;
       const repo = await ctx.repository();

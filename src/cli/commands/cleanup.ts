@@ -1,5 +1,4 @@
 import type { Register } from './index';
-import { cleanup, CLEANUP_GRACE_MS } from '../../engine/cleanup';
 
 export const register: Register = (program, wrap) => {
   program.command('cleanup')
@@ -7,6 +6,7 @@ export const register: Register = (program, wrap) => {
     .option('-f, --full', 'also compare storage with the database and delete unknown objects (no backup may run)')
     .option('--dangerous-force', 'no grace period (testing only)')
     .action(wrap(async (ctx, o: { full?: boolean; dangerousForce?: boolean }) => {
+      const { cleanup, CLEANUP_GRACE_MS } = await import('../../engine/cleanup');
       const repo = await ctx.repository();
       const r = await cleanup(repo, { full: !!o.full, graceMs: o.dangerousForce ? 0 : CLEANUP_GRACE_MS });
       if (ctx.output.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);

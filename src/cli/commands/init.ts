@@ -3,8 +3,6 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { Register } from './index';
 import { loadConfig } from '../../config/config';
-import { createMetaStore } from '../../meta/open';
-import { FileStore } from '../../storage/file';
 import { IoError } from '../../util/errors';
 import { log } from '../../util/log';
 
@@ -49,6 +47,8 @@ export const register: Register = (program, wrap) => {
         }
         log.info(`wrote ${cfgFile} with a new encryption key: keep a copy of it somewhere safe`);
       }
+      const { createMetaStore } = await import('../../meta/open');
+      const { FileStore } = await import('../../storage/file');
       const cfg = loadConfig(cfgFile);
       const meta = createMetaStore(cfg.metaEngine);
       try {

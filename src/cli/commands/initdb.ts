@@ -1,6 +1,4 @@
 import type { Register } from './index';
-import { createMetaStore } from '../../meta/open';
-import { FileStore } from '../../storage/file';
 import { BackyError } from '../../util/errors';
 import { log } from '../../util/log';
 
@@ -8,6 +6,8 @@ export const register: Register = (program, wrap) => {
   program.command('initdb')
     .description('initialize the database (an existing one is left unchanged, exit 100)')
     .action(wrap(async (ctx) => {
+      const { createMetaStore } = await import('../../meta/open');
+      const { FileStore } = await import('../../storage/file');
       const cfg = ctx.config();
       const meta = createMetaStore(cfg.metaEngine);
       try {

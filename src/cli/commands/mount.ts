@@ -1,5 +1,4 @@
 import type { Register } from './index';
-import { serveMount } from '../../fuse/mount';
 
 export const register: Register = (program, wrap) => {
   program.command('mount <version_uid_or_dir> [dir]')
@@ -10,6 +9,7 @@ export const register: Register = (program, wrap) => {
     .action(wrap(async (ctx, first: string, second: string | undefined, o: { partitions?: boolean; allowOther?: boolean }) => {
       const [uid, dir] = second === undefined ? [undefined, first] : [first, second];
       const repo = await ctx.repository();
+      const { serveMount } = await import('../../fuse/mount');
       await serveMount(repo, { dir, uid, partitions: !!o.partitions, allowOther: !!o.allowOther });
     }));
 };

@@ -1,6 +1,5 @@
 import { InvalidArgumentError } from 'commander';
 import type { Register } from './index';
-import { serveUntilSignal } from '../../engine/nbd-service';
 import { UsageError } from '../../util/errors';
 
 function port(text: string): number {
@@ -21,6 +20,7 @@ export const register: Register = (program, wrap) => {
       if (o.socket === '') throw new UsageError('--socket needs a path');
       if (o.address === '') throw new UsageError('-a needs an address');
       const repo = await ctx.repository();
+      const { serveUntilSignal } = await import('../../engine/nbd-service');
       await serveUntilSignal(repo, {
         listen: o.socket ? { path: o.socket } : { host: o.address ?? '127.0.0.1', port: o.port ?? 10809 },
         readOnly: !!o.readOnly,

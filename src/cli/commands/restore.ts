@@ -1,5 +1,4 @@
 import type { Register } from './index';
-import { restore, restoreFailure } from '../../engine/restore';
 
 export const register: Register = (program, wrap) => {
   program.command('restore <version_uid> <target>')
@@ -7,6 +6,7 @@ export const register: Register = (program, wrap) => {
     .option('-s, --sparse', 'do not write holes (they stay holes in a new file)')
     .option('-f, --force', 'overwrite an existing file or device')
     .action(wrap(async (ctx, uid: string, target: string, o: { sparse?: boolean; force?: boolean }) => {
+      const { restore, restoreFailure } = await import('../../engine/restore');
       const repo = await ctx.repository();
       const r = await restore(repo, { uid, target, sparse: !!o.sparse, force: !!o.force, quiet: ctx.quiet });
       if (ctx.output.json) process.stdout.write(`${JSON.stringify({ uid, target, bytes: r.bytes, seconds: r.seconds, errors: r.errors }, null, 2)}\n`);

@@ -1,5 +1,4 @@
 import type { Register } from './index';
-import { scrub } from '../../engine/scrub';
 import { ExitCode, UsageError } from '../../util/errors';
 
 export const register: Register = (program, wrap) => {
@@ -10,6 +9,7 @@ export const register: Register = (program, wrap) => {
     .action(wrap(async (ctx, uid: string, o: { source?: string; percentile: string }) => {
       const percent = Number(o.percentile);
       if (!Number.isInteger(percent) || percent < 1 || percent > 100) throw new UsageError(`-p expects an integer from 1 to 100, got "${o.percentile}"`);
+      const { scrub } = await import('../../engine/scrub');
       const repo = await ctx.repository();
       const r = await scrub(repo, { uid, source: o.source, percent, quiet: ctx.quiet });
       if (ctx.output.json) process.stdout.write(`${JSON.stringify({ uid, ...r }, null, 2)}\n`);
