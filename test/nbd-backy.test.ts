@@ -18,6 +18,7 @@ import { NbdClient } from '../nbd/client';
 import * as C from '../nbd/constants';
 import { decodeChunk } from '../src/meta/block-map';
 import { blobKey } from '../src/storage/types';
+import { freePort } from './helpers/net';
 
 const MiB = 1024 * 1024;
 const BS = 4 * MiB;
@@ -87,16 +88,6 @@ function alive(pid: number): boolean {
   }
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
 
 describe('backy nbd with real clients', () => {
   let repo: TestRepo;

@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { makeTestRepo, RunResult, TestRepo, writeImage } from './helpers/cli';
+import { makeTestRepo, RunResult, TestRepo, writeImage, restoredHash } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { startS3Server, S3Server } from './helpers/s3-server';
 import { ALL_FAULTS, FaultProxy, startFaultProxy } from './helpers/fault-proxy';
@@ -49,13 +49,6 @@ function machineRows(r: RunResult): Record<string, string>[] {
   return rows.filter(Boolean).map((l) => Object.fromEntries(l.split('|').map((v, i) => [fields[i], v])));
 }
 
-async function restoredHash(repo: TestRepo, uid: string): Promise<string> {
-  const out = path.join(repo.dir, `restore-${uid}`);
-  await repo.ok(['restore', '-f', uid, `file://${out}`]);
-  const h = sha256File(out);
-  fs.rmSync(out);
-  return h;
-}
 
 /** Every valid version reads back completely from storage (scrub reads every blob, never a cache). */
 async function everyValidVersionIsStored(repo: TestRepo): Promise<number> {

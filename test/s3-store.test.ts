@@ -4,7 +4,6 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import * as net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { configFromText } from '../src/config/config';
 import { S3Store } from '../src/storage/s3';
@@ -13,6 +12,7 @@ import { blobKey } from '../src/storage/types';
 import { BlobNotFoundError, StorageError } from '../src/util/errors';
 import { startS3Server, S3Server, S3RVER_KEY, S3RVER_SECRET } from './helpers/s3-server';
 import { FaultProxy, startFaultProxy } from './helpers/fault-proxy';
+import { freePort } from './helpers/net';
 
 function storeFor(endpoint: string, extra: Record<string, string | number> = {}, bucket = 'backy'): S3Store {
   const lines = ['[DEFAULTS]', 'encryption = none', '[DataBackend]', 'type = s3', `endpoint_url = ${endpoint}`,
@@ -35,13 +35,6 @@ async function listAll(store: S3Store): Promise<{ keys: string[]; pages: number[
   return { keys, pages };
 }
 
-async function closedPort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -211,7 +204,7 @@ describe('S3Store', () => {
       `endpoint_url = ${s3.endpoint}`, 'bucket_name = backy', 'aws_access_key_id = NOTAKEY', `aws_secret_access_key = ${secret}`].join('\n')).data.s3,
     { reads: 1, writes: 1 });
     const nobucket = storeFor(s3.endpoint, {}, 'no-such-bucket');
-    const port = await closedPort();
+    const port = await freePort();
     const unreachable = storeFor(`http://127.0.0.1:${port}`, { max_retries: 6 });
     try {
       await assert.rejects(bad.check(), (e: unknown) => {

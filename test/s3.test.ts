@@ -6,14 +6,14 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { makeTestRepo, RunResult, TestRepo, writeImage } from './helpers/cli';
+import { makeTestRepo, RunResult, TestRepo, writeImage, restoredHash } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { startS3Server, S3Server } from './helpers/s3-server';
 import { blobKey } from '../src/storage/types';
 import type { S3Store } from '../src/storage/s3';
+import { freePort } from './helpers/net';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -47,13 +47,6 @@ async function backupUid(repo: TestRepo, args: string[]): Promise<string> {
   return uid;
 }
 
-async function restoredHash(repo: TestRepo, uid: string): Promise<string> {
-  const out = path.join(repo.dir, `restore-${uid}`);
-  await repo.ok(['restore', '-f', uid, `file://${out}`]);
-  const h = sha256File(out);
-  fs.rmSync(out);
-  return h;
-}
 
 function oneErrorLine(r: RunResult): string {
   const lines = r.stderr.trim().split('\n');
@@ -62,13 +55,6 @@ function oneErrorLine(r: RunResult): string {
   return lines[0];
 }
 
-async function closedPort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
 describe('S3 data backend through the CLI', () => {
   test('backup, differential backup, restore, scrub, rm, cleanup, cleanup --full', async (t) => {
@@ -182,7 +168,7 @@ describe('S3 data backend through the CLI', () => {
 
   test('bad credentials, missing bucket, unreachable endpoint: one line, exit 6, no secret anywhere', async (t) => {
     const secret = 'Sup3r-Secret-Access-Key-Value';
-    const port = await closedPort();
+    const port = await freePort();
     const cases: { name: string; extra: Record<string, string | number>; expect: RegExp }[] = [
       { name: 'credentials', extra: { aws_access_key_id: 'AKIAWRONGWRONGWRONG', aws_secret_access_key: secret },
         expect: /^ERROR: S3 access denied to bucket "backy" at http:\/\/127\.0\.0\.1:\d+: HTTP 403 (InvalidAccessKeyId|Forbidden) \(check aws_access_key_id/ },

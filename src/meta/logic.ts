@@ -94,3 +94,23 @@ export function cleanupDecision(referenced: boolean, unrefSince: number | null, 
 export function* batches<T>(items: T[], size: number): Generator<T[]> {
   for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
 }
+
+/** Sorts every blob of a cleanup scan into what to do with it, and counts. */
+export class CleanupTally {
+  readonly clear: number[] = [];
+  readonly stamp: number[] = [];
+  readonly delete: number[] = [];
+  readonly mark = { marked: 0, waiting: 0, referenced: 0 };
+
+  constructor(private readonly refs: IdBitmap, private readonly graceMs: number, private readonly now: number) {}
+
+  add(id: number, unrefSince: number | null): void {
+    const referenced = this.refs.has(id);
+    if (referenced) this.mark.referenced++;
+    const d = cleanupDecision(referenced, unrefSince, this.graceMs, this.now);
+    if (d === 'clear') this.clear.push(id);
+    else if (d === 'stamp') { this.stamp.push(id); this.mark.waiting++; }
+    else if (d === 'wait') this.mark.waiting++;
+    else if (d === 'delete') { this.delete.push(id); this.mark.marked++; }
+  }
+}

@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { batches, cleanupDecision, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { batches, CleanupTally, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
@@ -464,27 +464,14 @@ export class PostgresMetaStore implements MetaStore {
       const maxId = Number((await c.query(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`)).rows[0].m);
       const refs = new IdBitmap(maxId);
       for await (const rows of this.cursor(c, `SELECT data FROM block_maps`)) for (const r of rows) refs.addChunk(r.data);
-      const clear: number[] = [];
-      const stamp: number[] = [];
-      const del: number[] = [];
-      const mark: CleanupMark = { marked: 0, waiting: 0, referenced: 0 };
+      const tally = new CleanupTally(refs, graceMs, now);
       for await (const rows of this.cursor(c, `SELECT id, unref_since FROM blobs WHERE state <> 3`)) {
-        for (const r of rows) {
-          const id = Number(r.id);
-          const referenced = refs.has(id);
-          if (referenced) mark.referenced++;
-          const d = cleanupDecision(referenced, r.unref_since === null ? null : Number(r.unref_since), graceMs, now);
-          if (d === 'clear') clear.push(id);
-          else if (d === 'stamp') { stamp.push(id); mark.waiting++; }
-          else if (d === 'wait') mark.waiting++;
-          else if (d === 'delete') del.push(id);
-        }
+        for (const r of rows) tally.add(Number(r.id), r.unref_since === null ? null : Number(r.unref_since));
       }
-      for (const part of batches(clear, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = NULL WHERE id = ANY($1::bigint[])`, [part]);
-      for (const part of batches(stamp, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, part]);
-      for (const part of batches(del, ID_BATCH)) await c.query(`UPDATE blobs SET state = 3 WHERE id = ANY($1::bigint[])`, [part]);
-      mark.marked = del.length;
-      return mark;
+      for (const part of batches(tally.clear, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = NULL WHERE id = ANY($1::bigint[])`, [part]);
+      for (const part of batches(tally.stamp, ID_BATCH)) await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, part]);
+      for (const part of batches(tally.delete, ID_BATCH)) await c.query(`UPDATE blobs SET state = 3 WHERE id = ANY($1::bigint[])`, [part]);
+      return tally.mark;
     }, {
       // Lock first, snapshot after (taken by the first query, not by LOCK TABLE): see the class comment.
       isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE',

@@ -4,7 +4,7 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
-import { batches, cleanupDecision, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { batches, CleanupTally, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
 import {
   BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
@@ -316,28 +316,17 @@ export class SqliteMetaStore implements MetaStore {
       const maxId = Number((db.prepare(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`).get() as Row).m);
       const refs = new IdBitmap(maxId);
       for (const r of db.prepare(`SELECT data FROM block_maps`).iterate() as Iterable<Row>) refs.addChunk(r.data as Buffer);
-      const clear: number[] = [];
-      const stamp: number[] = [];
-      const del: number[] = [];
-      const mark: CleanupMark = { marked: 0, waiting: 0, referenced: 0 };
+      const tally = new CleanupTally(refs, graceMs, now);
       for (const r of db.prepare(`SELECT id, unref_since FROM blobs WHERE state <> 3`).iterate() as Iterable<Row>) {
-        const id = Number(r.id);
-        const referenced = refs.has(id);
-        if (referenced) mark.referenced++;
-        const d = cleanupDecision(referenced, r.unref_since === null ? null : Number(r.unref_since), graceMs, now);
-        if (d === 'clear') clear.push(id);
-        else if (d === 'stamp') { stamp.push(id); mark.waiting++; }
-        else if (d === 'wait') mark.waiting++;
-        else if (d === 'delete') del.push(id);
+        tally.add(Number(r.id), r.unref_since === null ? null : Number(r.unref_since));
       }
       const upd = (sql: string, ids: number[], ...pre: unknown[]) => {
         for (const part of batches(ids, 500)) db.prepare(sql.replace('(?)', `(${part.map(() => '?').join(',')})`)).run(...pre, ...part);
       };
-      upd(`UPDATE blobs SET unref_since = NULL WHERE id IN (?)`, clear);
-      upd(`UPDATE blobs SET unref_since = ? WHERE id IN (?)`, stamp, now);
-      upd(`UPDATE blobs SET state = 3 WHERE id IN (?)`, del);
-      mark.marked = del.length;
-      return mark;
+      upd(`UPDATE blobs SET unref_since = NULL WHERE id IN (?)`, tally.clear);
+      upd(`UPDATE blobs SET unref_since = ? WHERE id IN (?)`, tally.stamp, now);
+      upd(`UPDATE blobs SET state = 3 WHERE id IN (?)`, tally.delete);
+      return tally.mark;
     }).immediate();
   }
 

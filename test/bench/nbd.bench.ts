@@ -5,7 +5,6 @@
  * BENCH_NBD_ROUNDS the number of rounds.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -14,36 +13,13 @@ import { makeSparseVersion, peakRss, startBackyNbd } from '../helpers/backy-nbd'
 import { run as runTool } from '../helpers/nbd-tools';
 import { NbdClient } from '../../nbd/client';
 import { BENCH_DIR, measure, mib, mixedImage, table } from './common';
+import { freePort, waitPort } from '../helpers/net';
 
 const FIO_SECONDS = Number(process.env.BENCH_NBD_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_NBD_ROUNDS ?? 3);
 const CACHE = '3G';
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
 
-async function waitPort(port: number): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = net.connect({ host: '127.0.0.1', port }, () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`port ${port} never opened`);
-}
 
 /** Seconds for `nbdcopy URI null:` (default parallelism). */
 async function nbdcopy(uri: string): Promise<number> {

@@ -94,3 +94,14 @@ export function writeImage(file: string, size: number, pattern: 'random' | 'zero
     fs.closeSync(fd);
   }
 }
+
+/** sha256 of a version restored to a scratch file in the repository's directory (the file is removed). */
+export async function restoredHash(repo: TestRepo, uid: string): Promise<string> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { sha256File } = require('./images') as typeof import('./images');
+  const out = path.join(repo.dir, `restore-${uid}`);
+  await repo.ok(['restore', '-f', uid, `file://${out}`]);
+  const h = sha256File(out);
+  fs.rmSync(out);
+  return h;
+}

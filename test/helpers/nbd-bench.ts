@@ -7,40 +7,16 @@
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { rm, writeFile } from 'node:fs/promises';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdServer } from '../../nbd/server';
 import { MemoryCatalogue, MemoryDevice } from './nbd-memdev';
 import { run } from './nbd-tools';
+import { freePort, waitPort } from './net';
 
 const MiB = 1024 * 1024;
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
 
-async function waitPort(port: number): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = net.connect({ host: '127.0.0.1', port }, () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`port ${port} never opened`);
-}
 
 async function copyRate(uri: string, size: number, rounds: number, extra: string[] = []): Promise<number> {
   let best = 0;

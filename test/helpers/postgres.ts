@@ -1,10 +1,10 @@
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync, spawn, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { Client } from 'pg';
+import { freePort } from './net';
 
 /**
  * A throwaway PostgreSQL 15 server for tests and benchmarks: `initdb` into a temporary directory owned by
@@ -31,16 +31,6 @@ export interface TestPostgres {
   stop(): Promise<void>;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** uid/gid to run the server as: the `postgres` user when we are root, ourselves otherwise. */
 function serverUser(): { uid: number; gid: number } | undefined {
