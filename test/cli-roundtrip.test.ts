@@ -30,6 +30,9 @@ describe('backup and restore round trips', () => {
       assert.equal(fs.statSync(out).size, size);
       assert.equal(sha256File(out), sha256File(img));
       await repo.ok(['scrub', uid]);
+      const quick = path.join(repo.dir, `quick-${size}`);
+      await repo.ok(['restore', '--no-sync', uid, `file://${quick}`]);
+      assert.equal(sha256File(quick), sha256File(img), 'restore --no-sync');
     });
   }
 

@@ -14,6 +14,8 @@ export interface RestoreOptions {
   target: string;
   sparse: boolean;
   force: boolean;
+  /** false: do not flush the target to disk at the end */
+  sync?: boolean;
   quiet?: boolean;
 }
 
@@ -33,7 +35,7 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   const v = await repo.version(opts.uid);
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
-  const target = await openTarget(opts.target, v.size, opts.force, opts.sparse);
+  const target = await openTarget(opts.target, v.size, opts.force, opts.sparse, opts.sync ?? true);
   // No block cache: restore reads each blob once (repeats are copied from their first copy, below).
   const fetcher = repo.fetcher(new BlockCache(0));
   const dev = new VersionDevice(repo.meta, v, fetcher);

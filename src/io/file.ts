@@ -86,7 +86,7 @@ export interface Target {
  * Opens a restore target. An existing file or device is refused unless `force`; a regular file is created
  * (or truncated) at exactly `size` bytes, so skipped holes stay holes; a block device must be large enough.
  */
-export async function openTarget(url: string, size: number, force: boolean, sparse = false): Promise<Target> {
+export async function openTarget(url: string, size: number, force: boolean, sparse = false, sync = true): Promise<Target> {
   const { path: p } = parseIoUrl(url);
   let st: fs.Stats | undefined;
   try {
@@ -142,8 +142,8 @@ export async function openTarget(url: string, size: number, force: boolean, spar
     },
     async close() {
       try {
-        // A restore reports success only once the data is on disk.
-        await fh.sync();
+        // A restore reports success only once the data is on disk (unless the caller chose otherwise).
+        if (sync) await fh.sync();
       } finally {
         await fh.close();
       }
