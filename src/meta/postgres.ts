@@ -360,7 +360,11 @@ export class PostgresMetaStore implements MetaStore {
           decided.set(h, { blobId: Number(existing!.id), uid: existing!.uid, upload: d.upload });
         }
         if (takeOvers.length) {
-          await c.query(`UPDATE blobs SET state = 0, owner = $1 WHERE id = ANY($2::bigint[])`, [session, takeOvers.sort((a, b) => a - b)]);
+          // Conditional: another backup may have finished storing the blob since the lookup (state 1). Taking
+          // it back to "uploading" would make that backup's version look incomplete; reuse it instead.
+          const taken = new Set((await c.query(`UPDATE blobs SET state = 0, owner = $1 WHERE id = ANY($2::bigint[]) AND state IN (0, 2) RETURNING id`,
+            [session, takeOvers.sort((a, b) => a - b)])).rows.map((r) => Number(r.id)));
+          for (const d of decided.values()) if (d.upload && takeOvers.includes(d.blobId) && !taken.has(d.blobId)) d.upload = false;
         }
         open = [];
         if (!inserts.length) break;

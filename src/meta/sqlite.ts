@@ -201,7 +201,7 @@ export class SqliteMetaStore implements MetaStore {
     const now = Date.now();
     const find = db.prepare(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3`);
     const insert = db.prepare(`INSERT INTO blobs (uid, checksum, size, state, owner, created) VALUES (?, ?, ?, 0, ?, ?)`);
-    const takeOver = db.prepare(`UPDATE blobs SET state = 0, owner = ? WHERE id = ?`);
+    const takeOver = db.prepare(`UPDATE blobs SET state = 0, owner = ? WHERE id = ? AND state IN (0, 2)`);
     const getChunk = db.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
     const putChunk = db.prepare(`UPDATE block_maps SET data = ? WHERE version_id = ? AND chunk = ?`);
     const size = db.prepare(`SELECT size, block_size FROM versions WHERE id = ?`);

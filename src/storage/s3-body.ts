@@ -10,7 +10,7 @@ function truncated(got: number, want: number): Error {
  * allocated once and filled as chunks arrive: no list of 64 KiB chunks kept alive and no second copy, which
  * matters with many block-sized reads in flight.
  */
-export async function readBody(body: unknown, contentLength: number | undefined): Promise<Buffer> {
+export async function readBody(body: unknown, contentLength: number | undefined, into?: Buffer): Promise<Buffer> {
   if (!(body instanceof Readable)) {
     // Not a Node stream (another runtime's HTTP handler): the SDK's own collector.
     const bytes = await (body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray();
@@ -23,7 +23,8 @@ export async function readBody(body: unknown, contentLength: number | undefined)
     for await (const chunk of body) chunks.push(chunk as Buffer);
     return Buffer.concat(chunks);
   }
-  const out = Buffer.allocUnsafe(contentLength);
+  // Into the caller's buffer when it is large enough (restore and the read path reuse a few buffers).
+  const out = into && into.length >= contentLength ? into.subarray(0, contentLength) : Buffer.allocUnsafe(contentLength);
   let filled = 0;
   try {
     for await (const chunk of body) {

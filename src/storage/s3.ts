@@ -72,7 +72,11 @@ export class S3Store implements BlobStore {
       })));
   }
 
-  async get(key: string): Promise<Buffer> {
+  get(key: string): Promise<Buffer> {
+    return this.getInto(key);
+  }
+
+  async getInto(key: string, into?: Buffer): Promise<Buffer> {
     return this.retrying(`read blob ${key} from ${this.description}`, this.policy,
       (f) => (f.kind === 'not-found' ? new BlobNotFoundError(key) : undefined) ??
         this.bucketFailure(f) ?? new StorageError(`cannot read blob ${key} from ${this.description}: ${f.reason}`),
@@ -80,7 +84,7 @@ export class S3Store implements BlobStore {
         const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.objectKey(key) }));
         if (!r.Body) throw Object.assign(new Error('response without a body'), { code: 'ERR_STREAM_PREMATURE_CLOSE' });
         // Reading the body belongs to the attempt: a connection lost halfway is retried like any other.
-        return readBody(r.Body, r.ContentLength);
+        return readBody(r.Body, r.ContentLength, into);
       });
   }
 
