@@ -119,7 +119,10 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
   if (blob.length < HEADER_PLAIN || !blob.subarray(0, 4).equals(MAGIC)) throw new BlobFormatError('not a backy blob (bad magic)');
   const flags = blob.readUInt32LE(4);
   if (flags & ~(FLAG_AES | FLAG_ZSTD)) throw new BlobFormatError(`unknown flags ${flags}`);
+  const compressed = (flags & FLAG_ZSTD) !== 0;
   let payload: Buffer;
+  // Set when the checksum was computed on the way (decrypted pieces hashed while still in the CPU cache).
+  let hashed: Buffer | undefined;
   if (flags & FLAG_AES) {
     if (!opts.key) throw new BlobFormatError('blob is encrypted but encryption is off in the configuration');
     if (blob.length < HEADER_AES + TAG) throw new BlobFormatError('truncated');
@@ -127,9 +130,25 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER_AES), sum]));
     decipher.setAuthTag(blob.subarray(blob.length - TAG));
     const body = blob.subarray(HEADER_AES, blob.length - TAG);
-    // Into the caller's buffer when given (memory reuse); otherwise one update, whose result is the
-    // plaintext itself (no copy).
-    const plain = out && out.length >= body.length ? out.subarray(0, updateInto(decipher, body, out, 0)) : decipher.update(body);
+    let plain: Buffer;
+    if (recompute && !compressed) {
+      const dst = out && out.length >= body.length ? out : Buffer.allocUnsafe(body.length);
+      const hash = createHash(opts.hashFunction);
+      let pos = 0;
+      for (let i = 0; i < body.length; i += PIECE) {
+        const part = decipher.update(body.subarray(i, Math.min(body.length, i + PIECE)));
+        part.copy(dst, pos);
+        pos += part.length;
+        hash.update(part);
+      }
+      plain = dst.subarray(0, pos);
+      hashed = hash.digest();
+    } else if (out && out.length >= body.length) {
+      // Into the caller's buffer (memory reuse).
+      plain = out.subarray(0, updateInto(decipher, body, out, 0));
+    } else {
+      plain = decipher.update(body); // one piece: the result is the plaintext itself, no copy
+    }
     try {
       decipher.final();
     } catch {
@@ -140,7 +159,7 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     payload = blob.subarray(HEADER_PLAIN);
   }
   let data: Buffer;
-  if (flags & FLAG_ZSTD) {
+  if (compressed) {
     try {
       data = decompress(payload);
     } catch {
@@ -150,6 +169,8 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     data = payload;
   }
   if (data.length !== size) throw new BlobFormatError(`wrong size ${data.length}, expected ${size}`);
-  if ((recompute || !(flags & FLAG_AES)) && !checksum(opts.hashFunction, data).equals(sum)) throw new BlobFormatError('checksum mismatch');
+  if (recompute || !(flags & FLAG_AES)) {
+    if (!(hashed ?? checksum(opts.hashFunction, data)).equals(sum)) throw new BlobFormatError('checksum mismatch');
+  }
   return data;
 }
