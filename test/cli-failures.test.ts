@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
-import { BACKY, makeTestRepo, runBacky, TestRepo, writeImage } from './helpers/cli';
+import { BACKY, blobFileOf, makeTestRepo, runBacky, TestRepo, writeImage } from './helpers/cli';
 import { sha256File } from './helpers/images';
 
 const MiB = 1024 * 1024;
@@ -25,24 +25,6 @@ function blobFiles(repo: TestRepo): string[] {
   return out;
 }
 
-/** The blob file holding block `index` of version `uid` (through the metadata). */
-function blobFileOf(repo: TestRepo, uid: string, index: number): string {
-  const db = new Database(path.join(repo.dir, 'backy.sqlite'), { readonly: true });
-  try {
-    const v = db.prepare('SELECT id FROM versions WHERE uid = ?').get(uid) as { id: number };
-    const rows = db.prepare('SELECT b.uid FROM blobs b').all() as { uid: string }[];
-    // Decode the map through the project's own code, to find the blob of the block.
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const { decodeChunk } = require('../src/meta/block-map') as typeof import('../src/meta/block-map');
-    const chunk = db.prepare('SELECT data FROM block_maps WHERE version_id = ? AND chunk = 0').get(v.id) as { data: Buffer };
-    const id = decodeChunk(chunk.data)[index];
-    const b = db.prepare('SELECT uid FROM blobs WHERE id = ?').get(id) as { uid: string };
-    void rows;
-    return path.join(repo.dir, 'data', b.uid.slice(0, 2), b.uid.slice(2, 4), b.uid);
-  } finally {
-    db.close();
-  }
-}
 
 function lsJson(repo: TestRepo, name?: string) {
   return repo.ok(['--json', 'ls', ...(name ? [name] : [])]).then((r) => JSON.parse(r.stdout) as { uid: string; valid: boolean }[]);

@@ -9,15 +9,12 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import Database from 'better-sqlite3';
-import { BACKY, makeTestRepo, TestRepo } from './helpers/cli';
+import { alive, BACKY, blobFileOf, makeTestRepo, TestRepo } from './helpers/cli';
 import { makeSparseVersion, startBackyNbd, BackyNbd } from './helpers/backy-nbd';
 import { SeededRandom, sha256File } from './helpers/images';
 import { RawPeer, run, waitFor } from './helpers/nbd-tools';
 import { NbdClient } from '../nbd/client';
 import * as C from '../nbd/constants';
-import { decodeChunk } from '../src/meta/block-map';
-import { blobKey } from '../src/storage/types';
 import { freePort } from './helpers/net';
 
 const MiB = 1024 * 1024;
@@ -65,28 +62,7 @@ function readRange(file: string, offset: number, length: number): Buffer {
   }
 }
 
-/** The blob file holding block `index` (in map chunk 0) of version `uid`. */
-function blobFileOf(repo: TestRepo, uid: string, index: number): string {
-  const db = new Database(path.join(repo.dir, 'backy.sqlite'), { readonly: true });
-  try {
-    const v = db.prepare('SELECT id FROM versions WHERE uid = ?').get(uid) as { id: number };
-    const chunk = db.prepare('SELECT data FROM block_maps WHERE version_id = ? AND chunk = 0').get(v.id) as { data: Buffer };
-    const id = decodeChunk(chunk.data)[index];
-    const b = db.prepare('SELECT uid FROM blobs WHERE id = ?').get(id) as { uid: string };
-    return path.join(repo.dir, 'data', blobKey(b.uid));
-  } finally {
-    db.close();
-  }
-}
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 
 describe('backy nbd with real clients', () => {

@@ -1,4 +1,5 @@
 import { formatBytes } from '../config/size';
+import { UsageError } from '../util/errors';
 
 /** How a command prints results: a table (default), backy2's pipe-separated machine format (-m), or JSON. */
 export interface OutputMode {
@@ -78,8 +79,6 @@ export function parseFields(text: string, available: string[]): string[] {
   const fields = text.split(',').map((f) => f.trim()).filter(Boolean);
   const unknown = fields.filter((f) => !available.includes(f));
   if (unknown.length) {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const { UsageError } = require('../util/errors') as typeof import('../util/errors');
     throw new UsageError(`unknown field(s) ${unknown.join(', ')}; available: ${available.join(',')}`);
   }
   return fields;

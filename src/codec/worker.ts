@@ -1,5 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero } from './blob-format';
+import { ownArrayBuffer } from './transfer';
 
 /**
  * CPU work off the main thread: zero detection, hashing, compression, encryption and their inverse.
@@ -20,14 +21,6 @@ export interface WorkerInit {
   compression: 'zstd' | 'none';
   compressionLevel: number;
   hashFunction: string;
-}
-
-/** The ArrayBuffer behind `b` if `b` owns all of it (transferable without side effects), else a copy. */
-function own(b: Buffer): ArrayBuffer {
-  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.buffer instanceof ArrayBuffer) return b.buffer;
-  const copy = new ArrayBuffer(b.length);
-  new Uint8Array(copy).set(b);
-  return copy;
 }
 
 if (parentPort) {
@@ -56,7 +49,7 @@ if (parentPort) {
         const out = req.out ? Buffer.from(req.out) : undefined;
         const blob = encodeBlob(data, Buffer.from(req.sum), opts, out);
         // Written into the caller's buffer: hand it back as it is (no copy); else a fresh one.
-        const ab = out && blob.buffer === req.out ? req.out : own(blob);
+        const ab = out && blob.buffer === req.out ? req.out : ownArrayBuffer(blob);
         const transfer = [ab, req.buf];
         if (req.out && ab !== req.out) transfer.push(req.out);
         port.postMessage({ id: req.id, op: 'encode', blob: ab, len: blob.length, buf: req.buf } satisfies WorkerReply, transfer);
@@ -80,7 +73,7 @@ if (parentPort) {
             transfer.push(ab);
             if (req.out) transfer.push(req.out);
           } else {
-            const ab = own(data);
+            const ab = ownArrayBuffer(data);
             reply = { id: req.id, op: 'decode', data: ab, len: data.length, out: req.out, blob: req.blob };
             transfer.push(ab);
             if (req.out && ab !== req.out) transfer.push(req.out);

@@ -1,14 +1,10 @@
 import { LRUCache } from 'lru-cache';
-import { blockCount, chunkLength, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
+import { blockCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
+import { ChunkWithBlobs, readChunkWithBlobs } from '../meta/map-reader';
 import type { BlobRef, MetaStore, VersionRow } from '../meta/types';
 import { errorLine } from '../util/errors';
 import type { BlobFetcher } from './blob-fetcher';
 import { BlockDevice, DeviceError, Extent } from './types';
-
-interface LoadedChunk {
-  entries: Float64Array;
-  refs: Map<number, BlobRef>;
-}
 
 /** What one block of a version is. */
 export type BlockSlot = { kind: 'hole' } | { kind: 'pending' } | { kind: 'data'; ref: BlobRef };
@@ -35,7 +31,7 @@ export class VersionDevice implements BlockDevice {
   readonly size: number;
   readonly blockSize: number;
   readonly blocks: number;
-  private chunks: LRUCache<number, Promise<LoadedChunk>>;
+  private chunks: LRUCache<number, Promise<ChunkWithBlobs>>;
 
   constructor(
     private readonly meta: MetaStore,
@@ -52,19 +48,14 @@ export class VersionDevice implements BlockDevice {
 
   private readonly log: (line: string) => void;
 
-  private chunk(c: number): Promise<LoadedChunk> {
+  private chunk(c: number): Promise<ChunkWithBlobs> {
     let p = this.chunks.get(c);
     if (!p) {
       p = (async () => {
         // Any failure here (a version removed while open makes its map rows disappear; a lost database
         // connection) fails only the requests that need this chunk, as an I/O error: never the process.
         try {
-          const entries = await this.meta.readMapChunk(this.version.id, c);
-          if (entries.length !== chunkLength(this.blocks, c)) throw new Error(`block map chunk ${c} has the wrong length`);
-          const ids: number[] = [];
-          for (let i = 0; i < entries.length; i++) if (entries[i] > 0) ids.push(entries[i]);
-          const refs = await this.meta.getBlobs(ids);
-          return { entries, refs };
+          return await readChunkWithBlobs(this.meta, this.version, c);
         } catch (e) {
           throw new DeviceError(`version ${this.version.uid}: cannot read its block map: ${errorLine(e)}`, 'EIO', c * MAP_CHUNK * this.blockSize);
         }
@@ -152,8 +143,10 @@ export class VersionDevice implements BlockDevice {
     const end = Math.min(this.size, offset + length);
     const out: Extent[] = [];
     if (offset >= end) return out;
+    let c: ChunkWithBlobs | undefined;
     for (let i = Math.floor(offset / this.blockSize); i * this.blockSize < end; i++) {
-      const c = await this.chunk(Math.floor(i / MAP_CHUNK));
+      // One lookup per chunk, not per block: block status of a whole 1 TiB version walks 262,144 blocks.
+      if (!c || i % MAP_CHUNK === 0) c = await this.chunk(Math.floor(i / MAP_CHUNK));
       const zero = c.entries[i % MAP_CHUNK] === HOLE;
       const from = Math.max(offset, i * this.blockSize);
       const to = Math.min(end, (i + 1) * this.blockSize);

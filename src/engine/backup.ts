@@ -10,7 +10,9 @@ import { Coalescer } from '../util/coalescer';
 import { log } from '../util/log';
 import { sessionId } from '../util/process-info';
 import { Progress } from '../util/progress';
-import { Semaphore } from '../util/semaphore';
+import { JobRunner } from '../util/job-runner';
+import { randomSample } from '../util/random';
+import { readChunkWithBlobs } from '../meta/map-reader';
 import { formatBytes } from '../config/size';
 import { Hint, hintedBlocks } from './hints';
 import { LOCKS, Repository } from './repository';
@@ -133,19 +135,27 @@ async function prepareVersion(repo: Repository, source: Source, opts: BackupOpti
   return { version, todo };
 }
 
-/** Blocks of an interrupted version that are not yet safely stored. */
-async function unfinishedBlocks(repo: Repository, v: VersionRow): Promise<number[]> {
-  const blocks = blockCount(v.size, v.blockSize);
-  const todo: number[] = [];
-  for (let c = 0; c < chunkCount(blocks); c++) {
-    const entries = await repo.meta.readMapChunk(v.id, c);
-    const refs = await repo.meta.getBlobs([...entries].filter((e) => e > 0));
+/**
+ * Blocks of a version not safely stored: never recorded (pending), or recorded with a blob that is not in
+ * storage yet (not live). Used to continue an interrupted backup and to check a finished one.
+ */
+async function unstoredBlocks(repo: Repository, v: VersionRow): Promise<{ pending: number[]; notLive: number[] }> {
+  const out = { pending: [] as number[], notLive: [] as number[] };
+  for (let c = 0; c < chunkCount(blockCount(v.size, v.blockSize)); c++) {
+    const { entries, refs } = await readChunkWithBlobs(repo.meta, v, c);
     entries.forEach((e, k) => {
-      if (e === HOLE) return;
-      if (e === PENDING || refs.get(e)?.state !== BlobState.Live) todo.push(c * MAP_CHUNK + k);
+      if (e === PENDING) out.pending.push(c * MAP_CHUNK + k);
+      else if (e !== HOLE && refs.get(e)?.state !== BlobState.Live) out.notLive.push(c * MAP_CHUNK + k);
     });
   }
-  log.info(`continuing version ${v.uid}: ${todo.length} of ${blocks} blocks still to back up`);
+  return out;
+}
+
+/** Blocks of an interrupted version that are not yet safely stored. */
+async function unfinishedBlocks(repo: Repository, v: VersionRow): Promise<number[]> {
+  const { pending, notLive } = await unstoredBlocks(repo, v);
+  const todo = [...pending, ...notLive].sort((a, b) => a - b);
+  log.info(`continuing version ${v.uid}: ${todo.length} of ${blockCount(v.size, v.blockSize)} blocks still to back up`);
   return todo;
 }
 
@@ -154,12 +164,7 @@ async function sanityCheck(repo: Repository, source: Source, base: VersionRow, h
   const baseBlocks = blockCount(base.size, base.blockSize);
   const candidates: number[] = [];
   for (let i = 0; i < Math.min(blocks, baseBlocks); i++) if (!hinted.has(i)) candidates.push(i);
-  // Pick SANITY_SAMPLES distinct blocks at random (all of them when there are fewer).
-  for (let i = candidates.length - 1; i > 0; i--) {
-    const j = Math.floor(Math.random() * (i + 1));
-    [candidates[i], candidates[j]] = [candidates[j], candidates[i]];
-  }
-  const sample = candidates.slice(0, SANITY_SAMPLES);
+  const sample = randomSample(candidates, SANITY_SAMPLES);
   const dev = repo.device(base);
   for (const i of sample) {
     const len = Math.min(base.blockSize, source.size - i * base.blockSize);
@@ -198,14 +203,11 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
   // Memory bound: at most `inflight` blocks between read and store, each holding one block-sized buffer
   // or its encoded blob.
   const inflight = Math.max(4, Math.min(64, Math.floor((64 * 1024 * 1024) / bs), repo.cfg.workers * 4 + repo.cfg.data.simultaneousWrites));
-  const slots = new Semaphore(inflight);
+  const jobs = new JobRunner(inflight);
   // Block buffers and encoded-blob buffers travel to the workers and back and are reused: no per-block
   // allocation, so memory stays at `inflight` blocks however long the image.
   const free: Buffer[] = [];
   const freeOut: Buffer[] = [];
-  let failure: unknown;
-  let active = 0;
-  let drained: (() => void) | undefined;
 
   const processBlock = async (index: number, buf: Buffer, len: number): Promise<void> => {
     const scan = await codec.scan(buf, len);
@@ -240,10 +242,10 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
 
   try {
     for (const index of todo) {
-      await slots.acquire();
-      if (stop.reason) failure ??= new BackyError(stop.reason);
-      if (failure) {
-        slots.release();
+      await jobs.acquire();
+      if (stop.reason) jobs.fail(new BackyError(stop.reason));
+      if (jobs.failed) {
+        jobs.release();
         break;
       }
       const len = lenOf(index);
@@ -251,49 +253,29 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
       try {
         await source.read(buf, index * bs, len);
       } catch (e) {
-        slots.release();
+        jobs.release();
         throw e;
       }
       c.bytesRead += len;
       c.blocksRead++;
-      active++;
-      processBlock(index, buf, len)
-        .catch((e) => { failure ??= e; })
-        .finally(() => {
-          active--;
-          slots.release();
-          progress.add(len);
-          if (active === 0 && drained) drained();
-        });
+      jobs.start(() => processBlock(index, buf, len), () => progress.add(len));
     }
   } catch (e) {
-    failure ??= e;
+    jobs.fail(e);
   } finally {
-    if (active > 0) await new Promise<void>((r) => (drained = r));
+    await jobs.drain();
     progress.finish();
   }
-  if (stop.reason) failure ??= new BackyError(stop.reason);
-  if (failure) throw failure;
+  if (stop.reason) jobs.fail(new BackyError(stop.reason));
+  if (jobs.failed) throw jobs.failure;
   return c;
 }
 
 /** Marks the version complete; valid only if no block is missing and every blob it uses is stored. */
 async function finalize(repo: Repository, v: VersionRow): Promise<boolean> {
-  const blocks = blockCount(v.size, v.blockSize);
-  let pending = 0;
-  let notLive = 0;
-  for (let ch = 0; ch < chunkCount(blocks); ch++) {
-    const entries = await repo.meta.readMapChunk(v.id, ch);
-    const ids: number[] = [];
-    for (const e of entries) {
-      if (e === PENDING) pending++;
-      else if (e > 0) ids.push(e);
-    }
-    const refs = await repo.meta.getBlobs(ids);
-    for (const id of new Set(ids)) if (refs.get(id)?.state !== BlobState.Live) notLive++;
-  }
-  if (pending) throw new BackyError(`internal error: ${pending} blocks of version ${v.uid} were not recorded; continue it with -c ${v.uid}`);
-  const valid = notLive === 0;
+  const { pending, notLive } = await unstoredBlocks(repo, v);
+  if (pending.length) throw new BackyError(`internal error: ${pending.length} blocks of version ${v.uid} were not recorded; continue it with -c ${v.uid}`);
+  const valid = notLive.length === 0;
   await repo.meta.updateVersion(v.id, { complete: true, valid });
   return valid;
 }

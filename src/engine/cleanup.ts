@@ -37,7 +37,7 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
     for await (const page of repo.store.list()) {
       const uids = page.map((o) => (o.partial ? undefined : uidFromKey(o.key)));
       const known = await repo.meta.knownBlobUids(uids.filter((u): u is string => !!u));
-      const orphans = page.filter((o, k) => !uids[k] || !known.has(uids[k]!));
+      const orphans = page.filter((_, k) => !uids[k] || !known.has(uids[k]!));
       if (orphans.length) {
         await repo.store.delete(orphans.map((o) => o.key));
         orphansDeleted += orphans.length;

@@ -5,7 +5,7 @@ import { formatBytes } from '../config/size';
 import { StorageError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { Progress } from '../util/progress';
-import { Semaphore } from '../util/semaphore';
+import { JobRunner } from '../util/job-runner';
 import { BlockCache } from '../device/block-cache';
 import { Repository } from './repository';
 
@@ -39,51 +39,40 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   // No block cache: restore reads each blob once (repeats are copied from their first copy, below).
   const fetcher = repo.fetcher(new BlockCache(0));
   const dev = new VersionDevice(repo.meta, v, fetcher);
-  // Plaintext buffers are reused: decoded into, written out, decoded into again.
-  const outPool: Buffer[] = [];
+  // Block buffers are reused: decoded into (or read back into), written out, used again.
+  const pool: Buffer[] = [];
+  const recycle = (b: Buffer) => {
+    if (b.length >= v.blockSize && pool.length < 64) pool.push(b);
+  };
   if (opts.sparse && !target.zeroed) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
   const progress = new Progress(`restore ${v.uid.slice(0, 8)}`, v.size, { quiet: opts.quiet });
   const errors: RestoreResult['errors'] = [];
-  const inflight = new Semaphore(Math.max(2, repo.cfg.data.simultaneousReads));
-  let fatal: unknown;
+  // A job that throws means the target failed: no point going on (a bad block is an entry in `errors`).
+  const jobs = new JobRunner(Math.max(2, repo.cfg.data.simultaneousReads));
   const started = Date.now();
-  const jobs = new Set<Promise<void>>();
   // A block whose blob was already restored elsewhere is copied from there (a page-cache read) instead of
   // being fetched, decrypted and verified again. Bounded: the first MAX_REMEMBERED blobs are remembered.
   const firstCopy = new Map<number, { offset: number; done: Promise<boolean> }>();
   const MAX_REMEMBERED = 1 << 20;
-  const spare: Buffer[] = [];
-  const run = (len: number, work: () => Promise<void>) => {
-    const job = (async () => {
-      try {
-        await work();
-      } catch (e) {
-        fatal ??= e; // the target failed: no point going on
-      } finally {
-        inflight.release();
-        progress.add(len);
-      }
-    })();
-    jobs.add(job);
-    void job.finally(() => jobs.delete(job));
+  const run = async (len: number, work: () => Promise<void>) => {
+    await jobs.acquire();
+    jobs.start(work, () => progress.add(len));
   };
   try {
-    for (let i = 0; i < dev.blocks && !fatal; i++) {
+    for (let i = 0; i < dev.blocks && !jobs.failed; i++) {
       const offset = i * v.blockSize;
       const len = dev.blockLength(i);
-      await inflight.acquire();
       let slot: BlockSlot;
       try {
         slot = await dev.slot(i);
       } catch (e) {
         errors.push({ offset, message: errorLine(e) });
-        inflight.release();
         progress.add(len);
         continue;
       }
       if (slot.kind !== 'data') {
         if (slot.kind === 'pending') errors.push({ offset, message: `block at offset ${offset} was never backed up (incomplete version)` });
-        run(len, async () => {
+        await run(len, async () => {
           if (!target.holesDone) await target.write(zeroes(len), offset);
         });
         continue;
@@ -91,17 +80,17 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
       const id = slot.ref.id;
       const earlier = firstCopy.get(id);
       if (earlier) {
-        run(len, async () => {
+        await run(len, async () => {
           if (!(await earlier.done)) {
             errors.push({ offset, message: `same data as offset ${earlier.offset}, which could not be restored` });
             return;
           }
-          const buf = spare.pop() ?? Buffer.allocUnsafeSlow(v.blockSize);
+          const buf = pool.pop() ?? allocBlock(v.blockSize);
           try {
             await target.read(buf.subarray(0, len), earlier.offset);
             await target.write(buf.subarray(0, len), offset);
           } finally {
-            spare.push(buf);
+            recycle(buf);
           }
         });
         continue;
@@ -109,10 +98,10 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
       let settle: (ok: boolean) => void = () => undefined;
       if (firstCopy.size < MAX_REMEMBERED) firstCopy.set(id, { offset, done: new Promise<boolean>((r) => (settle = r)) });
       const ref = slot.ref;
-      run(len, async () => {
+      await run(len, async () => {
         let loaded: { data: Buffer; spareOut?: Buffer };
         try {
-          loaded = await fetcher.loadInto(ref, outPool.pop() ?? allocBlock(v.blockSize));
+          loaded = await fetcher.loadInto(ref, pool.pop() ?? allocBlock(v.blockSize));
         } catch (e) {
           errors.push({ offset, message: errorLine(e) });
           settle(false);
@@ -125,17 +114,16 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
           settle(false);
           throw e;
         } finally {
-          const back = loaded.spareOut ?? Buffer.from(loaded.data.buffer);
-          if (back.length >= v.blockSize && outPool.length < 64) outPool.push(back);
+          recycle(loaded.spareOut ?? Buffer.from(loaded.data.buffer));
         }
       });
     }
-    await Promise.all(jobs);
+    await jobs.drain();
   } finally {
     progress.finish();
-    await target.close().catch((e) => { fatal ??= e; });
+    await target.close().catch((e) => jobs.fail(e));
   }
-  if (fatal) throw fatal;
+  if (jobs.failed) throw jobs.failure;
   const seconds = (Date.now() - started) / 1000;
   errors.sort((a, b) => a.offset - b.offset);
   for (const e of errors) log.error(`offset ${e.offset}: ${e.message}`);

@@ -1,10 +1,11 @@
 import { openSource, Source } from '../io/file';
-import { allocBlock } from '../codec/codec';
 import { BlobState, VersionRow } from '../meta/types';
 import { BlobCorruptError, BlobNotFoundError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { Progress } from '../util/progress';
-import { Semaphore } from '../util/semaphore';
+import { JobRunner } from '../util/job-runner';
+import { randomSample } from '../util/random';
+import { isZero } from '../codec/blob-format';
 import { LOCKS, Repository } from './repository';
 
 export interface ScrubOptions {
@@ -46,77 +47,61 @@ async function scrubBlocks(repo: Repository, v: VersionRow, source: Source | und
   const fetcher = repo.fetcher();
   let indices = Array.from({ length: dev.blocks }, (_, i) => i);
   const full = opts.percent >= 100;
-  if (!full) {
-    for (let i = indices.length - 1; i > 0; i--) {
-      const j = Math.floor(Math.random() * (i + 1));
-      [indices[i], indices[j]] = [indices[j], indices[i]];
-    }
-    indices = indices.slice(0, Math.ceil((indices.length * opts.percent) / 100)).sort((a, b) => a - b);
-  }
+  if (!full) indices = randomSample(indices, Math.ceil((indices.length * opts.percent) / 100)).sort((a, b) => a - b);
   const bad = new Set<number>();
   const repaired: { id: number; storedSize: number }[] = [];
   let mismatches = 0;
   let pending = 0;
   let checked = 0;
   const progress = new Progress(`scrub ${v.uid.slice(0, 8)}`, indices.reduce((s, i) => s + dev.blockLength(i), 0), { quiet: opts.quiet });
-  const sem = new Semaphore(Math.max(2, repo.cfg.data.simultaneousReads));
-  let fatal: unknown;
-  const jobs = new Set<Promise<void>>();
+  const jobs = new JobRunner(Math.max(2, repo.cfg.data.simultaneousReads));
   for (const i of indices) {
-    if (fatal) break;
-    await sem.acquire();
-    const job = (async () => {
-      const offset = i * v.blockSize;
-      const len = dev.blockLength(i);
-      try {
-        const slot = await dev.slot(i);
-        if (slot.kind === 'pending') {
-          pending++;
-          return;
-        }
-        let ok = true;
-        let data: Buffer | undefined;
-        if (slot.kind === 'data') {
-          try {
-            data = await fetcher.load(slot.ref, true); // scrub always recomputes the checksum
-            if (slot.ref.state === BlobState.Bad) repaired.push({ id: slot.ref.id, storedSize: 0 });
-          } catch (e) {
-            if (e instanceof BlobNotFoundError && slot.ref.state === BlobState.Uploading) {
-              // Reserved by a backup that has not stored it (yet, or ever: interrupted). Not damage.
-              pending++;
-              return;
-            }
-            if (e instanceof BlobNotFoundError || e instanceof BlobCorruptError) {
-              bad.add(slot.ref.id);
-              ok = false;
-              log.error(`offset ${offset}: ${errorLine(e)}`);
-            } else throw e;
-          }
-        }
-        if (ok && source && offset + len <= source.size) {
-          let buf = allocBlock(len);
-          await source.read(buf, offset, len);
-          const same = data ? buf.equals(data) : (await repo.codec.scan(buf, len)).zero;
-          buf = Buffer.alloc(0);
-          if (!same) {
-            mismatches++;
-            log.error(`offset ${offset}: source and backup differ`);
-          }
-        }
-        checked++;
-      } catch (e) {
-        fatal ??= e;
-      } finally {
-        sem.release();
-        progress.add(len);
+    await jobs.acquire();
+    if (jobs.failed) {
+      jobs.release();
+      break;
+    }
+    const offset = i * v.blockSize;
+    const len = dev.blockLength(i);
+    jobs.start(async () => {
+      const slot = await dev.slot(i);
+      if (slot.kind === 'pending') {
+        pending++;
+        return;
       }
-    })();
-    jobs.add(job);
-    void job.finally(() => jobs.delete(job));
+      let ok = true;
+      let data: Buffer | undefined;
+      if (slot.kind === 'data') {
+        try {
+          data = await fetcher.load(slot.ref, true); // scrub always recomputes the checksum
+          if (slot.ref.state === BlobState.Bad) repaired.push({ id: slot.ref.id, storedSize: 0 });
+        } catch (e) {
+          if (e instanceof BlobNotFoundError && slot.ref.state === BlobState.Uploading) {
+            // Reserved by a backup that has not stored it (yet, or ever: interrupted). Not damage.
+            pending++;
+            return;
+          }
+          if (e instanceof BlobNotFoundError || e instanceof BlobCorruptError) {
+            bad.add(slot.ref.id);
+            ok = false;
+            log.error(`offset ${offset}: ${errorLine(e)}`);
+          } else throw e;
+        }
+      }
+      if (ok && source && offset + len <= source.size) {
+        const buf = Buffer.allocUnsafe(len);
+        await source.read(buf, offset, len);
+        if (!(data ? buf.equals(data) : isZero(buf))) {
+          mismatches++;
+          log.error(`offset ${offset}: source and backup differ`);
+        }
+      }
+      checked++;
+    }, () => progress.add(len));
   }
-  await Promise.all(jobs);
+  await jobs.drain();
   progress.finish();
-  if (fatal) throw fatal;
+  if (jobs.failed) throw jobs.failure;
 
   const invalidated = await repo.meta.markBad([...bad]);
   const ok = bad.size === 0 && mismatches === 0 && pending === 0;

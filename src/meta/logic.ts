@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { chunkCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, PENDING } from './block-map';
-import { BlobState } from './types';
+import { BlobState, StatsRow } from './types';
 
 /** Engine-independent decisions shared by the SQLite and PostgreSQL stores. */
 
@@ -113,4 +113,15 @@ export class CleanupTally {
     else if (d === 'wait') this.mark.waiting++;
     else if (d === 'delete') { this.delete.push(id); this.mark.marked++; }
   }
+}
+
+/** A `stats` table row (either engine) as a StatsRow. */
+export function statsFromRow(r: Record<string, unknown>): StatsRow {
+  return {
+    date: Number(r.date), versionUid: String(r.version_uid), versionName: String(r.version_name),
+    versionSizeBytes: Number(r.version_size_bytes), versionSizeBlocks: Number(r.version_size_blocks),
+    bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read), bytesWritten: Number(r.bytes_written),
+    blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
+    bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
+  };
 }

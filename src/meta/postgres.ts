@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { batches, CleanupTally, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { batches, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
@@ -364,7 +364,8 @@ export class PostgresMetaStore implements MetaStore {
           // it back to "uploading" would make that backup's version look incomplete; reuse it instead.
           const taken = new Set((await c.query(`UPDATE blobs SET state = 0, owner = $1 WHERE id = ANY($2::bigint[]) AND state IN (0, 2) RETURNING id`,
             [session, takeOvers.sort((a, b) => a - b)])).rows.map((r) => Number(r.id)));
-          for (const d of decided.values()) if (d.upload && takeOvers.includes(d.blobId) && !taken.has(d.blobId)) d.upload = false;
+          const tried = new Set(takeOvers);
+          for (const d of decided.values()) if (d.upload && tried.has(d.blobId) && !taken.has(d.blobId)) d.upload = false;
         }
         open = [];
         if (!inserts.length) break;
@@ -531,13 +532,7 @@ export class PostgresMetaStore implements MetaStore {
     if (versionUid) { args.push(versionUid); where = `WHERE version_uid = $${args.length}`; }
     if (limit !== undefined) { args.push(limit); lim = `LIMIT $${args.length}`; }
     const rows = await this.q(`SELECT * FROM (SELECT * FROM stats ${where} ORDER BY date DESC, id DESC ${lim}) s ORDER BY date, id`, args);
-    return rows.map((r) => ({
-      date: Number(r.date), versionUid: r.version_uid, versionName: r.version_name,
-      versionSizeBytes: Number(r.version_size_bytes), versionSizeBlocks: Number(r.version_size_blocks),
-      bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read), bytesWritten: Number(r.bytes_written),
-      blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
-      bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
-    }));
+    return rows.map(statsFromRow);
   }
 
   // ---- locks

@@ -4,7 +4,7 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
-import { batches, CleanupTally, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
 import {
   BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
@@ -12,6 +12,9 @@ import {
 } from './types';
 
 type Row = Record<string, unknown>;
+
+/** A list of ids or uids passed as one JSON parameter: one statement whatever the list's length. */
+const IN_LIST = '(SELECT value FROM json_each(?))';
 
 /**
  * The embedded metadata store: one SQLite file in WAL mode (readers never wait for the writer). better-sqlite3
@@ -30,6 +33,15 @@ export class SqliteMetaStore implements MetaStore {
   private get d(): Database.Database {
     if (!this.db) throw new DatabaseError('database is not open');
     return this.db;
+  }
+
+  /** Statements are compiled once per connection: recordBlocks and friends run thousands of times a backup. */
+  private statements = new Map<string, Database.Statement>();
+
+  private st(sql: string): Database.Statement {
+    let s = this.statements.get(sql);
+    if (!s) this.statements.set(sql, (s = this.d.prepare(sql)));
+    return s;
   }
 
   private connect(create: boolean): Database.Database {
@@ -81,19 +93,20 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   async close(): Promise<void> {
+    this.statements.clear();
     this.db?.close();
     this.db = undefined;
   }
 
   async getSetting(key: string): Promise<string | undefined> {
-    return (this.d.prepare(`SELECT value FROM settings WHERE key = ?`).get(key) as Row | undefined)?.value as string | undefined;
+    return (this.st(`SELECT value FROM settings WHERE key = ?`).get(key) as Row | undefined)?.value as string | undefined;
   }
 
   async setSettingIfAbsent(key: string, value: string): Promise<string> {
     const db = this.d;
     return db.transaction(() => {
-      db.prepare(`INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`).run(key, value);
-      return (db.prepare(`SELECT value FROM settings WHERE key = ?`).get(key) as Row).value as string;
+      this.st(`INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`).run(key, value);
+      return (this.st(`SELECT value FROM settings WHERE key = ?`).get(key) as Row).value as string;
     }).immediate();
   }
 
@@ -109,44 +122,44 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   private tagsOf(id: number): string[] {
-    return (this.d.prepare(`SELECT name FROM tags WHERE version_id = ? ORDER BY name`).all(id) as Row[]).map((r) => r.name as string);
+    return (this.st(`SELECT name FROM tags WHERE version_id = ? ORDER BY name`).all(id) as Row[]).map((r) => r.name as string);
   }
 
   async createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow> {
     const db = this.d;
     const blocks = blockCount(v.size, v.blockSize);
     return db.transaction(() => {
-      const info = db.prepare(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+      const info = this.st(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
         VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)`).run(v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.expire, v.baseUid);
       const id = Number(info.lastInsertRowid);
-      const tag = db.prepare(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+      const tag = this.st(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
       for (const t of v.tags) tag.run(id, t);
       let baseInfo: { blocks: number; chunk: (c: number) => Buffer | undefined } | undefined;
       if (base) {
-        const b = db.prepare(`SELECT size, block_size FROM versions WHERE id = ?`).get(base.versionId) as Row | undefined;
+        const b = this.st(`SELECT size, block_size FROM versions WHERE id = ?`).get(base.versionId) as Row | undefined;
         if (!b) throw new DatabaseError('the base version was removed meanwhile');
-        const get = db.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
+        const get = this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
         baseInfo = {
           blocks: blockCount(Number(b.size), Number(b.block_size)),
           chunk: (c) => (get.get(base.versionId, c) as Row | undefined)?.data as Buffer | undefined,
         };
       }
-      const put = db.prepare(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
+      const put = this.st(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
       for (const [c, data] of newVersionChunks(blocks, baseInfo, base?.pending ?? [])) put.run(id, c, data);
-      const row = db.prepare(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
+      const row = this.st(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
       return this.toVersion(row, [...new Set(v.tags)].sort());
     }).immediate();
   }
 
   async getVersion(uid: string): Promise<VersionRow | undefined> {
-    const r = this.d.prepare(`SELECT * FROM versions WHERE uid = ?`).get(uid) as Row | undefined;
+    const r = this.st(`SELECT * FROM versions WHERE uid = ?`).get(uid) as Row | undefined;
     return r ? this.toVersion(r, this.tagsOf(Number(r.id))) : undefined;
   }
 
   async listVersions(): Promise<VersionRow[]> {
-    const rows = this.d.prepare(`SELECT * FROM versions ORDER BY date, id`).all() as Row[];
+    const rows = this.st(`SELECT * FROM versions ORDER BY date, id`).all() as Row[];
     const tags = new Map<number, string[]>();
-    for (const t of this.d.prepare(`SELECT version_id, name FROM tags ORDER BY name`).all() as Row[]) {
+    for (const t of this.st(`SELECT version_id, name FROM tags ORDER BY name`).all() as Row[]) {
       const id = Number(t.version_id);
       if (!tags.has(id)) tags.set(id, []);
       tags.get(id)!.push(t.name as string);
@@ -162,16 +175,16 @@ export class SqliteMetaStore implements MetaStore {
     if (f.protected !== undefined) { sets.push('protected = ?'); args.push(f.protected ? 1 : 0); }
     if (f.expire !== undefined) { sets.push('expire = ?'); args.push(f.expire); }
     if (!sets.length) return;
-    this.d.prepare(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
+    this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
   }
 
   async addTags(id: number, tags: string[]): Promise<void> {
-    const st = this.d.prepare(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+    const st = this.st(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
     this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
   }
 
   async removeTags(id: number, tags: string[]): Promise<void> {
-    const st = this.d.prepare(`DELETE FROM tags WHERE version_id = ? AND name = ?`);
+    const st = this.st(`DELETE FROM tags WHERE version_id = ? AND name = ?`);
     this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
   }
 
@@ -179,11 +192,9 @@ export class SqliteMetaStore implements MetaStore {
     const db = this.d;
     const now = Date.now();
     db.transaction(() => {
-      const chunks = (db.prepare(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
-      for (const ids of batches(idsOfChunks(chunks), 500)) {
-        db.prepare(`UPDATE blobs SET unref_since = ? WHERE id IN (${ids.map(() => '?').join(',')})`).run(now, ...ids);
-      }
-      db.prepare(`DELETE FROM versions WHERE id = ?`).run(id);
+      const chunks = (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(chunks)));
+      this.st(`DELETE FROM versions WHERE id = ?`).run(id);
     }).immediate();
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
   }
@@ -191,7 +202,7 @@ export class SqliteMetaStore implements MetaStore {
   // ---- block maps
 
   async readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array> {
-    const r = this.d.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`).get(versionId, chunkNo) as Row | undefined;
+    const r = this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`).get(versionId, chunkNo) as Row | undefined;
     if (!r) throw new DatabaseError(`block map chunk ${chunkNo} of version ${versionId} is missing (version removed?)`);
     return decodeChunk(r.data as Buffer);
   }
@@ -199,12 +210,12 @@ export class SqliteMetaStore implements MetaStore {
   async recordBlocks(versionId: number, session: string, entries: BlockEntry[]): Promise<ResolvedBlock[]> {
     const db = this.d;
     const now = Date.now();
-    const find = db.prepare(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3`);
-    const insert = db.prepare(`INSERT INTO blobs (uid, checksum, size, state, owner, created) VALUES (?, ?, ?, 0, ?, ?)`);
-    const takeOver = db.prepare(`UPDATE blobs SET state = 0, owner = ? WHERE id = ? AND state IN (0, 2)`);
-    const getChunk = db.prepare(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
-    const putChunk = db.prepare(`UPDATE block_maps SET data = ? WHERE version_id = ? AND chunk = ?`);
-    const size = db.prepare(`SELECT size, block_size FROM versions WHERE id = ?`);
+    const find = this.st(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3`);
+    const insert = this.st(`INSERT INTO blobs (uid, checksum, size, state, owner, created) VALUES (?, ?, ?, 0, ?, ?)`);
+    const takeOver = this.st(`UPDATE blobs SET state = 0, owner = ? WHERE id = ? AND state IN (0, 2)`);
+    const getChunk = this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
+    const putChunk = this.st(`UPDATE block_maps SET data = ? WHERE version_id = ? AND chunk = ?`);
+    const size = this.st(`SELECT size, block_size FROM versions WHERE id = ?`);
     const run = db.transaction(() => {
       const v = size.get(versionId) as Row | undefined;
       if (!v) throw new DatabaseError('the version was removed while it was being written');
@@ -267,14 +278,14 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   async markUploaded(blobs: { id: number; storedSize: number }[]): Promise<void> {
-    const st = this.d.prepare(`UPDATE blobs SET state = 1, stored_size = COALESCE(NULLIF(?, 0), stored_size), owner = NULL WHERE id = ? AND state IN (0, 2)`);
+    const st = this.st(`UPDATE blobs SET state = 1, stored_size = COALESCE(NULLIF(?, 0), stored_size), owner = NULL WHERE id = ? AND state IN (0, 2)`);
     this.d.transaction(() => { for (const b of blobs) st.run(b.storedSize, b.id); }).immediate();
   }
 
   async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
     const out = new Map<number, BlobRef>();
-    for (const part of batches([...new Set(ids)], 500)) {
-      const rows = this.d.prepare(`SELECT id, uid, checksum, size, state FROM blobs WHERE id IN (${part.map(() => '?').join(',')})`).all(...part) as Row[];
+    if (ids.length) {
+      const rows = this.st(`SELECT id, uid, checksum, size, state FROM blobs WHERE id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[];
       for (const r of rows) {
         out.set(Number(r.id), { id: Number(r.id), uid: r.uid as string, checksum: r.checksum as Buffer, size: Number(r.size), state: Number(r.state) });
       }
@@ -287,11 +298,9 @@ export class SqliteMetaStore implements MetaStore {
     const db = this.d;
     const bad = new Set(ids);
     return db.transaction(() => {
-      for (const part of batches(ids, 500)) {
-        db.prepare(`UPDATE blobs SET state = 2 WHERE state IN (0, 1) AND id IN (${part.map(() => '?').join(',')})`).run(...part);
-      }
+      this.st(`UPDATE blobs SET state = 2 WHERE state IN (0, 1) AND id IN ${IN_LIST}`).run(JSON.stringify(ids));
       const hit = new Set<number>();
-      for (const r of db.prepare(`SELECT version_id, data FROM block_maps`).iterate() as Iterable<Row>) {
+      for (const r of this.st(`SELECT version_id, data FROM block_maps`).iterate() as Iterable<Row>) {
         const vid = Number(r.version_id);
         if (hit.has(vid)) continue;
         const entries = decodeChunk(r.data as Buffer);
@@ -299,8 +308,8 @@ export class SqliteMetaStore implements MetaStore {
       }
       const uids: string[] = [];
       for (const vid of hit) {
-        db.prepare(`UPDATE versions SET valid = 0 WHERE id = ?`).run(vid);
-        uids.push((db.prepare(`SELECT uid FROM versions WHERE id = ?`).get(vid) as Row).uid as string);
+        this.st(`UPDATE versions SET valid = 0 WHERE id = ?`).run(vid);
+        uids.push((this.st(`SELECT uid FROM versions WHERE id = ?`).get(vid) as Row).uid as string);
       }
       return uids;
     }).immediate();
@@ -313,47 +322,42 @@ export class SqliteMetaStore implements MetaStore {
     // One IMMEDIATE transaction: no backup can record a block between the scan and the marking, so a blob
     // that any map references at the moment of marking is never marked.
     return db.transaction(() => {
-      const maxId = Number((db.prepare(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`).get() as Row).m);
+      const maxId = Number((this.st(`SELECT COALESCE(MAX(id), 0) AS m FROM blobs`).get() as Row).m);
       const refs = new IdBitmap(maxId);
-      for (const r of db.prepare(`SELECT data FROM block_maps`).iterate() as Iterable<Row>) refs.addChunk(r.data as Buffer);
+      for (const r of this.st(`SELECT data FROM block_maps`).iterate() as Iterable<Row>) refs.addChunk(r.data as Buffer);
       const tally = new CleanupTally(refs, graceMs, now);
-      for (const r of db.prepare(`SELECT id, unref_since FROM blobs WHERE state <> 3`).iterate() as Iterable<Row>) {
+      for (const r of this.st(`SELECT id, unref_since FROM blobs WHERE state <> 3`).iterate() as Iterable<Row>) {
         tally.add(Number(r.id), r.unref_since === null ? null : Number(r.unref_since));
       }
-      const upd = (sql: string, ids: number[], ...pre: unknown[]) => {
-        for (const part of batches(ids, 500)) db.prepare(sql.replace('(?)', `(${part.map(() => '?').join(',')})`)).run(...pre, ...part);
-      };
-      upd(`UPDATE blobs SET unref_since = NULL WHERE id IN (?)`, tally.clear);
-      upd(`UPDATE blobs SET unref_since = ? WHERE id IN (?)`, tally.stamp, now);
-      upd(`UPDATE blobs SET state = 3 WHERE id IN (?)`, tally.delete);
+      this.st(`UPDATE blobs SET unref_since = NULL WHERE id IN ${IN_LIST}`).run(JSON.stringify(tally.clear));
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(tally.stamp));
+      this.st(`UPDATE blobs SET state = 3 WHERE id IN ${IN_LIST}`).run(JSON.stringify(tally.delete));
       return tally.mark;
     }).immediate();
   }
 
   async blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]> {
-    return (this.d.prepare(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT ?`).all(limit) as Row[])
+    return (this.st(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT ?`).all(limit) as Row[])
       .map((r) => ({ id: Number(r.id), uid: r.uid as string }));
   }
 
   async forgetBlobs(ids: number[]): Promise<void> {
     const db = this.d;
     db.transaction(() => {
-      for (const part of batches(ids, 500)) db.prepare(`DELETE FROM blobs WHERE state = 3 AND id IN (${part.map(() => '?').join(',')})`).run(...part);
+      this.st(`DELETE FROM blobs WHERE state = 3 AND id IN ${IN_LIST}`).run(JSON.stringify(ids));
     }).immediate();
   }
 
   async knownBlobUids(uids: string[]): Promise<Set<string>> {
     const out = new Set<string>();
-    for (const part of batches(uids, 500)) {
-      for (const r of this.d.prepare(`SELECT uid FROM blobs WHERE uid IN (${part.map(() => '?').join(',')})`).all(...part) as Row[]) out.add(r.uid as string);
-    }
+    for (const r of this.st(`SELECT uid FROM blobs WHERE uid IN ${IN_LIST}`).all(JSON.stringify(uids)) as Row[]) out.add(r.uid as string);
     return out;
   }
 
   async *blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]> {
     let after = 0;
     for (;;) {
-      const rows = this.d.prepare(`SELECT id, uid, state FROM blobs WHERE id > ? ORDER BY id LIMIT ?`).all(after, pageSize) as Row[];
+      const rows = this.st(`SELECT id, uid, state FROM blobs WHERE id > ? ORDER BY id LIMIT ?`).all(after, pageSize) as Row[];
       if (!rows.length) return;
       after = Number(rows[rows.length - 1].id);
       yield rows.map((r) => ({ id: Number(r.id), uid: r.uid as string, state: Number(r.state) }));
@@ -361,15 +365,15 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   async repositoryStats(): Promise<RepositoryStats> {
-    const v = this.d.prepare(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
-    const b = this.d.prepare(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
+    const v = this.st(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
+    const b = this.st(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
     return { versions: Number(v.n), blobs: Number(b.n), storedBytes: Number(b.s), plainBytes: Number(b.p) };
   }
 
   // ---- stats
 
   async addStats(s: StatsRow): Promise<void> {
-    this.d.prepare(`INSERT INTO stats (date, version_uid, version_name, version_size_bytes, version_size_blocks, bytes_read, blocks_read,
+    this.st(`INSERT INTO stats (date, version_uid, version_name, version_size_bytes, version_size_blocks, bytes_read, blocks_read,
       bytes_written, blocks_written, bytes_dedup, blocks_dedup, bytes_sparse, blocks_sparse, duration_seconds)
       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`).run(s.date, s.versionUid, s.versionName, s.versionSizeBytes, s.versionSizeBlocks,
       s.bytesRead, s.blocksRead, s.bytesWritten, s.blocksWritten, s.bytesDedup, s.blocksDedup, s.bytesSparse, s.blocksSparse, s.durationSeconds);
@@ -381,14 +385,8 @@ export class SqliteMetaStore implements MetaStore {
     const args: unknown[] = [];
     if (versionUid) args.push(versionUid);
     if (limit !== undefined) args.push(limit);
-    const rows = this.d.prepare(`SELECT * FROM (SELECT * FROM stats ${where} ORDER BY date DESC, id DESC ${lim}) ORDER BY date, id`).all(...args) as Row[];
-    return rows.map((r) => ({
-      date: Number(r.date), versionUid: r.version_uid as string, versionName: r.version_name as string,
-      versionSizeBytes: Number(r.version_size_bytes), versionSizeBlocks: Number(r.version_size_blocks),
-      bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read), bytesWritten: Number(r.bytes_written),
-      blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
-      bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
-    }));
+    const rows = this.st(`SELECT * FROM (SELECT * FROM stats ${where} ORDER BY date DESC, id DESC ${lim}) ORDER BY date, id`).all(...args) as Row[];
+    return rows.map(statsFromRow);
   }
 
   // ---- locks
@@ -398,16 +396,16 @@ export class SqliteMetaStore implements MetaStore {
     return db.transaction(() => {
       const holders: Row[] = [];
       for (const c of [name, ...conflicts]) {
-        if (c.endsWith('*')) holders.push(...(db.prepare(`SELECT * FROM locks WHERE substr(name, 1, ?) = ?`).all(c.length - 1, c.slice(0, -1)) as Row[]));
-        else holders.push(...(db.prepare(`SELECT * FROM locks WHERE name = ?`).all(c) as Row[]));
+        if (c.endsWith('*')) holders.push(...(this.st(`SELECT * FROM locks WHERE substr(name, 1, ?) = ?`).all(c.length - 1, c.slice(0, -1)) as Row[]));
+        else holders.push(...(this.st(`SELECT * FROM locks WHERE name = ?`).all(c) as Row[]));
       }
       for (const h of holders) {
         const holder: LockInfo = { session: h.session as string, host: h.host as string, pid: Number(h.pid), pidStart: h.pid_start as string, what: h.what as string };
         if (holder.session === info.session) continue;
         if (holderAlive(holder)) return holder;
-        db.prepare(`DELETE FROM locks WHERE name = ? AND session = ?`).run(h.name, h.session); // stale: its process died
+        this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(h.name, h.session); // stale: its process died
       }
-      db.prepare(`INSERT INTO locks (name, session, host, pid, pid_start, what, since) VALUES (?, ?, ?, ?, ?, ?, ?)
+      this.st(`INSERT INTO locks (name, session, host, pid, pid_start, what, since) VALUES (?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (name) DO UPDATE SET session = excluded.session, host = excluded.host, pid = excluded.pid,
         pid_start = excluded.pid_start, what = excluded.what, since = excluded.since`)
         .run(name, info.session, info.host, info.pid, info.pidStart, info.what, Date.now());
@@ -416,6 +414,6 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   async unlock(name: string, session: string): Promise<void> {
-    this.d.prepare(`DELETE FROM locks WHERE name = ? AND session = ?`).run(name, session);
+    this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(name, session);
   }
 }

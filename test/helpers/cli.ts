@@ -3,6 +3,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
+import Database from 'better-sqlite3';
+import { decodeChunk } from '../../src/meta/block-map';
+import { blobKey } from '../../src/storage/types';
 
 /** Absolute path of the compiled CLI entry point. */
 export const BACKY = path.resolve(__dirname, '../../src/cli/main.js');
@@ -104,4 +107,28 @@ export async function restoredHash(repo: TestRepo, uid: string): Promise<string>
   const h = sha256File(out);
   fs.rmSync(out);
   return h;
+}
+
+/** The blob file holding block `index` (in map chunk 0) of version `uid` of a SQLite test repository. */
+export function blobFileOf(repo: TestRepo, uid: string, index: number): string {
+  const db = new Database(path.join(repo.dir, 'backy.sqlite'), { readonly: true });
+  try {
+    const v = db.prepare('SELECT id FROM versions WHERE uid = ?').get(uid) as { id: number };
+    const chunk = db.prepare('SELECT data FROM block_maps WHERE version_id = ? AND chunk = 0').get(v.id) as { data: Buffer };
+    const id = decodeChunk(chunk.data)[index];
+    const b = db.prepare('SELECT uid FROM blobs WHERE id = ?').get(id) as { uid: string };
+    return path.join(repo.dir, 'data', blobKey(b.uid));
+  } finally {
+    db.close();
+  }
+}
+
+/** Whether a process with this pid exists. */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
 }

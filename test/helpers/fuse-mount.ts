@@ -110,14 +110,7 @@ export async function loopsUnder(dir: string): Promise<string[]> {
   return out;
 }
 
-export function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+export { alive } from './cli';
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
