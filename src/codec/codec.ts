@@ -1,4 +1,11 @@
 import type { CodecOptions } from './blob-format';
+import { BlobFormat } from '../meta/types';
+
+/** How a blob is stored, when not in backy's own format (BlobRef has these fields). */
+export interface StoredFormat {
+  format: BlobFormat;
+  keyInfo: Buffer | null;
+}
 import { WorkerPool } from './pool';
 import { ownArrayBuffer } from './transfer';
 
@@ -44,10 +51,12 @@ export class Codec {
   /**
    * Decode that gives the memory back: `blob` returns as `spareBlob` (read the next blob into it) and, when
    * `out` is given, the plaintext is written into it if possible (else `spareOut` returns it unused).
+   * `stored`: the blob's format (a BlobRef), for blobs in another format than backy's own.
    */
-  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead): Promise<{ data?: Buffer; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
+  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat): Promise<{ data?: Buffer; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
     const { ab, outAb, transfer } = transferWith(blob, out);
-    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, recompute }, transfer);
+    const foreign = stored && stored.format !== BlobFormat.Backy ? { format: stored.format, keyInfo: stored.keyInfo ? new Uint8Array(stored.keyInfo) : undefined } : {};
+    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, recompute, ...foreign }, transfer);
     if (r.op !== 'decode') throw new Error('codec: unexpected reply');
     return {
       data: r.data ? Buffer.from(r.data, 0, r.len) : undefined,

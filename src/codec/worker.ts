@@ -1,6 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero } from './blob-format';
 import { ownArrayBuffer } from './transfer';
+import { decodeBacky2Blob } from './backy2-blob';
 
 /**
  * CPU work off the main thread: zero detection, hashing, compression, encryption and their inverse.
@@ -9,7 +10,7 @@ import { ownArrayBuffer } from './transfer';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array };
 
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
@@ -61,7 +62,10 @@ if (parentPort) {
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
-          const data = decodeBlob(Buffer.from(req.blob, 0, req.len), Buffer.from(req.sum), req.size, opts, out, req.recompute);
+          const blob = Buffer.from(req.blob, 0, req.len);
+          const data = req.format
+            ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, key: opts.key, hashFunction: opts.hashFunction }, out, req.recompute)
+            : decodeBlob(blob, Buffer.from(req.sum), req.size, opts, out, req.recompute);
           if (req.out && data.buffer === req.out && data.byteOffset === 0) {
             reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
             transfer.push(req.out);

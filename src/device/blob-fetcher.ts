@@ -8,7 +8,8 @@ import type { BlockCache } from './block-cache';
 
 /** Fetches a blob, decrypts and verifies it (on the worker pool), through the shared cache. */
 export class BlobFetcher {
-  constructor(readonly store: BlobStore, readonly codec: Codec, readonly cache: BlockCache) {}
+  /** `keyOf`: the storage key of a blob (its format decides it); backy's own layout by default. */
+  constructor(readonly store: BlobStore, readonly codec: Codec, readonly cache: BlockCache, readonly keyOf: (ref: BlobRef) => string = (ref) => blobKey(ref.uid)) {}
 
   static cacheKey(ref: BlobRef): string {
     return ref.checksum.toString('base64');
@@ -36,7 +37,7 @@ export class BlobFetcher {
 
   /** Loads and decodes; with `out`, the plaintext goes into it when possible (spareOut returns it if not). */
   async loadInto(ref: BlobRef, out?: Buffer, recompute?: boolean): Promise<{ data: Buffer; spareOut?: Buffer }> {
-    const key = blobKey(ref.uid);
+    const key = this.keyOf(ref);
     let raw: Buffer;
     if (this.store.getInto) {
       const into = this.spare.pop() ?? allocBlock(encodedCapacity(ref.size));
@@ -49,7 +50,7 @@ export class BlobFetcher {
     } else {
       raw = await this.store.get(key);
     }
-    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute);
+    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute, ref);
     this.recycle(r.spareBlob);
     if (r.error !== undefined) throw new BlobCorruptError(key, r.error);
     return { data: r.data!, spareOut: r.spareOut };

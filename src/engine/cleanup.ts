@@ -1,5 +1,5 @@
 import { formatBytes } from '../config/size';
-import { blobKey, uidFromKey } from '../storage/types';
+import { uidOfKey } from '../storage/blob-keys';
 import { log } from '../util/log';
 import { LOCKS, Repository } from './repository';
 
@@ -27,7 +27,7 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
   for (;;) {
     const batch = await repo.meta.blobsToDelete(1000);
     if (!batch.length) break;
-    await repo.store.delete(batch.map((b) => blobKey(b.uid)));
+    await repo.store.delete(batch.map((b) => repo.keyOf(b)));
     await repo.meta.forgetBlobs(batch.map((b) => b.id));
     deleted += batch.length;
   }
@@ -35,7 +35,7 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
   let orphanBytes = 0;
   if (opts.full) {
     for await (const page of repo.store.list()) {
-      const uids = page.map((o) => (o.partial ? undefined : uidFromKey(o.key)));
+      const uids = page.map((o) => (o.partial ? undefined : uidOfKey(o.key)));
       const known = await repo.meta.knownBlobUids(uids.filter((u): u is string => !!u));
       const orphans = page.filter((_, k) => !uids[k] || !known.has(uids[k]!));
       if (orphans.length) {

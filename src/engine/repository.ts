@@ -6,7 +6,8 @@ import { BlobFetcher } from '../device/blob-fetcher';
 import { BlockCache } from '../device/block-cache';
 import { VersionDevice } from '../device/version-device';
 import { createMetaStore } from '../meta/open';
-import type { MetaStore, VersionRow } from '../meta/types';
+import type { BlobFormat, MetaStore, VersionRow } from '../meta/types';
+import { storageKey } from '../storage/blob-keys';
 import { createBlobStore } from '../storage/open';
 import type { BlobStore } from '../storage/types';
 import { ConfigError, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
@@ -81,7 +82,12 @@ export class Repository {
   }
 
   fetcher(cache = this.cache()): BlobFetcher {
-    return new BlobFetcher(this.store, this.codec, cache);
+    return new BlobFetcher(this.store, this.codec, cache, (ref) => this.keyOf(ref));
+  }
+
+  /** The storage key of a blob: its format and the backend's layout decide it (imported backy2 blobs). */
+  keyOf(ref: { uid: string; format: BlobFormat }): string {
+    return storageKey(ref.uid, ref.format, this.cfg.data.type);
   }
 
   async version(uid: string): Promise<VersionRow> {

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
-import { chunkCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, PENDING } from './block-map';
-import { BlobState, StatsRow } from './types';
+import { chunkCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK, PENDING } from './block-map';
+import { DatabaseError } from '../util/errors';
+import { BlobFormat, BlobRef, BlobState, IMPORT_HOLE, ImportBlob, StatsRow } from './types';
 
 /** Engine-independent decisions shared by the SQLite and PostgreSQL stores. */
 
@@ -43,14 +44,42 @@ export function* newVersionChunks(
 
 export type BlobDecision =
   | { kind: 'reuse'; upload: false }
+  | { kind: 'foreign'; upload: false } // a live blob in a foreign format (an imported backy2 blob) holds it
   | { kind: 'take-over'; upload: true } // bad, or another session's upload in flight: we store it too
   | { kind: 'insert'; upload: true };
 
-export function decideBlob(existing: { state: number; owner: string | null } | undefined, session: string): BlobDecision {
+/** Whether the backy-format blob of a checksum can be used as it is by this session. */
+export function ownBlobUsable(existing: { state: number; owner: string | null } | undefined, session: string): boolean {
+  return !!existing && (existing.state === BlobState.Live || (existing.state === BlobState.Uploading && existing.owner === session));
+}
+
+/**
+ * What a backup does with a block whose checksum it found: `existing` is the backy-format blob of that
+ * checksum (there is at most one), `foreignLive` whether a live blob in a foreign format holds it too. Foreign
+ * blobs are reused but never taken over: a new upload always goes into a blob of backy's own format.
+ */
+export function decideBlob(existing: { state: number; owner: string | null } | undefined, session: string, foreignLive = false): BlobDecision {
+  if (ownBlobUsable(existing, session)) return { kind: 'reuse', upload: false };
+  if (foreignLive) return { kind: 'foreign', upload: false };
   if (!existing) return { kind: 'insert', upload: true };
-  if (existing.state === BlobState.Live) return { kind: 'reuse', upload: false };
-  if (existing.state === BlobState.Uploading && existing.owner === session) return { kind: 'reuse', upload: false };
   return { kind: 'take-over', upload: true };
+}
+
+/**
+ * The map chunks of an imported version: `map` holds per block an index into the version's blob list (whose
+ * ids are `ids`), IMPORT_HOLE or IMPORT_PENDING.
+ */
+export function* importedChunks(map: Int32Array, ids: ArrayLike<number>): Generator<[number, Buffer]> {
+  for (let c = 0; c < chunkCount(map.length); c++) {
+    const len = chunkLength(map.length, c);
+    const entries = new Float64Array(len);
+    for (let k = 0; k < len; k++) {
+      const m = map[c * MAP_CHUNK + k];
+      entries[k] = m >= 0 ? ids[m] : m === IMPORT_HOLE ? HOLE : PENDING;
+      if (m >= 0 && !(ids[m] > 0)) throw new Error(`internal error: block ${c * MAP_CHUNK + k} refers to blob ${m}, which has no id`);
+    }
+    yield [c, encodeChunk(entries)];
+  }
 }
 
 /** A set of blob ids as a bitmap: one bit per id, so marking a whole repository costs max(id)/8 bytes. */
@@ -124,4 +153,26 @@ export function statsFromRow(r: Record<string, unknown>): StatsRow {
     blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_dedup), blocksDedup: Number(r.blocks_dedup),
     bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse), durationSeconds: Number(r.duration_seconds),
   };
+}
+
+/** A `blobs` row (either engine) as a BlobRef. */
+export function blobRefFromRow(r: Record<string, unknown>): BlobRef {
+  return {
+    id: Number(r.id), uid: r.uid as string, checksum: r.checksum as Buffer, size: Number(r.size), state: Number(r.state),
+    format: Number(r.format ?? BlobFormat.Backy), keyInfo: (r.key_info as Buffer | null | undefined) ?? null,
+  };
+}
+
+/**
+ * The id of a blob an import names by a uid the repository knows already (shared with a version imported
+ * before), after checking that it is the same blob.
+ */
+export function knownBlobId(b: ImportBlob, known: { id: number; checksum: Buffer; size: number; state: number; format: number }): number {
+  if (!known.checksum.equals(b.checksum) || known.size !== b.size || known.format !== b.format) {
+    throw new DatabaseError(`blob ${b.uid} is already in the repository with another checksum, size or format`);
+  }
+  if (known.state === BlobState.Deleting) {
+    throw new DatabaseError(`blob ${b.uid} is being deleted by an interrupted cleanup: run "backy cleanup" first, then import again`);
+  }
+  return known.id;
 }

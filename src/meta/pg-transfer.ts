@@ -18,8 +18,10 @@ export const COPIED_TABLES: { name: string; order: string }[] = [
   { name: 'versions', order: 'id' },
   { name: 'tags', order: 'version_id, name' },
   { name: 'block_maps', order: 'version_id, chunk' },
+  { name: 'block_dates', order: 'version_id' },
   { name: 'blobs', order: 'id' },
   { name: 'stats', order: 'id' },
+  { name: 'meta_removed', order: 'uid' },
 ];
 /** Tables whose ids come from a sequence: the destination continues after the source's high-water mark. */
 export const ID_TABLES = ['versions', 'blobs', 'stats'];

@@ -1,13 +1,13 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { batches, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
+import { batches, blobRefFromRow, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
-import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
+import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
-  StatsRow, VersionRow,
+  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportVersion, LockInfo, MetaStore, NewVersion,
+  RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, any>;
@@ -40,7 +40,7 @@ export const pgTypeParsers = {
   },
 };
 
-export const PG_DDL = SCHEMA_V1.map((s) => s.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA'));
+export const PG_DDL = fullSchema('postgres');
 
 /**
  * The metadata store on PostgreSQL, for several hosts sharing one repository. Same schema and semantics as
@@ -188,7 +188,7 @@ export class PostgresMetaStore implements MetaStore {
       await this.tx(async (c) => {
         await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
         const now = await version(c); // another process may have migrated while we waited
-        for (let n = now; n < SCHEMA_VERSION; n++) for (const s of MIGRATIONS[n - 1] ?? []) await c.query(s);
+        if (now < SCHEMA_VERSION) for (const s of migrationsFrom(now, 'postgres')) await c.query(s);
         if (now < SCHEMA_VERSION) await c.query(`UPDATE settings SET value = $1 WHERE key = 'schema_version'`, [String(SCHEMA_VERSION)]);
       });
     }
@@ -303,6 +303,87 @@ export class PostgresMetaStore implements MetaStore {
     this.forgetChunks(id);
   }
 
+  async importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts: { blockDates?: Buffer; synced?: boolean } = {}): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }> {
+    if (map.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${map.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+    const now = Date.now();
+    const tags = [...new Set(v.tags)].sort();
+    return this.tx(async (c) => {
+      const ids = new Float64Array(blobs.length);
+      const todo: number[] = [];
+      blobs.forEach((b, k) => (b.id !== undefined ? (ids[k] = b.id) : todo.push(k)));
+      for (const part of batches(todo, ID_BATCH)) {
+        const ins = await c.query(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info)
+          SELECT u.uid, u.checksum, u.size, u.stored, u.state, $6, u.format, u.key_info
+          FROM unnest($1::text[], $2::bytea[], $3::int[], $4::bigint[], $5::smallint[], $7::smallint[], $8::bytea[])
+            AS u(uid, checksum, size, stored, state, format, key_info)
+          ON CONFLICT DO NOTHING RETURNING id, uid`,
+        [part.map((k) => blobs[k].uid), part.map((k) => blobs[k].checksum), part.map((k) => blobs[k].size),
+          part.map((k) => blobs[k].storedSize), part.map((k) => (blobs[k].bad ? BlobState.Bad : BlobState.Live)), now,
+          part.map((k) => blobs[k].format), part.map((k) => blobs[k].keyInfo)]);
+        const got = new Map<string, number>(ins.rows.map((r) => [r.uid, Number(r.id)]));
+        const rest: number[] = [];
+        for (const k of part) {
+          const id = got.get(blobs[k].uid);
+          if (id !== undefined) ids[k] = id;
+          else rest.push(k);
+        }
+        if (!rest.length) continue;
+        const known = new Map<string, Row>();
+        for (const r of (await c.query(`SELECT id, uid, checksum, size, state, format FROM blobs WHERE uid = ANY($1::text[])`, [rest.map((k) => blobs[k].uid)])).rows) known.set(r.uid, r);
+        for (const k of rest) {
+          const r = known.get(blobs[k].uid);
+          if (r) {
+            ids[k] = knownBlobId(blobs[k], { id: Number(r.id), checksum: r.checksum, size: Number(r.size), state: Number(r.state), format: Number(r.format) });
+            continue;
+          }
+          // A backy-format blob whose content the repository holds under another uid already.
+          const same = (await c.query(`SELECT id FROM blobs WHERE checksum = $1 AND state <> 3 AND format = 0`, [blobs[k].checksum])).rows[0];
+          if (!same) throw new DatabaseError(`cannot add blob ${blobs[k].uid}`);
+          ids[k] = Number(same.id);
+        }
+      }
+      const row = (await c.query(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id`,
+      [v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0, v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid])).rows[0];
+      const id = Number(row.id);
+      if (tags.length) await c.query(`INSERT INTO tags (version_id, name) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING`, [id, tags]);
+      for (const part of batches([...importedChunks(map, ids)], 1000)) {
+        await c.query(`INSERT INTO block_maps (version_id, chunk, data) SELECT $1, * FROM unnest($2::int[], $3::bytea[])`,
+          [id, part.map((x) => x[0]), part.map((x) => x[1])]);
+      }
+      if (opts.blockDates) await c.query(`INSERT INTO block_dates (version_id, data) VALUES ($1, $2)`, [id, opts.blockDates]);
+      if (opts.synced) await c.query(`UPDATE versions SET meta_synced = meta_gen WHERE id = $1`, [id]);
+      const full = (await c.query(`SELECT * FROM versions WHERE id = $1`, [id])).rows[0];
+      return { version: this.toVersion(full, tags), blobIds: Array.from(ids), metaGen: Number(full.meta_gen) };
+    }, { prelude: 'LOCK TABLE blobs IN ROW EXCLUSIVE MODE' });
+  }
+
+  async getBlockDates(versionId: number): Promise<Buffer | undefined> {
+    return (await this.q(`SELECT data FROM block_dates WHERE version_id = $1`, [versionId]))[0]?.data;
+  }
+
+  async staleStorageMeta(limit: number): Promise<{ uid: string; metaGen: number }[]> {
+    return (await this.q(`SELECT uid, meta_gen FROM versions WHERE meta_gen <> meta_synced AND complete = 1 ORDER BY id LIMIT $1`, [limit]))
+      .map((r) => ({ uid: r.uid, metaGen: Number(r.meta_gen) }));
+  }
+
+  async markStorageMetaSynced(uid: string, metaGen: number): Promise<void> {
+    await this.q(`UPDATE versions SET meta_synced = $1 WHERE uid = $2 AND meta_synced < $1`, [metaGen, uid]);
+  }
+
+  async removedStorageMeta(limit: number): Promise<string[]> {
+    return (await this.q(`SELECT uid FROM meta_removed ORDER BY uid LIMIT $1`, [limit])).map((r) => r.uid);
+  }
+
+  async forgetRemovedStorageMeta(uids: string[]): Promise<void> {
+    if (uids.length) await this.q(`DELETE FROM meta_removed WHERE uid = ANY($1::text[])`, [uids]);
+  }
+
+  async isEmpty(): Promise<boolean> {
+    const r = (await this.q(`SELECT (SELECT COUNT(*) FROM versions) + (SELECT COUNT(*) FROM blobs) AS n`))[0];
+    return Number(r.n) === 0;
+  }
+
   private forgetChunks(versionId: number): void {
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${versionId}:`)) this.writeChunks.delete(k);
   }
@@ -344,14 +425,30 @@ export class PostgresMetaStore implements MetaStore {
       for (let round = 0; open.length; round++) {
         if (round >= 5) throw new DatabaseError('could not reserve blobs: the same checksums keep changing (concurrent cleanups?)');
         const found = new Map<string, Row>();
-        const lookup = await c.query(`SELECT id, uid, checksum, state, owner FROM blobs WHERE checksum = ANY($1::bytea[]) AND state <> 3`,
+        const lookup = await c.query(`SELECT id, uid, checksum, state, owner FROM blobs WHERE checksum = ANY($1::bytea[]) AND state <> 3 AND format = 0`,
           [open.map((h) => wanted.get(h)!.checksum)]);
         for (const r of lookup.rows) found.set((r.checksum as Buffer).toString('hex'), r);
+        // Checksums without a usable blob of backy's format may be held by a live imported (foreign) blob.
+        const foreign = new Map<string, Row>();
+        const unusable = open.filter((h) => {
+          const r = found.get(h);
+          return !ownBlobUsable(r ? { state: Number(r.state), owner: r.owner } : undefined, session);
+        });
+        if (unusable.length) {
+          const f = await c.query(`SELECT DISTINCT ON (checksum) id, uid, checksum FROM blobs
+            WHERE checksum = ANY($1::bytea[]) AND format <> 0 AND state = 1 ORDER BY checksum, id`, [unusable.map((h) => wanted.get(h)!.checksum)]);
+          for (const r of f.rows) foreign.set((r.checksum as Buffer).toString('hex'), r);
+        }
         const inserts: string[] = [];
         const takeOvers: number[] = [];
         for (const h of open) {
           const existing = found.get(h);
-          const d = decideBlob(existing ? { state: Number(existing.state), owner: existing.owner } : undefined, session);
+          const d = decideBlob(existing ? { state: Number(existing.state), owner: existing.owner } : undefined, session, foreign.has(h));
+          if (d.kind === 'foreign') {
+            const f = foreign.get(h)!;
+            decided.set(h, { blobId: Number(f.id), uid: f.uid, upload: false });
+            continue;
+          }
           if (d.kind === 'insert') {
             inserts.push(h);
             continue;
@@ -379,7 +476,7 @@ export class PostgresMetaStore implements MetaStore {
             FROM unnest($1::text[], $2::bytea[], $3::int[]) WITH ORDINALITY AS u(uid, checksum, size, ord)
             ORDER BY u.ord OFFSET 0) s
           ORDER BY checksum
-          ON CONFLICT (checksum) WHERE state <> 3 DO NOTHING
+          ON CONFLICT (checksum) WHERE state <> 3 AND format = 0 DO NOTHING
           RETURNING id, uid, checksum`,
         [uids, inserts.map((h) => wanted.get(h)!.checksum), inserts.map((h) => wanted.get(h)!.size), session, now]);
         for (const r of ins.rows) decided.set((r.checksum as Buffer).toString('hex'), { blobId: Number(r.id), uid: r.uid, upload: true });
@@ -431,8 +528,8 @@ export class PostgresMetaStore implements MetaStore {
   async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
     const out = new Map<number, BlobRef>();
     for (const part of batches([...new Set(ids)], ID_BATCH)) {
-      for (const r of await this.q(`SELECT id, uid, checksum, size, state FROM blobs WHERE id = ANY($1::bigint[])`, [part])) {
-        out.set(Number(r.id), { id: Number(r.id), uid: r.uid, checksum: r.checksum, size: Number(r.size), state: Number(r.state) });
+      for (const r of await this.q(`SELECT id, uid, checksum, size, state, format, key_info FROM blobs WHERE id = ANY($1::bigint[])`, [part])) {
+        out.set(Number(r.id), blobRefFromRow(r));
       }
     }
     return out;
@@ -483,8 +580,9 @@ export class PostgresMetaStore implements MetaStore {
     });
   }
 
-  async blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]> {
-    return (await this.q(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT $1`, [limit])).map((r) => ({ id: Number(r.id), uid: r.uid }));
+  async blobsToDelete(limit: number): Promise<{ id: number; uid: string; format: BlobFormat }[]> {
+    return (await this.q(`SELECT id, uid, format FROM blobs WHERE state = 3 ORDER BY id LIMIT $1`, [limit]))
+      .map((r) => ({ id: Number(r.id), uid: r.uid, format: Number(r.format) }));
   }
 
   async forgetBlobs(ids: number[]): Promise<void> {

@@ -3,7 +3,6 @@
  * (BLOB/BYTEA, INTEGER PRIMARY KEY AUTOINCREMENT/BIGSERIAL). Ids are never reused: block maps refer to blobs
  * by id.
  */
-export const SCHEMA_VERSION = 1;
 
 export const SCHEMA_V1 = [
   `CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
@@ -76,5 +75,83 @@ export const SCHEMA_V1 = [
   )`,
 ];
 
+/** A migration statement: the same SQL for both engines, or statements per engine (triggers differ). */
+export type MigrationStep = string | { sqlite: string[]; postgres: string[] };
+
 /** Later schema versions: MIGRATIONS[n] takes the schema from version n+1 to n+2. */
-export const MIGRATIONS: string[][] = [];
+export const MIGRATIONS: MigrationStep[][] = [
+  // 1 -> 2: blobs in foreign formats (backy2's, read in place after an import), several of which may hold the
+  // same content (backy2's writers raced); backy2's per-block dates of imported versions (for byte-exact
+  // exports); and what the metadata copies in storage still lack: a generation per version, bumped by
+  // triggers whenever anything the copy holds changes, and the uids of removed versions whose copies must go.
+  [
+    `ALTER TABLE blobs ADD COLUMN format SMALLINT NOT NULL DEFAULT 0`,
+    `ALTER TABLE blobs ADD COLUMN key_info {blob}`,
+    `DROP INDEX blobs_by_checksum`,
+    `CREATE UNIQUE INDEX blobs_by_checksum ON blobs (checksum) WHERE state <> 3 AND format = 0`,
+    `CREATE INDEX blobs_foreign_by_checksum ON blobs (checksum) WHERE format <> 0`,
+    `CREATE TABLE block_dates (
+      version_id BIGINT PRIMARY KEY REFERENCES versions (id) ON DELETE CASCADE,
+      data {blob} NOT NULL
+    )`,
+    `ALTER TABLE versions ADD COLUMN meta_gen BIGINT NOT NULL DEFAULT 1`,
+    `ALTER TABLE versions ADD COLUMN meta_synced BIGINT NOT NULL DEFAULT 0`,
+    `CREATE INDEX versions_meta_dirty ON versions (id) WHERE meta_gen <> meta_synced`,
+    `CREATE TABLE meta_removed (uid TEXT PRIMARY KEY)`,
+    {
+      sqlite: [
+        `CREATE TRIGGER versions_meta_changed AFTER UPDATE ON versions
+          WHEN OLD.name IS NOT NEW.name OR OLD.snapshot_name IS NOT NEW.snapshot_name OR OLD.date IS NOT NEW.date
+            OR OLD.size IS NOT NEW.size OR OLD.valid IS NOT NEW.valid OR OLD.complete IS NOT NEW.complete
+            OR OLD.protected IS NOT NEW.protected OR OLD.expire IS NOT NEW.expire
+          BEGIN UPDATE versions SET meta_gen = meta_gen + 1 WHERE id = NEW.id; END`,
+        `CREATE TRIGGER tags_added AFTER INSERT ON tags
+          BEGIN UPDATE versions SET meta_gen = meta_gen + 1 WHERE id = NEW.version_id; END`,
+        `CREATE TRIGGER tags_removed AFTER DELETE ON tags
+          BEGIN UPDATE versions SET meta_gen = meta_gen + 1 WHERE id = OLD.version_id; END`,
+        `CREATE TRIGGER versions_removed AFTER DELETE ON versions
+          BEGIN INSERT OR IGNORE INTO meta_removed (uid) VALUES (OLD.uid); END`,
+      ],
+      postgres: [
+        `CREATE FUNCTION backy_version_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN NEW.meta_gen := OLD.meta_gen + 1; RETURN NEW; END $$`,
+        `CREATE TRIGGER versions_meta_changed BEFORE UPDATE ON versions FOR EACH ROW
+          WHEN (OLD.name IS DISTINCT FROM NEW.name OR OLD.snapshot_name IS DISTINCT FROM NEW.snapshot_name
+            OR OLD.date IS DISTINCT FROM NEW.date OR OLD.size IS DISTINCT FROM NEW.size
+            OR OLD.valid IS DISTINCT FROM NEW.valid OR OLD.complete IS DISTINCT FROM NEW.complete
+            OR OLD.protected IS DISTINCT FROM NEW.protected OR OLD.expire IS DISTINCT FROM NEW.expire)
+          EXECUTE FUNCTION backy_version_changed()`,
+        `CREATE FUNCTION backy_tags_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN
+            UPDATE versions SET meta_gen = meta_gen + 1
+              WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.version_id ELSE NEW.version_id END;
+            RETURN NULL;
+          END $$`,
+        `CREATE TRIGGER tags_changed AFTER INSERT OR DELETE ON tags FOR EACH ROW EXECUTE FUNCTION backy_tags_changed()`,
+        `CREATE FUNCTION backy_version_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN INSERT INTO meta_removed (uid) VALUES (OLD.uid) ON CONFLICT DO NOTHING; RETURN NULL; END $$`,
+        `CREATE TRIGGER versions_removed AFTER DELETE ON versions FOR EACH ROW EXECUTE FUNCTION backy_version_removed()`,
+      ],
+    },
+  ],
+];
+
+export const SCHEMA_VERSION = 1 + MIGRATIONS.length;
+
+/** The SQL of a schema step for one engine, placeholders replaced. */
+export function engineSql(step: MigrationStep, engine: 'sqlite' | 'postgres'): string[] {
+  const list = typeof step === 'string' ? [step] : step[engine];
+  return list.map((sql) => (engine === 'sqlite'
+    ? sql.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB')
+    : sql.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA')));
+}
+
+/** Every statement that creates the current schema in an empty database. */
+export function fullSchema(engine: 'sqlite' | 'postgres'): string[] {
+  return [...SCHEMA_V1, ...MIGRATIONS.flat()].flatMap((s) => engineSql(s, engine));
+}
+
+/** The statements taking a database from schema version `from` to SCHEMA_VERSION. */
+export function migrationsFrom(from: number, engine: 'sqlite' | 'postgres'): string[] {
+  return MIGRATIONS.slice(Math.max(0, from - 1)).flat().flatMap((s) => engineSql(s, engine));
+}

@@ -4,11 +4,11 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
-import { CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
-import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
+import { blobRefFromRow, CleanupTally, knownBlobId, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
+import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
-  StatsRow, VersionRow,
+  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportVersion, LockInfo, MetaStore, NewVersion,
+  RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, unknown>;
@@ -70,7 +70,7 @@ export class SqliteMetaStore implements MetaStore {
     const db = this.connect(true);
     this.db = db;
     if (this.hasSchema(db)) return false;
-    const ddl = SCHEMA_V1.map((s) => s.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB'));
+    const ddl = fullSchema('sqlite');
     db.transaction(() => {
       for (const s of ddl) db.exec(s);
       db.prepare(`INSERT INTO settings (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
@@ -86,7 +86,7 @@ export class SqliteMetaStore implements MetaStore {
     if (v > SCHEMA_VERSION) throw new DatabaseError(`database ${this.file} has schema version ${v}, newer than this backy understands (${SCHEMA_VERSION}): upgrade backy`);
     if (v < SCHEMA_VERSION) {
       db.transaction(() => {
-        for (let n = v; n < SCHEMA_VERSION; n++) for (const s of MIGRATIONS[n - 1] ?? []) db.exec(s);
+        for (const s of migrationsFrom(v, 'sqlite')) db.exec(s);
         db.prepare(`UPDATE settings SET value = ? WHERE key = 'schema_version'`).run(String(SCHEMA_VERSION));
       }).immediate();
     }
@@ -199,6 +199,77 @@ export class SqliteMetaStore implements MetaStore {
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
   }
 
+  async importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts: { blockDates?: Buffer; synced?: boolean } = {}): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }> {
+    const db = this.d;
+    if (map.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${map.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+    const now = Date.now();
+    const insert = this.st(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`);
+    const byUid = this.st(`SELECT id, checksum, size, state, format FROM blobs WHERE uid = ?`);
+    const byChecksum = this.st(`SELECT id FROM blobs WHERE checksum = ? AND state <> 3 AND format = 0`);
+    return db.transaction(() => {
+      const ids = new Float64Array(blobs.length);
+      blobs.forEach((b, k) => {
+        if (b.id !== undefined) {
+          ids[k] = b.id;
+          return;
+        }
+        const info = insert.run(b.uid, b.checksum, b.size, b.storedSize, b.bad ? BlobState.Bad : BlobState.Live, now, b.format, b.keyInfo);
+        if (info.changes === 1) {
+          ids[k] = Number(info.lastInsertRowid);
+          return;
+        }
+        const known = byUid.get(b.uid) as Row | undefined;
+        if (known) {
+          ids[k] = knownBlobId(b, { id: Number(known.id), checksum: known.checksum as Buffer, size: Number(known.size), state: Number(known.state), format: Number(known.format) });
+          return;
+        }
+        // A backy-format blob whose content the repository holds under another uid already.
+        const same = byChecksum.get(b.checksum) as Row | undefined;
+        if (!same) throw new DatabaseError(`cannot add blob ${b.uid}`);
+        ids[k] = Number(same.id);
+      });
+      const info = this.st(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`).run(v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0,
+        v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid);
+      const id = Number(info.lastInsertRowid);
+      const tag = this.st(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+      for (const t of v.tags) tag.run(id, t);
+      const put = this.st(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
+      for (const [c, data] of importedChunks(map, ids)) put.run(id, c, data);
+      if (opts.blockDates) this.st(`INSERT INTO block_dates (version_id, data) VALUES (?, ?)`).run(id, opts.blockDates);
+      if (opts.synced) this.st(`UPDATE versions SET meta_synced = meta_gen WHERE id = ?`).run(id);
+      const row = this.st(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
+      return { version: this.toVersion(row, [...new Set(v.tags)].sort()), blobIds: Array.from(ids), metaGen: Number(row.meta_gen) };
+    }).immediate();
+  }
+
+  async getBlockDates(versionId: number): Promise<Buffer | undefined> {
+    return (this.st(`SELECT data FROM block_dates WHERE version_id = ?`).get(versionId) as Row | undefined)?.data as Buffer | undefined;
+  }
+
+  async staleStorageMeta(limit: number): Promise<{ uid: string; metaGen: number }[]> {
+    return (this.st(`SELECT uid, meta_gen FROM versions WHERE meta_gen <> meta_synced AND complete = 1 ORDER BY id LIMIT ?`).all(limit) as Row[])
+      .map((r) => ({ uid: r.uid as string, metaGen: Number(r.meta_gen) }));
+  }
+
+  async markStorageMetaSynced(uid: string, metaGen: number): Promise<void> {
+    this.st(`UPDATE versions SET meta_synced = ? WHERE uid = ? AND meta_synced < ?`).run(metaGen, uid, metaGen);
+  }
+
+  async removedStorageMeta(limit: number): Promise<string[]> {
+    return (this.st(`SELECT uid FROM meta_removed ORDER BY uid LIMIT ?`).all(limit) as Row[]).map((r) => r.uid as string);
+  }
+
+  async forgetRemovedStorageMeta(uids: string[]): Promise<void> {
+    this.st(`DELETE FROM meta_removed WHERE uid IN ${IN_LIST}`).run(JSON.stringify(uids));
+  }
+
+  async isEmpty(): Promise<boolean> {
+    const r = this.st(`SELECT (SELECT COUNT(*) FROM versions) + (SELECT COUNT(*) FROM blobs) AS n`).get() as Row;
+    return Number(r.n) === 0;
+  }
+
   // ---- block maps
 
   async readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array> {
@@ -210,7 +281,8 @@ export class SqliteMetaStore implements MetaStore {
   async recordBlocks(versionId: number, session: string, entries: BlockEntry[]): Promise<ResolvedBlock[]> {
     const db = this.d;
     const now = Date.now();
-    const find = this.st(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3`);
+    const find = this.st(`SELECT id, uid, state, owner FROM blobs WHERE checksum = ? AND state <> 3 AND format = 0`);
+    const findForeign = this.st(`SELECT id, uid FROM blobs WHERE checksum = ? AND format <> 0 AND state = 1 ORDER BY id LIMIT 1`);
     const insert = this.st(`INSERT INTO blobs (uid, checksum, size, state, owner, created) VALUES (?, ?, ?, 0, ?, ?)`);
     const takeOver = this.st(`UPDATE blobs SET state = 0, owner = ? WHERE id = ? AND state IN (0, 2)`);
     const getChunk = this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk = ?`);
@@ -250,8 +322,12 @@ export class SqliteMetaStore implements MetaStore {
           res = { index: e.index, blobId: res.blobId, uid: res.uid, upload: false };
         } else {
           const existing = find.get(e.checksum) as Row | undefined;
-          const d = decideBlob(existing ? { state: Number(existing.state), owner: existing.owner as string | null } : undefined, session);
-          if (d.kind === 'insert') {
+          const own = existing ? { state: Number(existing.state), owner: existing.owner as string | null } : undefined;
+          const foreign = ownBlobUsable(own, session) ? undefined : findForeign.get(e.checksum) as Row | undefined;
+          const d = decideBlob(own, session, !!foreign);
+          if (d.kind === 'foreign') {
+            res = { index: e.index, blobId: Number(foreign!.id), uid: foreign!.uid as string, upload: false };
+          } else if (d.kind === 'insert') {
             const uid = newBlobUid();
             const id = Number(insert.run(uid, e.checksum, e.size, session, now).lastInsertRowid);
             res = { index: e.index, blobId: id, uid, upload: true };
@@ -285,10 +361,8 @@ export class SqliteMetaStore implements MetaStore {
   async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
     const out = new Map<number, BlobRef>();
     if (ids.length) {
-      const rows = this.st(`SELECT id, uid, checksum, size, state FROM blobs WHERE id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[];
-      for (const r of rows) {
-        out.set(Number(r.id), { id: Number(r.id), uid: r.uid as string, checksum: r.checksum as Buffer, size: Number(r.size), state: Number(r.state) });
-      }
+      const rows = this.st(`SELECT id, uid, checksum, size, state, format, key_info FROM blobs WHERE id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[];
+      for (const r of rows) out.set(Number(r.id), blobRefFromRow(r));
     }
     return out;
   }
@@ -336,9 +410,9 @@ export class SqliteMetaStore implements MetaStore {
     }).immediate();
   }
 
-  async blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]> {
-    return (this.st(`SELECT id, uid FROM blobs WHERE state = 3 ORDER BY id LIMIT ?`).all(limit) as Row[])
-      .map((r) => ({ id: Number(r.id), uid: r.uid as string }));
+  async blobsToDelete(limit: number): Promise<{ id: number; uid: string; format: BlobFormat }[]> {
+    return (this.st(`SELECT id, uid, format FROM blobs WHERE state = 3 ORDER BY id LIMIT ?`).all(limit) as Row[])
+      .map((r) => ({ id: Number(r.id), uid: r.uid as string, format: Number(r.format) }));
   }
 
   async forgetBlobs(ids: number[]): Promise<void> {

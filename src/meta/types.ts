@@ -44,15 +44,54 @@ export const enum BlobState {
   Deleting = 3,
 }
 
+/**
+ * How a blob is stored. backy's own format, or backy2's (imported repositories, read where they are):
+ * version 0 is the plain block, version 1 zstd + AES-256-GCM under a per-blob data key.
+ */
+export const enum BlobFormat {
+  Backy = 0,
+  Backy2Plain = 1,
+  Backy2Aes = 2,
+}
+
 export interface BlobRef {
   id: number;
-  /** storage uid (the key is derived from it) */
+  /** storage uid (the key is derived from it and the format) */
   uid: string;
   checksum: Buffer;
   /** plaintext bytes */
   size: number;
   state: BlobState;
+  format: BlobFormat;
+  /** Backy2Aes: the blob's data key wrapped with the repository key (RFC 3394, 40 bytes) and its nonce (16). */
+  keyInfo: Buffer | null;
 }
+
+/** A blob an import or a rebuild brings in: found by uid, inserted when the repository lacks it. */
+export interface ImportBlob {
+  uid: string;
+  checksum: Buffer;
+  size: number;
+  format: BlobFormat;
+  keyInfo: Buffer | null;
+  /** stored bytes when known, else 0 */
+  storedSize: number;
+  /** known to be damaged or missing */
+  bad: boolean;
+  /** the blob's id when the caller already knows it (a blob shared with a version imported before) */
+  id?: number;
+}
+
+/** A complete version an import or a rebuild brings in, with its states as they were. */
+export interface ImportVersion extends NewVersion {
+  valid: boolean;
+  complete: boolean;
+  protected: boolean;
+}
+
+/** Map entry values of `importVersion`: an index into its blob list, or one of these. */
+export const IMPORT_HOLE = -1;
+export const IMPORT_PENDING = -2;
 
 /** One block a backup has read: all-zero, or data with its checksum. */
 export type BlockEntry = { index: number; zero: true } | { index: number; zero?: false; checksum: Buffer; size: number };
@@ -137,6 +176,26 @@ export interface MetaStore {
   /** Removes the version, its map and tags; its blobs start their grace period. */
   removeVersion(id: number): Promise<void>;
 
+  /**
+   * Adds a finished version with its map in one transaction (import, db-rebuild): blobs the repository
+   * does not know are inserted, known ones (same uid) reused. `map` holds, per block, an index into
+   * `blobs`, IMPORT_HOLE or IMPORT_PENDING. `blockDates`: backy2's block dates (see block-dates.ts).
+   * `synced`: its metadata copy in storage is already up to date. Returns the version, the blob ids and the
+   * generation of its metadata (see staleStorageMeta).
+   */
+  importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts?: { blockDates?: Buffer; synced?: boolean }): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }>;
+  /** backy2's block dates of an imported version, if it has them. */
+  getBlockDates(versionId: number): Promise<Buffer | undefined>;
+  /** Complete versions whose metadata copy in storage is out of date, oldest first. */
+  staleStorageMeta(limit: number): Promise<{ uid: string; metaGen: number }[]>;
+  /** The copy of generation `metaGen` is in storage. */
+  markStorageMetaSynced(uid: string, metaGen: number): Promise<void>;
+  /** Uids of removed versions whose copies may still be in storage. */
+  removedStorageMeta(limit: number): Promise<string[]>;
+  forgetRemovedStorageMeta(uids: string[]): Promise<void>;
+  /** Whether the database holds no version and no blob (db-rebuild refuses otherwise). */
+  isEmpty(): Promise<boolean>;
+
   /** Entries of one chunk of a version's map (length chunkLength(blocks, chunkNo)). */
   readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array>;
 
@@ -155,7 +214,7 @@ export interface MetaStore {
   /** Cleanup step 1: under an exclusive lock, marks blobs unreferenced for `graceMs` for deletion. */
   markForDeletion(graceMs: number, now: number): Promise<CleanupMark>;
   /** Cleanup step 2: blobs marked for deletion, a batch at a time. */
-  blobsToDelete(limit: number): Promise<{ id: number; uid: string }[]>;
+  blobsToDelete(limit: number): Promise<{ id: number; uid: string; format: BlobFormat }[]>;
   /** Cleanup step 3: forget blobs whose objects are gone. */
   forgetBlobs(ids: number[]): Promise<void>;
   /** Of these uids, those any blob row (in any state) has. */

@@ -10,7 +10,8 @@ import { DEFAULT_RETRY, RetryPolicy, Verdict, withRetry } from './retry';
 import { createS3Client, describeS3 } from './s3-client';
 import { readBody } from './s3-body';
 import { classifyS3Error, S3Failure } from './s3-errors';
-import { type BlobStore, type StoredObject, uidFromKey } from './types';
+import { type BlobStore, type StoredObject } from './types';
+import { uidOfKey } from './blob-keys';
 
 /** S3's own limits for one DeleteObjects request and one ListObjectsV2 page. */
 const DELETE_BATCH = 1000;
@@ -136,7 +137,7 @@ export class S3Store implements BlobStore {
       const page: StoredObject[] = [];
       for (const o of r.Contents ?? []) {
         const key = o.Key?.slice(this.prefix.length);
-        if (!key || !o.Key!.startsWith(this.prefix) || !uidFromKey(key)) continue;
+        if (!key || !o.Key!.startsWith(this.prefix) || !uidOfKey(key)) continue;
         page.push({ key, size: o.Size ?? 0, mtime: o.LastModified?.getTime() ?? 0 });
       }
       if (page.length) yield page;
