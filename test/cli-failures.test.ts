@@ -11,12 +11,13 @@ import { sha256File } from './helpers/images';
 const MiB = 1024 * 1024;
 const BS = 4 * MiB;
 
-/** Every blob file of a repository, by storage key. */
+/** Every blob file of a repository, by storage key (metadata objects under meta/ are not blobs). */
 function blobFiles(repo: TestRepo): string[] {
   const root = path.join(repo.dir, 'data');
   const out: string[] = [];
   const walk = (d: string) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      if (e.isDirectory() && d === root && e.name === 'meta') continue;
       if (e.isDirectory()) walk(path.join(d, e.name));
       else out.push(path.join(d, e.name));
     }

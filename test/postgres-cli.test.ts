@@ -65,16 +65,18 @@ function blockImage(file: string, blocks: number, content: (i: number) => string
   }
 }
 
-/** Stored objects under the data directory (temporary files excluded). */
+/** Blob objects under the data directory (temporary files and metadata objects under meta/ excluded). */
 function storedObjects(repo: TestRepo): number {
   let n = 0;
+  const root = path.join(repo.dir, 'data');
   const walk = (d: string) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      if (e.isDirectory() && d === root && e.name === 'meta') continue;
       if (e.isDirectory()) walk(path.join(d, e.name));
       else if (!e.name.startsWith('.tmp.')) n++;
     }
   };
-  walk(path.join(repo.dir, 'data'));
+  walk(root);
   return n;
 }
 

@@ -10,7 +10,8 @@ import type { BlobFormat, MetaStore, VersionRow } from '../meta/types';
 import { storageKey } from '../storage/blob-keys';
 import { createBlobStore } from '../storage/open';
 import type { BlobStore } from '../storage/types';
-import { ConfigError, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
+import { ConfigError, errorLine, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
+import { StorageMeta, SyncContext, syncStorageMeta } from './storage-meta';
 import { log } from '../util/log';
 import { lockInfo } from '../util/process-info';
 
@@ -27,6 +28,7 @@ export class Repository {
   private codecInstance: Codec | undefined;
   private locks: string[] = [];
   private cacheInstance: BlockCache | undefined;
+  private opened = false;
 
   private constructor(readonly cfg: Config, readonly meta: MetaStore, readonly store: BlobStore) {}
 
@@ -39,6 +41,7 @@ export class Repository {
     try {
       await repo.checkRepositorySettings();
       await store.check();
+      repo.opened = true;
     } catch (e) {
       await repo.close();
       throw e;
@@ -117,7 +120,36 @@ export class Repository {
     await this.meta.unlock(name, lockInfo('').session);
   }
 
+  /** The metadata objects in storage (see storage-meta.ts). */
+  get storageMeta(): StorageMeta {
+    return new StorageMeta(this.store, this.cfg.encryptionKey);
+  }
+
+  get syncContext(): SyncContext {
+    return {
+      meta: this.meta,
+      storageMeta: this.storageMeta,
+      repositoryInfo: () => ({
+        hashFunction: this.cfg.hashFunction, blockSize: this.cfg.blockSize, encryption: this.cfg.encryption,
+        keyCheck: this.cfg.encryptionKey ? keyCheckValue(this.cfg.encryptionKey) : undefined, created: Date.now(),
+      }),
+    };
+  }
+
+  /** Brings the metadata objects in storage up to date (done by close, after every command). */
+  syncStorageMeta(): Promise<{ written: number; removed: number }> {
+    return syncStorageMeta(this.syncContext);
+  }
+
   async close(): Promise<void> {
+    if (this.opened) {
+      this.opened = false;
+      try {
+        await this.syncStorageMeta();
+      } catch (e) {
+        log.warn(`could not update the metadata copies in storage (the next command retries): ${errorLine(e)}`);
+      }
+    }
     for (const name of this.locks.splice(0).reverse()) {
       try {
         await this.meta.unlock(name, lockInfo('').session);

@@ -7,6 +7,7 @@ import { JobRunner } from '../util/job-runner';
 import { randomSample } from '../util/random';
 import { isZero } from '../codec/blob-format';
 import { LOCKS, Repository } from './repository';
+import { checkStoredRecord } from './storage-meta';
 
 export interface ScrubOptions {
   uid: string;
@@ -21,6 +22,8 @@ export interface ScrubResult {
   badBlobs: number;
   sourceMismatches: number;
   invalidated: string[];
+  /** what was wrong with the version's metadata object in storage (it has been rewritten) */
+  metadataProblem?: string;
   ok: boolean;
 }
 
@@ -104,15 +107,29 @@ async function scrubBlocks(repo: Repository, v: VersionRow, source: Source | und
   if (jobs.failed) throw jobs.failure;
 
   const invalidated = await repo.meta.markBad([...bad]);
-  const ok = bad.size === 0 && mismatches === 0 && pending === 0;
-  if (ok && full && v.complete) {
+  const blocksOk = bad.size === 0 && mismatches === 0 && pending === 0;
+  if (blocksOk && full && v.complete) {
     if (repaired.length) await repo.meta.markUploaded(repaired);
     if (!v.valid) log.info(`version ${v.uid} verified completely: marked valid again`);
     await repo.meta.updateVersion(v.id, { valid: true });
   }
+  const metadataProblem = v.complete ? await checkMetadataObject(repo, v.uid) : undefined;
+  const ok = blocksOk && !metadataProblem;
   if (pending) log.error(`${pending} blocks of version ${v.uid} were never backed up (incomplete version)`);
   for (const uid of invalidated) log.error(`version ${uid} uses a bad blob: marked invalid`);
   log.info(`scrub of ${v.uid}: ${checked} blocks checked` +
     `${full ? '' : ` (${opts.percent}% sample)`}, ${bad.size} bad blobs, ${mismatches} source mismatches: ${ok ? 'OK' : 'ERRORS'}`);
-  return { checked, badBlobs: bad.size, sourceMismatches: mismatches, invalidated, ok };
+  return { checked, badBlobs: bad.size, sourceMismatches: mismatches, invalidated, metadataProblem, ok };
+}
+
+/** Checks that storage holds the version's metadata as the database has it now (this scrub's changes included). */
+async function checkMetadataObject(repo: Repository, uid: string): Promise<string | undefined> {
+  try {
+    await repo.syncStorageMeta();
+  } catch (e) {
+    log.warn(`could not update the metadata copies in storage: ${errorLine(e)}`);
+  }
+  const problem = await checkStoredRecord(repo.syncContext, await repo.version(uid));
+  if (problem) log.error(problem);
+  return problem;
 }

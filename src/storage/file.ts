@@ -133,6 +133,31 @@ export class FileStore implements BlobStore {
     if (page.length) yield page;
   }
 
+  async *listUnder(prefix: string): AsyncIterable<StoredObject[]> {
+    const page: StoredObject[] = [];
+    const walk = async function* (dir: string, rel: string): AsyncGenerator<StoredObject[]> {
+      for (const name of await readdirSorted(dir)) {
+        const full = path.join(dir, name);
+        let st: fs.Stats;
+        try {
+          st = await fsp.stat(full);
+        } catch {
+          continue; // removed meanwhile
+        }
+        if (st.isDirectory()) yield* walk(full, `${rel}${name}/`);
+        else if (st.isFile() && !name.startsWith(TMP_PREFIX) && `${rel}${name}`.startsWith(prefix)) {
+          page.push({ key: `${rel}${name}`, size: st.size, mtime: st.mtimeMs });
+          if (page.length >= 1000) yield page.splice(0);
+        }
+      }
+    };
+    // The directory part of the prefix is walked; a partial last component filters names.
+    const dirPart = prefix.includes('/') ? prefix.slice(0, prefix.lastIndexOf('/') + 1) : '';
+    if (dirPart.split('/').some((p) => p === '..')) throw new StorageError(`refusing to list ${prefix}`);
+    yield* walk(path.join(this.root, dirPart), dirPart);
+    if (page.length) yield page;
+  }
+
   async close(): Promise<void> {
     /* nothing held open */
   }

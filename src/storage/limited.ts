@@ -51,6 +51,10 @@ export class LimitedStore implements BlobStore {
     return this.inner.list();
   }
 
+  listUnder(prefix: string): AsyncIterable<StoredObject[]> {
+    return this.inner.listUnder(prefix);
+  }
+
   check(): Promise<void> {
     return this.inner.check();
   }

@@ -145,6 +145,24 @@ export class S3Store implements BlobStore {
     } while (token);
   }
 
+  async *listUnder(prefix: string): AsyncIterable<StoredObject[]> {
+    let token: string | undefined;
+    do {
+      const r = await this.retrying(`list ${this.description}${prefix}`, this.policy,
+        (f) => this.bucketFailure(f) ?? new StorageError(`cannot list ${this.description}: ${f.reason}`),
+        () => this.client.send(new ListObjectsV2Command({
+          Bucket: this.bucket, Prefix: this.prefix + prefix, MaxKeys: LIST_PAGE, ContinuationToken: token,
+        })));
+      const page: StoredObject[] = [];
+      for (const o of r.Contents ?? []) {
+        if (!o.Key?.startsWith(this.prefix + prefix)) continue;
+        page.push({ key: o.Key.slice(this.prefix.length), size: o.Size ?? 0, mtime: o.LastModified?.getTime() ?? 0 });
+      }
+      if (page.length) yield page;
+      token = r.IsTruncated ? r.NextContinuationToken : undefined;
+    } while (token);
+  }
+
   async close(): Promise<void> {
     this.client.destroy();
   }

@@ -23,6 +23,9 @@ export interface BlobStore {
   /** Every stored key, page by page (never all keys in memory at once). Leftovers of interrupted writes are
    * included with `partial: true` so a full cleanup can remove them. */
   list(): AsyncIterable<(StoredObject & { partial?: boolean })[]>;
+  /** Every object whose key starts with `prefix` (metadata objects such as "meta/versions/"), page by page;
+   * leftovers of interrupted writes are not included. */
+  listUnder(prefix: string): AsyncIterable<StoredObject[]>;
   /** Checks the store is reachable and usable (directory exists, bucket reachable). */
   check(): Promise<void>;
   close(): Promise<void>;
