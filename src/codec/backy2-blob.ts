@@ -13,7 +13,8 @@ import { BlobFormatError } from './blob-format';
  * Version 1: tag (16) ‖ nonce (16) ‖ AES-256-GCM ciphertext of one zstd frame holding the block, under a random
  * data key per blob, no additional data. backy2 kept the data key wrapped with its master key (RFC 3394) in
  * its database; an import re-wraps it with backy's own key (as backy2's `rekey` would), so backy never needs
- * backy2's key after the import. keyInfo = wrapped key (40) ‖ nonce (16). The data key is unique to the
+ * backy2's key after the import. keyInfo = wrapped key (40) ‖ nonce (16; absent when backy2's database had no
+ * nonce column, before 2.13). The data key is unique to the
  * blob, so the GCM tag already ties the blob to this database row: like backy's own format, reading may rely
  * on the tag alone (read_verification = tag) or recompute the checksum as well.
  */
@@ -80,10 +81,10 @@ export function decodeBacky2Blob(blob: Buffer, sum: Buffer, size: number, o: Bac
     recompute = true; // nothing else vouches for a plain blob
   } else if (o.format === BlobFormat.Backy2Aes) {
     if (!o.key) throw new BlobFormatError('blob is encrypted but this repository has no key');
-    if (!o.keyInfo || o.keyInfo.length !== KEY_INFO) throw new BlobFormatError('the database has no data key for this blob');
+    if (!o.keyInfo || (o.keyInfo.length !== KEY_INFO && o.keyInfo.length !== WRAPPED_KEY)) throw new BlobFormatError('the database has no data key for this blob');
     if (blob.length < TAG + NONCE) throw new BlobFormatError('truncated');
     const nonce = blob.subarray(TAG, TAG + NONCE);
-    if (!nonce.equals(o.keyInfo.subarray(WRAPPED_KEY))) throw new BlobFormatError('nonce differs from the database (another blob?)');
+    if (o.keyInfo.length === KEY_INFO && !nonce.equals(o.keyInfo.subarray(WRAPPED_KEY))) throw new BlobFormatError('nonce differs from the database (another blob?)');
     const dataKey = unwrapDataKey(o.key, o.keyInfo.subarray(0, WRAPPED_KEY));
     const d = createDecipheriv('aes-256-gcm', dataKey, nonce);
     d.setAuthTag(blob.subarray(0, TAG));

@@ -1,7 +1,7 @@
 import { openObject, sealObject, SealedObjectError } from '../codec/sealed-object';
 import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
 import { readChunkWithBlobs } from '../meta/map-reader';
-import { IMPORT_HOLE, IMPORT_PENDING, MetaStore, VersionRow } from '../meta/types';
+import { BlobState, IMPORT_HOLE, IMPORT_PENDING, MetaStore, VersionRow } from '../meta/types';
 import { decodeVersionRecord, encodeVersionRecord, RecordBlob, VersionRecord } from '../meta/version-record';
 import type { BlobStore, StoredObject } from '../storage/types';
 import { BackyError, BlobNotFoundError, StorageError } from '../util/errors';
@@ -102,8 +102,11 @@ export class StorageMeta {
   }
 }
 
-/** The record of a version as the database holds it (blobs in order of first use, so equal states encode equally). */
-export async function recordFromDb(meta: MetaStore, v: VersionRow): Promise<VersionRecord> {
+/**
+ * The record of a version as the database holds it (blobs in order of first use, so equal states encode
+ * equally). `states`, when given, receives each blob's state.
+ */
+export async function recordFromDb(meta: MetaStore, v: VersionRow, states?: BlobState[]): Promise<VersionRecord> {
   const blocks = blockCount(v.size, v.blockSize);
   const map = new Int32Array(blocks);
   const index = new Map<number, number>();
@@ -123,6 +126,7 @@ export async function recordFromDb(meta: MetaStore, v: VersionRow): Promise<Vers
           at = blobs.length;
           index.set(e, at);
           blobs.push({ uid: ref.uid, checksum: ref.checksum, size: ref.size, format: ref.format, keyInfo: ref.keyInfo });
+          states?.push(ref.state);
         }
         map[i] = at;
       }

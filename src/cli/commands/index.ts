@@ -19,8 +19,11 @@ import { register as mount } from './mount';
 import { register as umount } from './umount';
 import { register as dbMigrate } from './db-migrate';
 import { register as dbRebuild } from './db-rebuild';
+import { register as importBacky2 } from './import-backy2';
+import { register as exportCmd } from './export';
+import { register as importCmd } from './import';
 
 export type Register = (program: Command, wrap: (fn: Action) => (...args: unknown[]) => Promise<void>) => void;
 
 /** Every command, in the order `backy --help` lists them. */
-export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, dbMigrate, dbRebuild];
+export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, dbMigrate, dbRebuild, importBacky2, exportCmd, importCmd];
