@@ -13,7 +13,8 @@ import Database from 'better-sqlite3';
 import { HOLE, PENDING } from '../src/meta/block-map';
 import { createMetaStore } from '../src/meta/open';
 import { SCHEMA_V1, SCHEMA_VERSION } from '../src/meta/schema';
-import { BlobFormat, BlobState, IMPORT_HOLE, IMPORT_PENDING, ImportBlob, ImportVersion, MetaStore } from '../src/meta/types';
+import { BlobFormat, BlobState, IMPORT_HOLE, IMPORT_PENDING, ImportBlob, ImportVersion, MetaStore, newBlobRef } from '../src/meta/types';
+import { entriesOf } from '../src/meta/version-record';
 import { DatabaseError } from '../src/util/errors';
 import { startPostgres, TestPostgres } from './helpers/postgres';
 
@@ -36,6 +37,12 @@ function foreign(content: string, over: Partial<ImportBlob> = {}): ImportBlob {
 function version(blocks: number, over: Partial<ImportVersion> = {}): ImportVersion {
   return { uid: randomUUID(), name: 'vm', snapshotName: 's', date: Date.now(), size: blocks * BS, blockSize: BS, expire: null,
     baseUid: null, tags: [], valid: true, complete: true, protected: false, ...over };
+}
+
+/** importVersion with every blob passed as a new one (an index map over `blobs`), returning their ids. */
+async function importAll(store: MetaStore, v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts?: { blockDates?: Buffer; synced?: boolean }) {
+  const r = await store.importVersion(v, entriesOf(map), blobs, opts);
+  return { ...r, blobIds: r.newIds };
 }
 
 async function mapOf(store: MetaStore, id: number): Promise<number[]> {
@@ -73,7 +80,7 @@ for (const engine of engines) {
       const key = Buffer.alloc(56, 7);
       const b = foreign('b', { format: BlobFormat.Backy2Aes, keyInfo: key, storedSize: 0 });
       const v1 = version(5, { tags: ['x', 'y'], protected: true, expire: 5000 });
-      const r1 = await store.importVersion(v1, [a1, a2, b], Int32Array.from([0, IMPORT_HOLE, 1, 2, IMPORT_PENDING]), { blockDates: Buffer.from([1, 2, 3]) });
+      const r1 = await importAll(store, v1, [a1, a2, b], Int32Array.from([0, IMPORT_HOLE, 1, 2, IMPORT_PENDING]), { blockDates: Buffer.from([1, 2, 3]) });
       assert.equal(new Set(r1.blobIds).size, 3);
       assert.deepEqual(await mapOf(store, r1.version.id), [r1.blobIds[0], HOLE, r1.blobIds[1], r1.blobIds[2], PENDING]);
       const got = await store.getVersion(v1.uid);
@@ -86,22 +93,47 @@ for (const engine of engines) {
 
       // A second version naming the same uids (a later backy2 version) shares the blobs; a bad one stays bad.
       const c = foreign('c', { bad: true });
-      const r2 = await store.importVersion(version(3), [{ ...a2 }, { ...b }, c], Int32Array.from([0, 1, 2]));
+      const r2 = await importAll(store, version(3), [{ ...a2 }, { ...b }, c], Int32Array.from([0, 1, 2]));
       assert.deepEqual(r2.blobIds.slice(0, 2), [r1.blobIds[1], r1.blobIds[2]]);
       assert.equal((await store.getBlobs([r2.blobIds[2]])).get(r2.blobIds[2])!.state, BlobState.Bad);
       // The same uid with other content is refused, and nothing of that version remains.
       const clash = version(1);
-      await assert.rejects(store.importVersion(clash, [{ ...a1, checksum: sum('other') }], Int32Array.from([0])), DatabaseError);
+      await assert.rejects(importAll(store, clash, [{ ...a1, checksum: sum('other') }], Int32Array.from([0])), DatabaseError);
       assert.equal(await store.getVersion(clash.uid), undefined);
       assert.equal(await store.getBlockDates(r2.version.id), undefined);
-      await assert.rejects(store.importVersion(version(2), [a1], Int32Array.from([0])), DatabaseError, 'map length must match the size');
+      await assert.rejects(importAll(store, version(2), [a1], Int32Array.from([0])), DatabaseError, 'map length must match the size');
+    });
+
+    test('importVersion by known ids and new references; blob packs recorded, looked up, and found unused', async () => {
+      const store = await fresh();
+      const a = foreign('pa', { metaPack: 'p'.repeat(32), metaIndex: 3 });
+      const r1 = await store.importVersion(version(2), Float64Array.from([newBlobRef(0), HOLE]), [a]);
+      const [idA] = r1.newIds;
+      const got = (await store.getBlobs([idA])).get(idA)!;
+      assert.deepEqual([got.metaPack, got.metaIndex], ['p'.repeat(32), 3]);
+      const b = foreign('pb');
+      const r2 = await store.importVersion(version(3), Float64Array.from([idA, newBlobRef(0), PENDING]), [b]);
+      const idB = r2.newIds[0];
+      assert.deepEqual(await mapOf(store, r2.version.id), [idA, idB, PENDING]);
+      assert.equal((await store.getBlobs([idB])).get(idB)!.metaPack, null);
+      await store.setBlobPacks('q'.repeat(32), [idB, idA]);
+      const both = await store.getBlobs([idA, idB]);
+      assert.deepEqual([both.get(idB)!.metaPack, both.get(idB)!.metaIndex, both.get(idA)!.metaIndex], ['q'.repeat(32), 0, 1]);
+      assert.deepEqual(await store.packsOf([idA, idB]), ['q'.repeat(32)]);
+      assert.deepEqual(await store.unusedPacks(['p'.repeat(32), 'q'.repeat(32)]), ['p'.repeat(32)]);
+      await store.removeVersion(r1.version.id);
+      await store.removeVersion(r2.version.id);
+      await store.markForDeletion(0, Date.now());
+      const del = await store.blobsToDelete(10);
+      await store.forgetBlobs(del.map((d) => d.id));
+      assert.deepEqual(await store.unusedPacks(['q'.repeat(32)]), ['q'.repeat(32)]);
     });
 
     test('backups deduplicate against live foreign blobs, never take over a bad one', async () => {
       const store = await fresh();
       const live = foreign('live');
       const bad = foreign('bad', { bad: true });
-      const imp = await store.importVersion(version(2), [live, bad], Int32Array.from([0, 1]));
+      const imp = await importAll(store, version(2), [live, bad], Int32Array.from([0, 1]));
       const v = await store.createVersion({ uid: randomUUID(), name: 'vm', snapshotName: '', date: Date.now(), size: 3 * BS, blockSize: BS, expire: null, baseUid: null, tags: [] });
       const r = await store.recordBlocks(v.id, 'sess', [
         { index: 0, checksum: sum('live'), size: BS },
@@ -120,8 +152,8 @@ for (const engine of engines) {
       const store = await fresh();
       const shared = foreign('shared');
       const own = foreign('own', { format: BlobFormat.Backy2Aes, keyInfo: Buffer.alloc(56) });
-      const keep = await store.importVersion(version(1), [shared], Int32Array.from([0]));
-      const gone = await store.importVersion(version(2), [{ ...shared }, own], Int32Array.from([0, 1]));
+      const keep = await importAll(store, version(1), [shared], Int32Array.from([0]));
+      const gone = await importAll(store, version(2), [{ ...shared }, own], Int32Array.from([0, 1]));
       await store.removeVersion(gone.version.id);
       assert.deepEqual(await store.markForDeletion(0, Date.now()), { marked: 1, waiting: 0, referenced: 1 });
       assert.deepEqual(await store.blobsToDelete(10), [{ id: gone.blobIds[1], uid: own.uid, format: BlobFormat.Backy2Aes }]);
@@ -130,7 +162,7 @@ for (const engine of engines) {
 
     test('metadata generations: changes mark a complete version stale, removals are remembered', async () => {
       const store = await fresh();
-      const imp = await store.importVersion(version(1, { tags: ['t'] }), [foreign('m')], Int32Array.from([0]), { synced: true });
+      const imp = await importAll(store, version(1, { tags: ['t'] }), [foreign('m')], Int32Array.from([0]), { synced: true });
       assert.deepEqual(await store.staleStorageMeta(10), [], 'synced on import');
       const uid = imp.version.uid;
       const stale = async () => (await store.staleStorageMeta(10)).map((s) => s.uid);

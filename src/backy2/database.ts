@@ -2,6 +2,7 @@ import Database from 'better-sqlite3';
 import { sqlitePath } from '../config/config';
 import { maskEngineUrl, pgError } from '../meta/pg-errors';
 import { DatabaseError } from '../util/errors';
+import { ColumnReader, COLUMN_SQL, regularColumn } from './block-column';
 
 /**
  * Read-only access to a backy2 database (SQLite or PostgreSQL), any schema from 2.9 (no encryption columns,
@@ -60,6 +61,14 @@ export interface Backy2Schema {
   stats: boolean;
 }
 
+/**
+ * A complete, regular version's block rows in block order, COLUMN_STRIDE bytes each: the blob uid (32
+ * characters, '-' * 32 for a sparse block) and the second the row was written ('YYYY-MM-DD HH:MM:SS').
+ */
+export interface BlockColumn {
+  rows: Buffer;
+}
+
 export interface Backy2Database {
   readonly description: string;
   readonly schema: Backy2Schema;
@@ -67,8 +76,14 @@ export interface Backy2Database {
   tags(): Promise<Map<string, string[]>>;
   /** The block rows of a version in block order, a page at a time. */
   blockRows(versionUid: string): AsyncIterable<Backy2BlockRow[]>;
-  /** Checksum, size and encryption of the blobs with these uids (one row of each). */
-  blobDetails(uids: string[]): Promise<Map<string, Backy2BlobDetails>>;
+  /**
+   * The fast way to read a version: its rows in one piece, put together by the database. Undefined unless
+   * the version is regular (a row for every block, none found bad, sizes and uids adding up): then its rows
+   * are read one by one.
+   */
+  blockColumn(v: Backy2Version): Promise<BlockColumn | undefined>;
+  /** Checksum, size and encryption of the blobs of these blocks of a version, by blob uid. */
+  blobDetails(versionUid: string, blockIds: number[]): Promise<Map<string, Backy2BlobDetails>>;
   /** Some encrypted block's wrapped key, to check the key before importing anything. */
   someEncryptedBlock(): Promise<{ uid: string; envkey: string } | undefined>;
   stats(versionUid: string): Promise<Backy2Stats[]>;
@@ -77,7 +92,6 @@ export interface Backy2Database {
 
 const PAGE = 10_000;
 type Row = Record<string, unknown>;
-
 function statsOf(r: Row): Backy2Stats {
   return {
     date: String(r.date), versionUid: String(r.version_uid), versionName: String(r.version_name), sizeBytes: Number(r.version_size_bytes),
@@ -115,8 +129,9 @@ class SqliteBacky2 implements Backy2Database {
   readonly description: string;
   readonly schema: Backy2Schema;
   private db: Database.Database;
+  private columns: ColumnReader | undefined;
 
-  constructor(file: string) {
+  constructor(private readonly file: string) {
     this.description = `sqlite ${file}`;
     try {
       this.db = new Database(file, { readonly: true, fileMustExist: true });
@@ -163,13 +178,19 @@ class SqliteBacky2 implements Backy2Database {
     if (page.length) yield page;
   }
 
-  async blobDetails(uids: string[]): Promise<Map<string, Backy2BlobDetails>> {
+  async blockColumn(v: Backy2Version): Promise<BlockColumn | undefined> {
+    if (!this.columns) this.columns = new ColumnReader(this.file);
+    return this.columns.read(v);
+  }
+
+  async blobDetails(versionUid: string, blockIds: number[]): Promise<Map<string, Backy2BlobDetails>> {
     const s = this.schema;
+    // By primary key: one row per block asked for (a blob's own rows can be thousands, one per version).
     const st = this.db.prepare(`SELECT uid, checksum, size, ${s.encryption ? 'enc_version, enc_envkey' : '0 AS enc_version, NULL AS enc_envkey'},
-      ${s.nonce ? 'enc_nonce' : 'NULL AS enc_nonce'} FROM blocks WHERE uid IN (SELECT value FROM json_each(?)) GROUP BY uid`);
+      ${s.nonce ? 'enc_nonce' : 'NULL AS enc_nonce'} FROM blocks WHERE version_uid = ? AND id IN (SELECT value FROM json_each(?)) AND uid IS NOT NULL`);
     const out = new Map<string, Backy2BlobDetails>();
-    for (let i = 0; i < uids.length; i += PAGE) {
-      for (const r of st.all(JSON.stringify(uids.slice(i, i + PAGE))) as Row[]) out.set(String(r.uid), detailsOf(r));
+    for (let i = 0; i < blockIds.length; i += PAGE) {
+      for (const r of st.all(versionUid, JSON.stringify(blockIds.slice(i, i + PAGE))) as Row[]) out.set(String(r.uid), detailsOf(r));
     }
     return out;
   }
@@ -186,6 +207,7 @@ class SqliteBacky2 implements Backy2Database {
   }
 
   async close(): Promise<void> {
+    await this.columns?.close();
     this.db.close();
   }
 }
@@ -264,12 +286,18 @@ class PgBacky2 implements Backy2Database {
     await this.q(`CLOSE ${name}`);
   }
 
-  async blobDetails(uids: string[]): Promise<Map<string, Backy2BlobDetails>> {
+  async blockColumn(v: Backy2Version): Promise<BlockColumn | undefined> {
+    const r = (await this.q(COLUMN_SQL.pg, [v.uid]))[0];
+    return regularColumn(r, v);
+  }
+
+  async blobDetails(versionUid: string, blockIds: number[]): Promise<Map<string, Backy2BlobDetails>> {
     const s = this.schema;
     const out = new Map<string, Backy2BlobDetails>();
-    for (let i = 0; i < uids.length; i += PAGE) {
-      const rows = await this.q(`SELECT DISTINCT ON (uid) uid, checksum, size, ${s.encryption ? 'enc_version, enc_envkey' : '0 AS enc_version, NULL AS enc_envkey'},
-        ${s.nonce ? 'enc_nonce' : 'NULL AS enc_nonce'} FROM blocks WHERE uid = ANY($1::text[]) ORDER BY uid`, [uids.slice(i, i + PAGE)]);
+    for (let i = 0; i < blockIds.length; i += PAGE) {
+      const rows = await this.q(`SELECT uid, checksum, size, ${s.encryption ? 'enc_version, enc_envkey' : '0 AS enc_version, NULL AS enc_envkey'},
+        ${s.nonce ? 'enc_nonce' : 'NULL AS enc_nonce'} FROM blocks WHERE version_uid = $1 AND id = ANY($2::int[]) AND uid IS NOT NULL`,
+      [versionUid, blockIds.slice(i, i + PAGE)]);
       for (const r of rows) out.set(String(r.uid), detailsOf(r));
     }
     return out;

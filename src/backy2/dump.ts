@@ -1,6 +1,6 @@
 import { BlobFormat } from '../meta/types';
 import type { VersionRecord } from '../meta/version-record';
-import { KEY_INFO, WRAPPED_KEY } from '../codec/backy2-blob';
+import { parseKeyInfo } from '../codec/backy2-blob';
 import { blockCount } from '../meta/block-map';
 import { decodeBlockDates } from '../meta/block-dates';
 import { IMPORT_HOLE } from '../meta/types';
@@ -54,8 +54,9 @@ export function* dumpLines(r: VersionRecord, bad: (blobIndex: number) => boolean
       } else {
         const b = r.blobs[m];
         const aes = b.format === BlobFormat.Backy2Aes;
-        const key = aes && b.keyInfo ? b.keyInfo.subarray(0, WRAPPED_KEY).toString('hex') : '';
-        const nonce = aes && b.keyInfo && b.keyInfo.length === KEY_INFO ? b.keyInfo.subarray(WRAPPED_KEY).toString('hex') : '';
+        const info = aes && b.keyInfo ? parseKeyInfo(b.keyInfo) : undefined;
+        const key = info ? info.wrapped.toString('hex') : '';
+        const nonce = info?.nonce ? info.nonce.toString('hex') : '';
         out += csvRow([b.uid, v.uid, i, date, b.checksum.toString('hex'), b.size, bad(m) ? 0 : 1, aes ? 1 : 0, key, nonce]);
       }
       if (out.length > 1 << 20) {

@@ -24,10 +24,13 @@ export interface Backy2Layout {
   problems: string[];
 }
 
+/** What is wrong with one version of a backy2 database: that version is not imported, the others are. */
+export class Backy2DataError extends DatabaseError {}
+
 /** backy2's naive UTC date text ("2026-11-26 06:36:16.345831", or a date alone) as ms since the epoch. */
 export function parseBacky2Date(text: string): number {
   const m = /^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?)?(?:[+-]00(?::?00)?|Z)?$/.exec(text.trim());
-  if (!m) throw new DatabaseError(`unexpected date "${text}" in the backy2 database`);
+  if (!m) throw new Backy2DataError(`unexpected date "${text}" in the backy2 database`);
   const [y, mo, d, h = '0', mi = '0', s = '0', frac = ''] = m.slice(1);
   return Date.UTC(+y, +mo - 1, +d, +h, +mi, +s, Math.floor(Number(frac.padEnd(6, '0')) / 1000));
 }
@@ -45,7 +48,7 @@ export async function readLayout(db: Backy2Database, v: Backy2Version, blockSize
   const version = importedVersionRow(v, blockSize, tags);
   const blocks = blockCount(v.sizeBytes, blockSize);
   if (blocks !== v.size) {
-    throw new DatabaseError(`version ${v.uid} has ${v.size} blocks for ${v.sizeBytes} bytes, which does not fit block_size ${blockSize}`);
+    throw new Backy2DataError(`version ${v.uid} has ${v.size} blocks for ${v.sizeBytes} bytes, which does not fit block_size ${blockSize}`);
   }
   const map = new Int32Array(blocks).fill(IMPORT_PENDING);
   const dates = new Float64Array(blocks).fill(NaN);
@@ -111,9 +114,12 @@ export interface Backy2Blob {
   nonce?: Buffer;
 }
 
+const hexLengths = new Map<string, number>();
+
 export function checkBlob(uid: string, d: Backy2BlobDetails | undefined, hashFunction: string): Backy2Blob | string {
   if (!d) return `blob ${uid} has no row`;
-  const hexLen = createHash(hashFunction).digest().length * 2;
+  let hexLen = hexLengths.get(hashFunction);
+  if (hexLen === undefined) hexLengths.set(hashFunction, (hexLen = createHash(hashFunction).digest().length * 2));
   if (!d.checksum || d.checksum.length !== hexLen || !/^[0-9a-f]+$/i.test(d.checksum)) return `blob ${uid} has no ${hashFunction} checksum`;
   const base = { uid, checksum: Buffer.from(d.checksum, 'hex'), size: d.size };
   if (d.encVersion === 0) return { ...base, format: BlobFormat.Backy2Plain };

@@ -49,7 +49,10 @@ export class Context {
     return repo;
   }
 
+  /** The command failed: closing repositories skips work that is only worth doing after success. */
+  failed = false;
+
   async close(): Promise<void> {
-    for (const r of this.repos.splice(0)) await r.close();
+    for (const r of this.repos.splice(0)) await r.close({ syncStorageMeta: !this.failed });
   }
 }

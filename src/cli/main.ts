@@ -37,6 +37,7 @@ export function buildProgram(): Command {
       code = (await fn(ctx, ...args.slice(0, -1))) ?? ExitCode.OK;
     } catch (e) {
       code = reportError(e, !!ctx.opts.debug);
+      ctx.failed = true;
     } finally {
       await ctx.close().catch(() => undefined);
     }

@@ -12,9 +12,10 @@ import { BlobFormatError } from './blob-format';
  *
  * Version 1: tag (16) ‖ nonce (16) ‖ AES-256-GCM ciphertext of one zstd frame holding the block, under a random
  * data key per blob, no additional data. backy2 kept the data key wrapped with its master key (RFC 3394) in
- * its database; an import re-wraps it with backy's own key (as backy2's `rekey` would), so backy never needs
- * backy2's key after the import. keyInfo = wrapped key (40) ‖ nonce (16; absent when backy2's database had no
- * nonce column, before 2.13). The data key is unique to the
+ * its database. backy keeps it as it was, with the id of the key that wraps it (keyInfo below): backy2's key
+ * is kept in the repository wrapped with backy's own (a key-encryption key, KEK), so an import costs no
+ * cryptography per blob, a repository key differing from backy2's is no problem, and exports show the
+ * wrapped keys exactly as backy2 did. The data key is unique to the
  * blob, so the GCM tag already ties the blob to this database row: like backy's own format, reading may rely
  * on the tag alone (read_verification = tag) or recompute the checksum as well.
  */
@@ -22,7 +23,21 @@ const IV_3394 = Buffer.from('A6A6A6A6A6A6A6A6', 'hex');
 const TAG = 16;
 const NONCE = 16;
 export const WRAPPED_KEY = 40;
-export const KEY_INFO = WRAPPED_KEY + NONCE;
+
+/**
+ * A Backy2Aes blob's key information: the id of the key wrapping its data key (0: the repository key, else a
+ * KEK an import registered), the wrapped data key (40), and its nonce (16; absent when backy2's database had
+ * no nonce column, before 2.13).
+ */
+export function makeKeyInfo(kek: number, wrapped: Buffer, nonce?: Buffer): Buffer {
+  if (!Number.isInteger(kek) || kek < 0 || kek > 255) throw new Error(`key id ${kek} out of range`);
+  return Buffer.concat([Buffer.from([kek]), wrapped, nonce ?? Buffer.alloc(0)]);
+}
+
+export function parseKeyInfo(k: Buffer): { kek: number; wrapped: Buffer; nonce?: Buffer } {
+  if (k.length !== 1 + WRAPPED_KEY && k.length !== 1 + WRAPPED_KEY + NONCE) throw new BlobFormatError('the database has no data key for this blob');
+  return { kek: k[0], wrapped: k.subarray(1, 1 + WRAPPED_KEY), nonce: k.length > 1 + WRAPPED_KEY ? k.subarray(1 + WRAPPED_KEY) : undefined };
+}
 
 /** Unwraps a backy2 data key; throws when the master key is not the one it was wrapped with. */
 export function unwrapDataKey(master: Buffer, wrapped: Buffer): Buffer {
@@ -67,8 +82,8 @@ function inflateExactly(frame: Buffer, size: number, out?: Buffer): Buffer {
 export interface Backy2DecodeOptions {
   format: BlobFormat;
   keyInfo: Buffer | null;
-  /** backy's key: Backy2Aes data keys are wrapped with it */
-  key?: Buffer;
+  /** the key of a KEK id (0: the repository key) */
+  keys: (kek: number) => Buffer | undefined;
   hashFunction: string;
 }
 
@@ -80,12 +95,14 @@ export function decodeBacky2Blob(blob: Buffer, sum: Buffer, size: number, o: Bac
     data = blob;
     recompute = true; // nothing else vouches for a plain blob
   } else if (o.format === BlobFormat.Backy2Aes) {
-    if (!o.key) throw new BlobFormatError('blob is encrypted but this repository has no key');
-    if (!o.keyInfo || (o.keyInfo.length !== KEY_INFO && o.keyInfo.length !== WRAPPED_KEY)) throw new BlobFormatError('the database has no data key for this blob');
+    if (!o.keyInfo) throw new BlobFormatError('the database has no data key for this blob');
+    const info = parseKeyInfo(o.keyInfo);
+    const kek = o.keys(info.kek);
+    if (!kek) throw new BlobFormatError(info.kek ? `key ${info.kek} of this blob is not known to this repository` : 'blob is encrypted but this repository has no key');
     if (blob.length < TAG + NONCE) throw new BlobFormatError('truncated');
     const nonce = blob.subarray(TAG, TAG + NONCE);
-    if (o.keyInfo.length === KEY_INFO && !nonce.equals(o.keyInfo.subarray(WRAPPED_KEY))) throw new BlobFormatError('nonce differs from the database (another blob?)');
-    const dataKey = unwrapDataKey(o.key, o.keyInfo.subarray(0, WRAPPED_KEY));
+    if (info.nonce && !nonce.equals(info.nonce)) throw new BlobFormatError('nonce differs from the database (another blob?)');
+    const dataKey = unwrapDataKey(kek, info.wrapped);
     const d = createDecipheriv('aes-256-gcm', dataKey, nonce);
     d.setAuthTag(blob.subarray(0, TAG));
     const frame = d.update(blob.subarray(TAG + NONCE));

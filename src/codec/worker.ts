@@ -19,6 +19,8 @@ export type WorkerReply =
 
 export interface WorkerInit {
   keyHex?: string;
+  /** keys other blobs' data keys are wrapped with (imported backy2 repositories), by id, hex */
+  keks?: Record<string, string>;
   compression: 'zstd' | 'none';
   compressionLevel: number;
   hashFunction: string;
@@ -32,6 +34,8 @@ if (parentPort) {
     compressionLevel: init.compressionLevel,
     hashFunction: init.hashFunction,
   };
+  const keks = new Map(Object.entries(init.keks ?? {}).map(([id, hex]) => [Number(id), Buffer.from(hex, 'hex')]));
+  const keyOf = (kek: number) => (kek === 0 ? opts.key : keks.get(kek));
   const port = parentPort;
   port.on('message', (req: WorkerRequest) => {
     switch (req.op) {
@@ -64,7 +68,7 @@ if (parentPort) {
         try {
           const blob = Buffer.from(req.blob, 0, req.len);
           const data = req.format
-            ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, key: opts.key, hashFunction: opts.hashFunction }, out, req.recompute)
+            ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, keys: keyOf, hashFunction: opts.hashFunction }, out, req.recompute)
             : decodeBlob(blob, Buffer.from(req.sum), req.size, opts, out, req.recompute);
           if (req.out && data.buffer === req.out && data.byteOffset === 0) {
             reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };

@@ -4,6 +4,8 @@ import { InvalidBlobUidError } from '../storage/types';
 import { DatabaseError } from '../util/errors';
 import { log } from '../util/log';
 import { LOCKS, Repository } from './repository';
+import { PACKS_PREFIX, SYNC_LOCK } from './storage-meta';
+import { lockInfo } from '../util/process-info';
 
 export const CLEANUP_GRACE_MS = 3600 * 1000;
 
@@ -12,6 +14,8 @@ export interface CleanupResult {
   waiting: number;
   orphansDeleted: number;
   orphanBytes: number;
+  /** cleanup --full: metadata packs in storage no blob of the database refers to */
+  packsDeleted: number;
 }
 
 /**
@@ -43,11 +47,15 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
       }
     }
     await repo.store.delete(keys);
+    const packs = await repo.meta.packsOf(batch.map((b) => b.id));
     await repo.meta.forgetBlobs(batch.map((b) => b.id));
+    // Metadata packs whose blobs are all gone go too (their other entries describe nothing any more).
+    await repo.storageMeta.deletePacks(await repo.meta.unusedPacks(packs));
     deleted += keys.length;
   }
   let orphansDeleted = 0;
   let orphanBytes = 0;
+  let packsDeleted = 0;
   if (opts.full) {
     for await (const page of repo.store.list()) {
       const uids = page.map((o) => (o.partial ? undefined : uidOfKey(o.key)));
@@ -59,12 +67,39 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
         orphanBytes += orphans.reduce((s, o) => s + o.size, 0);
       }
     }
+    packsDeleted = (await sweepMetadataPacks(repo)).count;
   }
   log.info(`cleanup: ${deleted} blobs deleted, ${mark.waiting} unreferenced blobs inside the grace period, ` +
-    `${mark.referenced} in use${opts.full ? `; ${orphansDeleted} unknown objects (${formatBytes(orphanBytes)}) removed from storage` : ''}`);
+    `${mark.referenced} in use${opts.full ? `; ${orphansDeleted} unknown objects (${formatBytes(orphanBytes)}) removed from storage` +
+    (packsDeleted ? `, and ${packsDeleted} metadata packs no blob needs` : '') : ''}`);
   if (refused.length) {
     throw new DatabaseError(`cleanup: ${refused.length} blob rows with invalid uids were forgotten without touching storage; ` +
       'the database was changed by something other than backy');
   }
-  return { deleted, waiting: mark.waiting, orphansDeleted, orphanBytes };
+  return { deleted, waiting: mark.waiting, orphansDeleted, orphanBytes, packsDeleted };
+}
+
+/**
+ * Metadata packs no blob row refers to (left by a crash between writing a pack and recording it, or by a
+ * database rebuilt without the versions that used them). Only while no metadata sync runs: a pack it has just
+ * written is not recorded yet.
+ */
+async function sweepMetadataPacks(repo: Repository): Promise<{ count: number }> {
+  const out = { count: 0 };
+  const info = lockInfo('full cleanup');
+  if (await repo.meta.tryLock(SYNC_LOCK, info)) {
+    log.warn('cleanup --full: metadata is being written to storage right now; unused metadata packs are left for the next one');
+    return out;
+  }
+  try {
+    for await (const page of repo.store.listUnder(PACKS_PREFIX)) {
+      const names = page.map((o) => o.key.slice(PACKS_PREFIX.length)).filter((n) => /^[0-9a-f]{32}$/.test(n));
+      const unused = await repo.meta.unusedPacks(names);
+      await repo.storageMeta.deletePacks(unused);
+      out.count += unused.length;
+    }
+  } finally {
+    await repo.meta.unlock(SYNC_LOCK, info.session);
+  }
+  return out;
 }

@@ -1,13 +1,15 @@
 import type { Config } from '../config/config';
 import { createMetaStore } from '../meta/open';
-import type { ImportBlob } from '../meta/types';
-import type { VersionRecord } from '../meta/version-record';
+import { HOLE, PENDING } from '../meta/block-map';
+import { PACK_HOLE, PACK_PENDING, VersionObject } from '../meta/storage-format';
+import { ImportBlob, ImportVersion, newBlobRef } from '../meta/types';
+import type { RecordBlob } from '../meta/version-record';
 import { createBlobStore } from '../storage/open';
 import { BackyError, ConfigError, errorLine, StorageError, WrongKeyError } from '../util/errors';
 import { JobRunner } from '../util/job-runner';
 import { log } from '../util/log';
 import { Progress } from '../util/progress';
-import { keyCheckValue, LOCKS, Repository } from './repository';
+import { kekSetting, keyCheckValue, LOCKS, Repository } from './repository';
 import { MetadataObjectError, RepositoryInfo, StorageMeta } from './storage-meta';
 
 export interface RebuildResult {
@@ -16,9 +18,6 @@ export interface RebuildResult {
   /** records that could not be read (the rest was rebuilt) */
   unreadable: { uid: string; error: string }[];
 }
-
-/** Blob ids remembered across versions (most blobs are shared): bounded, older entries are looked up again. */
-const ID_CACHE = 4_000_000;
 
 /**
  * Recreates the database from storage alone: the repository object says how the repository was made (and
@@ -29,6 +28,7 @@ const ID_CACHE = 4_000_000;
 export async function rebuildDatabase(cfg: Config, opts: { quiet?: boolean } = {}): Promise<RebuildResult> {
   await checkStorageSettings(cfg);
   const meta = createMetaStore(cfg.metaEngine);
+  const store = createBlobStore(cfg);
   try {
     if (!(await meta.initdb())) {
       await meta.open();
@@ -36,8 +36,11 @@ export async function rebuildDatabase(cfg: Config, opts: { quiet?: boolean } = {
         throw new BackyError(`database ${meta.description} is not empty: db-rebuild only fills an empty database (move this one away or point [MetaBackend] engine at a new one)`);
       }
     }
+    // Keys an import brought in: the data keys of imported blobs are wrapped with them.
+    for (const [id, hex] of await new StorageMeta(store, cfg.encryptionKey).keks()) await meta.setSettingIfAbsent(kekSetting(id), hex);
   } finally {
     await meta.close();
+    await store.close();
   }
   const repo = await Repository.open(cfg);
   try {
@@ -76,14 +79,15 @@ async function rebuildInto(repo: Repository, opts: { quiet?: boolean }): Promise
   const sm = repo.storageMeta;
   const uids: string[] = [];
   for await (const page of sm.versionUids()) uids.push(...page);
-  log.info(`rebuilding the database from ${uids.length} version records in ${repo.store.description}`);
+  log.info(`rebuilding the database from ${uids.length} version objects in ${repo.store.description}`);
   const result: RebuildResult = { versions: 0, blobs: 0, unreadable: [] };
-  const ids = new Map<string, number>();
+  const packs = new PackCache(sm);
   const progress = new Progress('db-rebuild', uids.length, { quiet: opts.quiet });
-  // Records are fetched and opened several at a time; rows are added one version at a time, in the order the
-  // records arrive (each version is one transaction).
+  // Objects are fetched and opened several at a time; versions are added in batches, one transaction each
+  // (blob rows are indexed by random uids and checksums: a transaction per version would rewrite the same
+  // index pages again and again).
+  const adder = new BatchAdder(repo, packs);
   const jobs = new JobRunner(Math.max(2, repo.cfg.data.simultaneousReads));
-  let inserting = Promise.resolve();
   for (const uid of uids) {
     await jobs.acquire();
     if (jobs.failed) {
@@ -91,40 +95,111 @@ async function rebuildInto(repo: Repository, opts: { quiet?: boolean }): Promise
       break;
     }
     jobs.start(async () => {
-      let rec: VersionRecord | undefined;
+      let o: VersionObject | undefined;
       try {
-        rec = await sm.getVersion(uid);
+        o = await sm.getVersion(uid);
+        if (o && o.version.uid !== uid) throw new MetadataObjectError(`the object names version ${o.version.uid}`);
+        if (o) await packs.load(o.packs);
       } catch (e) {
         if (!(e instanceof MetadataObjectError)) throw e;
         result.unreadable.push({ uid, error: errorLine(e) });
         return;
       }
-      if (!rec) return; // removed meanwhile
-      if (rec.version.uid !== uid) {
-        result.unreadable.push({ uid, error: `the record names version ${rec.version.uid}` });
-        return;
-      }
-      const r = rec;
-      inserting = inserting.then(() => addVersion(repo, r, ids, result));
-      await inserting;
+      if (!o) return; // removed meanwhile
+      await adder.add(o);
+      result.versions++;
     }, () => progress.add(1));
   }
   await jobs.drain();
+  if (!jobs.failed) await adder.flush();
   progress.finish();
   if (jobs.failed) throw jobs.failure;
   result.blobs = (await repo.meta.repositoryStats()).blobs;
   for (const u of result.unreadable) log.error(`version ${u.uid}: ${u.error}`);
   log.info(`db-rebuild: ${result.versions} versions and ${result.blobs} blobs back in ${repo.meta.description}` +
-    (result.unreadable.length ? `; ${result.unreadable.length} records could not be read` : '') +
+    (result.unreadable.length ? `; ${result.unreadable.length} version objects could not be read` : '') +
     '. Blobs no version uses are still in storage: "backy cleanup --full" removes them.');
-  if (result.unreadable.length) throw new StorageError(`${result.unreadable.length} version records could not be read (first: ${result.unreadable[0].uid}); the other versions were rebuilt`);
+  if (result.unreadable.length) throw new StorageError(`${result.unreadable.length} version objects could not be read (first: ${result.unreadable[0].uid}); the other versions were rebuilt`);
   return result;
 }
 
-async function addVersion(repo: Repository, rec: VersionRecord, ids: Map<string, number>, result: RebuildResult): Promise<void> {
-  const blobs: ImportBlob[] = rec.blobs.map((b) => ({ ...b, storedSize: 0, bad: false, id: ids.get(b.uid) }));
-  const { blobIds } = await repo.meta.importVersion(rec.version, blobs, rec.map, { blockDates: rec.blockDates, synced: true });
-  if (ids.size > ID_CACHE) ids.clear();
-  blobs.forEach((b, k) => ids.set(b.uid, blobIds[k]));
-  result.versions++;
+/**
+ * Blob packs read for a rebuild, with the database id of each entry once known: a block of a later version
+ * referring to the same entry needs no lookup. Bounded; an evicted pack is read again if needed.
+ */
+class PackCache {
+  private readonly packs = new Map<string, { blobs: RecordBlob[]; ids: Float64Array }>();
+  private static readonly MAX = 4096;
+
+  constructor(private readonly sm: StorageMeta) {}
+
+  async load(names: string[]): Promise<void> {
+    for (const name of names) {
+      if (this.packs.has(name)) continue;
+      const blobs = await this.sm.getPack(name);
+      if (!blobs) throw new MetadataObjectError(`metadata pack ${name} is missing`);
+      if (this.packs.size >= PackCache.MAX) this.packs.delete(this.packs.keys().next().value!);
+      this.packs.set(name, { blobs, ids: new Float64Array(blobs.length) });
+    }
+  }
+
+  async get(name: string): Promise<{ blobs: RecordBlob[]; ids: Float64Array }> {
+    if (!this.packs.has(name)) await this.load([name]);
+    return this.packs.get(name)!;
+  }
+}
+
+/** Versions collected into batches: one importVersions call (one transaction) per batch, one at a time. */
+class BatchAdder {
+  private items: { v: ImportVersion; entries: Float64Array; opts: { blockDates?: Buffer; synced: boolean } }[] = [];
+  private newBlobs: ImportBlob[] = [];
+  private newAt = new Map<string, number>();
+  private pending: { ids: Float64Array; index: number }[] = [];
+  private committing = Promise.resolve();
+
+  constructor(private readonly repo: Repository, private readonly packs: PackCache) {}
+
+  async add(o: VersionObject): Promise<void> {
+    const tables = await Promise.all(o.packs.map((name) => this.packs.get(name)));
+    const entries = new Float64Array(o.packNo.length);
+    for (let i = 0; i < entries.length; i++) {
+      const p = o.packNo[i];
+      if (p === PACK_HOLE) { entries[i] = HOLE; continue; }
+      if (p === PACK_PENDING) { entries[i] = PENDING; continue; }
+      const t = tables[p];
+      const k = o.index[i];
+      const id = t.ids[k];
+      if (id > 0) { entries[i] = id; continue; }
+      const key = `${o.packs[p]}:${k}`;
+      let n = this.newAt.get(key);
+      if (n === undefined) {
+        const b = t.blobs[k];
+        if (!b) throw new MetadataObjectError(`version ${o.version.uid}: block ${i} refers to entry ${k} of pack ${o.packs[p]}, which has ${t.blobs.length}`);
+        n = this.newBlobs.length;
+        this.newAt.set(key, n);
+        this.newBlobs.push({ ...b, storedSize: 0, bad: false, metaPack: o.packs[p], metaIndex: k });
+        this.pending.push({ ids: t.ids, index: k });
+      }
+      entries[i] = newBlobRef(n);
+    }
+    this.items.push({ v: o.version, entries, opts: { blockDates: o.blockDates, synced: true } });
+    if (this.items.length >= 64 || this.newBlobs.length >= 20_000) await this.flush();
+  }
+
+  /** Adds the batch collected so far (after the batch before it). */
+  flush(): Promise<void> {
+    const items = this.items;
+    const newBlobs = this.newBlobs;
+    const pending = this.pending;
+    this.items = [];
+    this.newBlobs = [];
+    this.newAt = new Map();
+    this.pending = [];
+    this.committing = this.committing.then(async () => {
+      if (!items.length) return;
+      const { newIds } = await this.repo.meta.importVersions(items, newBlobs);
+      pending.forEach((x, n) => (x.ids[x.index] = newIds[n]));
+    });
+    return this.committing;
+  }
 }

@@ -10,8 +10,7 @@ import { recordFromDb } from './storage-meta';
  */
 export async function exportVersion(repo: Repository, uid: string, write: (text: string) => Promise<void>): Promise<'backy2' | 'backy'> {
   const v = await repo.version(uid);
-  const states: BlobState[] = [];
-  const record = await recordFromDb(repo.meta, v, states);
-  for (const chunk of dumpLines(record, (k) => states[k] === BlobState.Bad)) await write(chunk);
+  const { record, refs } = await recordFromDb(repo.meta, v);
+  for (const chunk of dumpLines(record, (k) => refs[k].state === BlobState.Bad)) await write(chunk);
   return fitsBacky2(record) ? 'backy2' : 'backy';
 }

@@ -2,6 +2,7 @@ import type { Backy2Config } from '../backy2/config';
 import type { Backy2Database } from '../backy2/database';
 import { Backy2Layout, checkBlob } from '../backy2/layout';
 import { Codec } from '../codec/codec';
+import { makeKeyInfo } from '../codec/backy2-blob';
 import { WorkerPool } from '../codec/pool';
 import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
 import { readChunkWithBlobs } from '../meta/map-reader';
@@ -64,7 +65,9 @@ export class Backy2Copier {
     opts.progress.add(v.size - usable.reduce((s, i) => s + lenOf(i), 0));
     if (todo.length < blockCount(v.size, bs)) log.info(`continuing the copy of version ${v.uid}: ${usable.length} blocks to go`);
 
-    const details = await db.blobDetails([...new Set(usable.filter((i) => layout.map[i] >= 0).map((i) => layout.uids[layout.map[i]]))]);
+    const firstBlock = new Map<number, number>();
+    for (const i of usable) if (layout.map[i] >= 0 && !firstBlock.has(layout.map[i])) firstBlock.set(layout.map[i], i);
+    const details = await db.blobDetails(v.uid, [...firstBlock.values()]);
     const { store: source, codec: decoder } = usable.some((i) => layout.map[i] >= 0) ? this.source() : { store: undefined, codec: undefined };
     const session = sessionId();
     const recorder = new Coalescer<BlockEntry, ResolvedBlock | undefined>(async (entries) => {
@@ -97,7 +100,8 @@ export class Backy2Copier {
       let data: Buffer;
       try {
         const raw = await source!.get(storageKey(uid, b.format, this.b2.data.type));
-        const keyInfo = b.format === BlobFormat.Backy2Aes ? (b.nonce ? Buffer.concat([b.envkey!, b.nonce]) : b.envkey!) : null;
+        // The decoder's own key (kek 0) is backy2's.
+        const keyInfo = b.format === BlobFormat.Backy2Aes ? makeKeyInfo(0, b.envkey!, b.nonce) : null;
         const r = await decoder!.decodeReusing(raw, b.checksum, b.size, undefined, true, { format: b.format, keyInfo });
         if (r.error !== undefined) throw new BlobCorruptError(storageKey(uid, b.format, this.b2.data.type), r.error);
         data = r.data!;

@@ -1,16 +1,22 @@
 import * as fs from 'node:fs';
-import { timingSafeEqual } from 'node:crypto';
 import { Backy2Config, loadBacky2Config } from '../backy2/config';
-import { Backy2Database, Backy2Version, openBacky2Database } from '../backy2/database';
-import { Backy2Blob, Backy2Layout, checkBlob, parseBacky2Date, readLayout } from '../backy2/layout';
+import { Backy2Database, Backy2Version, BlockColumn, openBacky2Database } from '../backy2/database';
+import { COLUMN_STRIDE } from '../backy2/block-column';
+import { Backy2Blob, Backy2DataError, checkBlob, importedVersionRow, parseBacky2Date, readLayout } from '../backy2/layout';
 import { holdBacky2GlobalLock, refuseIfBacky2Busy } from '../backy2/locks';
-import { unwrapDataKey, wrapDataKey } from '../codec/backy2-blob';
+import { makeKeyInfo, unwrapDataKey } from '../codec/backy2-blob';
 import { encodeBlockDates } from '../meta/block-dates';
-import { BlobFormat, IMPORT_PENDING, ImportBlob } from '../meta/types';
+import { blockCount, HOLE, PENDING } from '../meta/block-map';
+import { PACK_HOLE, PACK_PENDING } from '../meta/storage-format';
+import { BlobFormat, IMPORT_HOLE, ImportBlob, ImportOptions, ImportVersion, newBlobRef } from '../meta/types';
+import type { VersionObject } from '../meta/storage-format';
+import { isBacky2Uid } from '../storage/blob-keys';
 import type { RecordBlob } from '../meta/version-record';
 import { BackyError, ConfigError, errorLine, WrongKeyError } from '../util/errors';
+import { newPackName } from './storage-meta';
 import { log } from '../util/log';
 import { Progress } from '../util/progress';
+import { JobRunner } from '../util/job-runner';
 import { Backy2Copier } from './import-backy2-copy';
 import { LOCKS, Repository } from './repository';
 
@@ -34,9 +40,6 @@ export interface ImportBacky2Result {
   blobs: number;
 }
 
-/** Blob details and ids remembered between versions (versions share most blobs); cleared when it grows past this. */
-const BLOB_CACHE = 1_000_000;
-
 /**
  * Imports every version of a backy2 2.9–2.13 repository. Without --copy, backy2's blobs become blobs of this
  * repository where they are (its [DataBackend] must be backy2's), read in backy2's formats; nothing in storage
@@ -57,8 +60,8 @@ export async function importBacky2(repo: Repository, opts: ImportBacky2Options):
     try {
       log.info(`importing backy2 repository ${db.description} (schema ${db.schema.revision || 'unknown'}) ${opts.copy ? 'by copying every block' : 'in place'}`);
       if (!opts.copy) checkInPlace(repo, b2);
-      await checkKey(repo, b2, db, opts.copy);
-      return await importVersions(repo, b2, db, opts);
+      const kek = await checkKey(repo, b2, db, opts.copy);
+      return await importVersions(repo, b2, db, opts, kek);
     } finally {
       await db.close();
     }
@@ -88,10 +91,13 @@ function checkInPlace(repo: Repository, b2: Backy2Config): void {
   }
 }
 
-/** Refuses a wrong or missing key before anything is imported. */
-async function checkKey(repo: Repository, b2: Backy2Config, db: Backy2Database, copy: boolean): Promise<void> {
+/**
+ * Refuses a wrong or missing key before anything is imported. In place, returns the id of the key wrapping
+ * the imported blobs' data keys (backy2's, registered with this repository; 0 when it is this repository's).
+ */
+async function checkKey(repo: Repository, b2: Backy2Config, db: Backy2Database, copy: boolean): Promise<number> {
   const enc = await db.someEncryptedBlock();
-  if (!enc) return;
+  if (!enc) return 0;
   if (!b2.encryptionKey) throw new ConfigError(`the backy2 repository has encrypted blocks but ${b2.file} has no encryption_key`);
   if (!/^[0-9a-f]{80}$/i.test(enc.envkey)) throw new BackyError(`block ${enc.uid} of the backy2 repository has a malformed wrapped key`);
   try {
@@ -99,51 +105,88 @@ async function checkKey(repo: Repository, b2: Backy2Config, db: Backy2Database, 
   } catch {
     throw new WrongKeyError(`the encryption_key in ${b2.file} is not the key this backy2 repository was written with (the data key of blob ${enc.uid} does not unwrap)`);
   }
-  if (!copy && !repo.cfg.encryptionKey) {
-    throw new ConfigError('the backy2 repository is encrypted and this repository has no encryption_key: an import in place re-wraps the data keys with it (or import with --copy)');
+  if (copy) return 0;
+  if (!repo.cfg.encryptionKey) {
+    throw new ConfigError('the backy2 repository is encrypted and this repository has no encryption_key: an import in place keeps backy2\'s key wrapped with it (or import with --copy)');
   }
+  return repo.registerKek(b2.encryptionKey);
 }
 
-async function importVersions(repo: Repository, b2: Backy2Config, db: Backy2Database, opts: ImportBacky2Options): Promise<ImportBacky2Result> {
+async function importVersions(repo: Repository, b2: Backy2Config, db: Backy2Database, opts: ImportBacky2Options, kek: number): Promise<ImportBacky2Result> {
   const result: ImportBacky2Result = { imported: [], skipped: [], invalid: [], failed: [], blobs: 0 };
   const versions = await db.versions();
   const tags = await db.tags();
-  const cache = new BlobCache(repo, b2);
+  const present = new Set((await repo.meta.listVersions()).map((x) => x.uid));
+  // The database scans the next versions while this one is added (a worker thread for SQLite).
+  const columns = new Map<string, Promise<BlockColumn | undefined>>();
+  const readAhead = (from: number) => {
+    if (opts.copy) return;
+    for (let j = from; j < Math.min(versions.length, from + 3); j++) {
+      const x = versions[j];
+      if (present.has(x.uid) || columns.has(x.uid)) continue;
+      const p = db.blockColumn(x);
+      p.catch(() => undefined);
+      columns.set(x.uid, p);
+    }
+  };
+  const inPlace = new InPlaceImporter(repo, b2, db, kek);
+  const statsDone: Promise<void>[] = [];
+  const imported = (v: Backy2Version, valid: boolean, why: string) => {
+    if (opts.copy === false) statsDone.push(importStats(repo, db, v));
+    result.imported.push(v.uid);
+    if (!valid) {
+      result.invalid.push(v.uid);
+      log.warn(`version ${v.uid} (${v.name}) imported as invalid: ${why}`);
+    } else {
+      log.info(`imported version ${v.uid} (${v.name}, ${v.date.slice(0, 19)})`);
+    }
+  };
   const copier = new Backy2Copier(repo, b2);
   const blobsBefore = (await repo.meta.repositoryStats()).blobs;
   const progress = new Progress('import-backy2', versions.reduce((s, v) => s + v.sizeBytes, 0), { quiet: opts.quiet });
   try {
-    for (const v of versions) {
-      const there = await repo.meta.getVersion(v.uid);
+    for (const [k, v] of versions.entries()) {
+      readAhead(k);
+      const there = present.has(v.uid) ? await repo.meta.getVersion(v.uid) : undefined;
       if (there && (there.complete || !opts.copy)) {
         result.skipped.push(v.uid);
         progress.add(v.sizeBytes);
         continue;
       }
       try {
-        const layout = await readLayout(db, v, b2.blockSize, tags.get(v.uid) ?? []);
-        for (const p of layout.problems) log.warn(`backy2 version ${v.uid}: ${p}`);
-        const valid = opts.copy
-          ? await copier.copy(db, layout, { progress })
-          : await importInPlace(repo, db, layout, cache);
-        if (!opts.copy) progress.add(v.sizeBytes);
-        if (!there) await importStats(repo, db, v);
-        result.imported.push(v.uid);
-        if (!valid) {
-          result.invalid.push(v.uid);
-          log.warn(`version ${v.uid} (${v.name}) imported as invalid: ${describeInvalid(v, layout)}`);
+        let valid = false;
+        let why = '';
+        if (opts.copy) {
+          const layout = await readLayout(db, v, b2.blockSize, tags.get(v.uid) ?? []);
+          for (const p of layout.problems) log.warn(`backy2 version ${v.uid}: ${p}`);
+          valid = await copier.copy(db, layout, { progress });
+          why = describeInvalid(v, layout.bad.some(Boolean), layout.problems);
         } else {
-          log.info(`imported version ${v.uid} (${v.name}, ${v.date.slice(0, 19)})`);
+          const r = await readVersion(db, v, b2.blockSize, tags.get(v.uid) ?? [], columns.get(v.uid));
+          columns.delete(v.uid);
+          for (const p of r.problems) log.warn(`backy2 version ${v.uid}: ${p}`);
+          // Reported once in the database (versions are added in batches).
+          await inPlace.add(r, (ok) => {
+            imported(v, ok, describeInvalid(v, r.bad.size > 0, r.problems));
+            progress.add(v.sizeBytes);
+          });
+          continue;
         }
+        if (!there) await importStats(repo, db, v);
+        imported(v, valid, why);
       } catch (e) {
-        if (!(e instanceof BackyError) || e instanceof WrongKeyError) throw e;
+        // Only what is wrong with this version's rows spares the others; storage or database trouble stops.
+        if (!(e instanceof Backy2DataError)) throw e;
         result.failed.push({ uid: v.uid, error: errorLine(e) });
         log.error(`version ${v.uid} not imported: ${errorLine(e)}`);
       }
     }
+    await inPlace.flush();
+    await Promise.all(statsDone);
   } finally {
     progress.finish();
     await copier.close();
+    await inPlace.flush().catch(() => undefined);
   }
   result.blobs = (await repo.meta.repositoryStats()).blobs - blobsBefore;
   log.info(`import-backy2: ${result.imported.length} versions imported (${result.invalid.length} of them invalid), ` +
@@ -151,109 +194,249 @@ async function importVersions(repo: Repository, b2: Backy2Config, db: Backy2Data
   return result;
 }
 
-function describeInvalid(v: Backy2Version, layout: Backy2Layout): string {
+function describeInvalid(v: Backy2Version, bad: boolean, problems: string[]): string {
   if (!v.valid) return 'backy2 had marked it invalid';
-  if (layout.bad.some(Boolean)) return 'backy2 had found bad blocks in it';
-  return layout.problems[0] ?? 'some blocks are unusable';
+  if (bad) return 'backy2 had found bad blocks in it';
+  return problems[0] ?? 'some blocks are unusable';
 }
 
 /**
- * The blobs of backy2's versions as blobs of this repository: details read from backy2's database once, data
- * keys re-wrapped with backy's key (backy2's `rekey`, done for each blob once), ids remembered once known.
+ * A version's blocks read from backy2: per block COLUMN_STRIDE bytes, its blob uid (32 characters, HOLE_SLOT
+ * or PENDING_SLOT filled) and the second its row was written ('YYYY-MM-DD HH:MM:SS', PENDING_SLOT filled
+ * without a row).
  */
-class BlobCache {
-  private readonly entries = new Map<string, { blob: RecordBlob; id?: number } | string>();
-  private readonly sameKey: boolean;
-
-  constructor(private readonly repo: Repository, private readonly b2: Backy2Config) {
-    const k = repo.cfg.encryptionKey;
-    this.sameKey = !!k && !!b2.encryptionKey && timingSafeEqual(k, b2.encryptionKey);
-  }
-
-  async load(db: Backy2Database, uids: string[]): Promise<void> {
-    const missing = uids.filter((u) => !this.entries.has(u));
-    if (!missing.length) return;
-    if (this.entries.size + missing.length > BLOB_CACHE) this.entries.clear();
-    const details = await db.blobDetails(missing);
-    for (const uid of missing) {
-      const b = checkBlob(uid, details.get(uid), this.b2.hashFunction);
-      this.entries.set(uid, typeof b === 'string' ? b : { blob: this.toRecordBlob(b) });
-    }
-  }
-
-  get(uid: string): { blob: RecordBlob; id?: number } | string {
-    return this.entries.get(uid) ?? `blob ${uid} was not loaded`;
-  }
-
-  private toRecordBlob(b: Backy2Blob): RecordBlob {
-    let keyInfo: Buffer | null = null;
-    if (b.format === BlobFormat.Backy2Aes) {
-      let wrapped = b.envkey!;
-      if (!this.sameKey) {
-        try {
-          wrapped = wrapDataKey(this.repo.cfg.encryptionKey!, unwrapDataKey(this.b2.encryptionKey!, b.envkey!));
-        } catch {
-          // A damaged row: the key is kept as it was, reads will fail and mark the blob bad.
-          log.warn(`blob ${b.uid}: its data key does not unwrap with backy2's key; imported as it is`);
-        }
-      }
-      keyInfo = b.nonce ? Buffer.concat([wrapped, b.nonce]) : wrapped;
-    }
-    return { uid: b.uid, checksum: b.checksum, size: b.size, format: b.format, keyInfo };
-  }
-
-  remember(uid: string, id: number): void {
-    const e = this.entries.get(uid);
-    if (e && typeof e !== 'string') e.id = id;
-  }
+interface ReadVersion {
+  version: ImportVersion;
+  rows: Buffer;
+  /** blobs with a row backy2 had found bad */
+  bad: Set<string>;
+  problems: string[];
 }
 
-/** Adds one version whose blobs stay where backy2 wrote them; writes its metadata object. Returns its validity. */
-async function importInPlace(repo: Repository, db: Backy2Database, layout: Backy2Layout, cache: BlobCache): Promise<boolean> {
-  await cache.load(db, layout.uids);
-  // The version's own blob table: usable blobs in order of first use (as the database will list them).
-  const blobs: ImportBlob[] = [];
-  const record: RecordBlob[] = [];
-  const remap = new Int32Array(layout.uids.length).fill(-1);
-  const map = layout.map;
-  let unusable = 0;
-  for (let i = 0; i < map.length; i++) {
-    const k = map[i];
-    if (k < 0) continue;
-    if (remap[k] < 0) {
-      const e = cache.get(layout.uids[k]);
-      if (typeof e === 'string') {
-        layout.problems.push(e);
-        log.warn(`backy2 version ${layout.version.uid}: ${e}`);
-        remap[k] = -2;
-      } else {
-        if (e.blob.size !== Math.min(layout.version.blockSize, layout.version.size - i * layout.version.blockSize)) {
-          layout.problems.push(`blob ${e.blob.uid} has size ${e.blob.size} at block ${i}`);
-          remap[k] = -2;
-        } else {
-          remap[k] = blobs.length;
-          record.push(e.blob);
-          blobs.push({ ...e.blob, storedSize: e.blob.format === BlobFormat.Backy2Plain ? e.blob.size : 0, bad: layout.bad[k], id: e.id });
-        }
+const HOLE_SLOT = 0x2d; // '-': a sparse block
+const PENDING_SLOT = 0x23; // '#': no usable row
+
+/**
+ * Reads a version's blocks: regular versions (all of them, in practice) in one scan by the database (`column`,
+ * possibly already under way), others row by row with every row checked (readLayout).
+ */
+async function readVersion(db: Backy2Database, v: Backy2Version, blockSize: number, tags: string[], column: Promise<BlockColumn | undefined> | undefined): Promise<ReadVersion> {
+  const version = importedVersionRow(v, blockSize, tags);
+  const col = blockCount(v.sizeBytes, blockSize) === v.size ? await column : undefined;
+  if (col) return { version, rows: col.rows, bad: new Set(), problems: [] };
+  const layout = await readLayout(db, v, blockSize, tags);
+  const rows = Buffer.alloc(layout.map.length * COLUMN_STRIDE, PENDING_SLOT);
+  const bad = new Set<string>();
+  layout.map.forEach((m, i) => {
+    const at = i * COLUMN_STRIDE;
+    if (m === IMPORT_HOLE) rows.fill(HOLE_SLOT, at, at + 32);
+    else if (m >= 0) {
+      rows.write(layout.uids[m], at, 'latin1');
+      if (layout.bad[m]) bad.add(layout.uids[m]);
+    }
+    if (!Number.isNaN(layout.dates[i])) rows.write(new Date(layout.dates[i]).toISOString().slice(0, 19).replace('T', ' '), at + 32, 'latin1');
+  });
+  return { version: layout.version, rows, bad, problems: layout.problems };
+}
+
+/** Per-block dates (ms, whole seconds; NaN without a row) from the date parts of the rows. */
+function datesOf(rows: Buffer, n: number): Float64Array {
+  const out = new Float64Array(n);
+  let last = -1;
+  let ms = NaN;
+  for (let i = 0; i < n; i++) {
+    const at = i * COLUMN_STRIDE + 32;
+    if (rows[at] === PENDING_SLOT) { out[i] = NaN; continue; }
+    // Rows of one second share their date text: parse only when it changes.
+    if (last < 0 || rows.compare(rows, last, last + 19, at, at + 19) !== 0) {
+      ms = parseBacky2Date(rows.toString('latin1', at, at + 19));
+      last = at;
+    }
+    out[i] = ms;
+  }
+  return out;
+}
+
+/**
+ * Imports versions in place, one after the other. Consecutive versions of a machine share nearly all their
+ * blobs, so each version is compared with the one before, block by block on the raw uid column: only the
+ * blocks that changed are looked up, only blobs never seen are read from backy2's database and described in
+ * a metadata pack. Their data keys stay as backy2 wrapped them (with backy2's key, registered as `kek`).
+ * Versions are added to the database in batches (one transaction for many: blob rows are indexed by random
+ * uids and checksums, and a transaction per version would rewrite the same index pages again and again).
+ * Blob ids and pack places are remembered by uid (bounded).
+ */
+class InPlaceImporter {
+  private readonly uidToG = new Map<string, number>();
+  private gId: number[] = [];
+  private gPack: number[] = [];
+  private gIdx: number[] = [];
+  /** index of a blob of the batch in `batchBlobs`, -1 otherwise */
+  private gRef: number[] = [];
+  private readonly packNames: string[] = [];
+  private prev: { rows: Buffer; slots: Int32Array } | undefined;
+  private batch: { v: ImportVersion; entries: Float64Array; opts: ImportOptions; object: VersionObject | undefined; done: (valid: boolean) => void }[] = [];
+  private batchBlobs: ImportBlob[] = [];
+  private batchG: number[] = [];
+  private packEntries: RecordBlob[] = [];
+  private packName = newPackName();
+  private static readonly MAX_BLOBS = 4_000_000;
+  private static readonly BATCH_VERSIONS = 64;
+  private static readonly BATCH_BLOBS = 20_000;
+  private readonly writes = new JobRunner(8);
+
+  /** `kek`: the id of backy2's key in this repository (it wraps the data keys). */
+  constructor(private readonly repo: Repository, private readonly b2: Backy2Config, private readonly db: Backy2Database, private readonly kek: number) {}
+
+  /** Adds the version; `done` runs, with its validity, once it is in the database. */
+  async add(r: ReadVersion, done: (valid: boolean) => void): Promise<void> {
+    try {
+      await this.prepare(r, done);
+      if (this.batch.length >= InPlaceImporter.BATCH_VERSIONS || this.batchBlobs.length >= InPlaceImporter.BATCH_BLOBS) await this.commit();
+    } catch (e) {
+      this.forget(); // what it remembered may name blobs of the failed batch
+      throw e;
+    }
+  }
+
+  private async prepare(r: ReadVersion, done: (valid: boolean) => void): Promise<void> {
+    const v = r.version;
+    const n = r.rows.length / COLUMN_STRIDE;
+    if (this.uidToG.size > InPlaceImporter.MAX_BLOBS && !this.batch.length) this.forget();
+    // Block -> blob number g (-1 hole, -2 unusable); new uids collected for their details.
+    const slots = new Int32Array(n);
+    const fresh = new Map<string, number[]>();
+    const prev = this.prev && this.prev.slots.length === n ? this.prev : undefined;
+    for (let i = 0; i < n; i++) {
+      const at = i * COLUMN_STRIDE;
+      const c = r.rows[at];
+      if (c === HOLE_SLOT) { slots[i] = -1; continue; }
+      if (c === PENDING_SLOT) { slots[i] = -2; continue; }
+      if (prev && prev.slots[i] >= 0 && r.rows.compare(prev.rows, at, at + 32, at, at + 32) === 0) {
+        slots[i] = prev.slots[i];
+        continue;
+      }
+      const uid = r.rows.toString('latin1', at, at + 32);
+      const g = this.uidToG.get(uid);
+      if (g !== undefined) slots[i] = g;
+      else {
+        let list = fresh.get(uid);
+        if (!list) fresh.set(uid, (list = []));
+        list.push(i);
       }
     }
-    if (remap[k] === -2) {
-      map[i] = IMPORT_PENDING;
-      unusable++;
-    } else {
-      map[i] = remap[k];
+    // Blobs never seen: their details from backy2's database, into the batch's pack.
+    if (fresh.size) {
+      const details = await this.db.blobDetails(v.uid, [...fresh.values()].map((blocks) => blocks[0]));
+      for (const [uid, blocks] of fresh) {
+        const b = isBacky2Uid(uid) ? checkBlob(uid, details.get(uid), this.b2.hashFunction) : `blob ${JSON.stringify(uid)} is not a backy2 blob uid`;
+        const wrongSize = typeof b !== 'string' && blocks.some((i) => b.size !== Math.min(v.blockSize, v.size - i * v.blockSize));
+        if (typeof b === 'string' || wrongSize) {
+          r.problems.push(typeof b === 'string' ? b : `blob ${uid} has size ${b.size}, not that of its blocks`);
+          for (const i of blocks) slots[i] = -2;
+          continue;
+        }
+        const g = this.gId.length;
+        this.uidToG.set(uid, g);
+        const rb: RecordBlob = { uid, checksum: b.checksum, size: b.size, format: b.format, keyInfo: b.format === BlobFormat.Backy2Aes ? makeKeyInfo(this.kek, b.envkey!, b.nonce) : null };
+        this.gId.push(0);
+        this.gPack.push(this.packNames.length); // the batch's pack, named when committed
+        this.gIdx.push(this.packEntries.length);
+        this.gRef.push(this.batchBlobs.length);
+        this.packEntries.push(rb);
+        this.batchBlobs.push({ ...rb, storedSize: b.format === BlobFormat.Backy2Plain ? b.size : 0, bad: r.bad.has(uid), metaPack: this.packName, metaIndex: this.packEntries.length - 1 });
+        this.batchG.push(g);
+        for (const i of blocks) slots[i] = g;
+      }
+    }
+    // The block map for the database (blobs of the batch by reference) and the version object for storage.
+    const entries = new Float64Array(n);
+    const localPack = new Map<number, number>();
+    const packs: string[] = [];
+    const packNo = new Int32Array(n);
+    const index = new Int32Array(n);
+    let unusable = 0;
+    let badBlocks = 0;
+    for (let i = 0; i < n; i++) {
+      const g = slots[i];
+      if (g === -1) { entries[i] = HOLE; packNo[i] = PACK_HOLE; continue; }
+      if (g === -2) { entries[i] = PENDING; packNo[i] = PACK_PENDING; unusable++; continue; }
+      entries[i] = this.gId[g] > 0 ? this.gId[g] : newBlobRef(this.gRef[g]);
+      let p = localPack.get(this.gPack[g]);
+      if (p === undefined) {
+        localPack.set(this.gPack[g], (p = packs.length));
+        packs.push(this.gPack[g] === this.packNames.length ? this.packName : this.packNames[this.gPack[g]]);
+      }
+      packNo[i] = p;
+      index[i] = this.gIdx[g];
+      if (r.bad.size && r.bad.has(r.rows.toString('latin1', i * COLUMN_STRIDE, i * COLUMN_STRIDE + 32))) badBlocks++;
+    }
+    v.valid = v.valid && v.complete && !unusable && !badBlocks;
+    const blockDates = encodeBlockDates(v.date, datesOf(r.rows, n));
+    this.batch.push({ v, entries, opts: { blockDates }, object: v.complete ? { version: v, packs, packNo, index, blockDates } : undefined, done });
+    this.prev = { rows: r.rows, slots };
+  }
+
+  /** Adds the batch: its pack to storage, its versions and blobs to the database, its objects to storage. */
+  private async commit(): Promise<void> {
+    const items = this.batch;
+    if (!items.length) return;
+    // In storage before the database says the blobs' details are there.
+    if (this.packEntries.length) await this.repo.storageMeta.putPack(this.packName, this.packEntries);
+    const res = await this.repo.meta.importVersions(items, this.batchBlobs);
+    this.batchG.forEach((g, k) => {
+      this.gId[g] = res.newIds[k];
+      this.gRef[g] = -1;
+    });
+    if (this.packEntries.length) this.packNames.push(this.packName);
+    this.batch = [];
+    this.batchBlobs = [];
+    this.batchG = [];
+    this.packEntries = [];
+    this.packName = newPackName();
+    for (const [k, item] of items.entries()) {
+      item.done(item.v.valid);
+      const object = item.object;
+      if (!object) continue;
+      // Written while the next versions are read (a version not written yet is stale, written by a later sync).
+      await this.writes.acquire();
+      if (this.writes.failed) {
+        this.writes.release();
+        throw this.writes.failure;
+      }
+      this.writes.start(async () => {
+        await this.repo.storageMeta.putVersion(object);
+        await this.repo.meta.markStorageMetaSynced(object.version.uid, res.versions[k].metaGen);
+      });
     }
   }
-  const v = layout.version;
-  v.valid = v.valid && v.complete && !unusable && !layout.bad.some(Boolean);
-  const blockDates = encodeBlockDates(v.date, layout.dates);
-  const r = await repo.meta.importVersion(v, blobs, map, { blockDates });
-  blobs.forEach((b, k) => cache.remember(b.uid, r.blobIds[k]));
-  if (v.complete) {
-    await repo.storageMeta.putVersion({ version: v, blobs: record, map, blockDates });
-    await repo.meta.markStorageMetaSynced(v.uid, r.metaGen);
+
+  /** Adds what is batched and waits for the version objects still being written. */
+  async flush(): Promise<void> {
+    try {
+      await this.commit();
+    } catch (e) {
+      this.forget();
+      throw e;
+    }
+    await this.writes.drain();
+    if (this.writes.failed) throw this.writes.failure;
   }
-  return v.valid;
+
+  /** Forgets what it remembers (bounded memory, or after a failure); blobs met again are found by uid. */
+  private forget(): void {
+    this.uidToG.clear();
+    this.gId = [];
+    this.gPack = [];
+    this.gIdx = [];
+    this.gRef = [];
+    this.batch = [];
+    this.batchBlobs = [];
+    this.batchG = [];
+    this.packEntries = [];
+    this.packName = newPackName();
+    this.prev = undefined;
+  }
 }
 
 async function importStats(repo: Repository, db: Backy2Database, v: Backy2Version): Promise<void> {

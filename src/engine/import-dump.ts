@@ -1,8 +1,8 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { csvRows } from '../backy2/csv';
 import { BACKY_SIGNATURE } from '../backy2/dump';
 import { parseBacky2Date } from '../backy2/layout';
-import { unwrapDataKey, wrapDataKey } from '../codec/backy2-blob';
+import { makeKeyInfo, unwrapDataKey } from '../codec/backy2-blob';
 import { encodeBlockDates } from '../meta/block-dates';
 import { blockCount } from '../meta/block-map';
 import { BlobFormat, IMPORT_HOLE, IMPORT_PENDING, ImportBlob, ImportVersion } from '../meta/types';
@@ -10,6 +10,7 @@ import { isBacky2Uid } from '../storage/blob-keys';
 import { BackyError, ExitCode, WrongKeyError } from '../util/errors';
 import { log } from '../util/log';
 import type { Repository } from './repository';
+import { entriesOf } from '../meta/version-record';
 
 /** The column counts of backy2's dump formats: version line, block lines. */
 const BACKY2_FORMATS: Record<string, { version: number; block: number }> = {
@@ -57,7 +58,7 @@ export async function importDump(repo: Repository, text: string, opts: DumpImpor
   }
   const sumLen = createHash(repo.cfg.hashFunction).digest().length;
   if (p.blobs.some((b) => b.checksum.length !== sumLen)) throw new DumpError(`the dump's checksums are not ${repo.cfg.hashFunction} checksums, this repository's hash function`);
-  await repo.meta.importVersion(p.version, p.blobs, p.map, { blockDates: p.blockDates });
+  await repo.meta.importVersion(p.version, entriesOf(p.map), p.blobs, { blockDates: p.blockDates });
   if (!p.version.valid) log.warn(`version ${p.version.uid} imported as invalid`);
   log.info(`imported version ${p.version.uid} (${p.version.name}) from a ${signature.startsWith('backy2') ? 'backy2' : 'backy'} dump`);
   return { uid: p.version.uid, valid: p.version.valid };
@@ -142,11 +143,10 @@ async function parseBacky2(next: () => string[] | undefined, cols: { version: nu
 
   const key = repo.cfg.encryptionKey;
   const b2key = opts.backy2Key ?? key;
-  const sameKey = !!key && !!b2key && timingSafeEqual(key, b2key);
   const sumLen = createHash(repo.cfg.hashFunction).digest().length;
   const mb = new MapBuilder(blocks);
   const dates = new Float64Array(blocks).fill(NaN);
-  let keyVerified = false;
+  let kek: number | undefined;
   const date0 = parseBacky2Date(date);
   for (const r of raw) {
     const [buid, , idText, bdate, checksum, sizeText, validText] = r;
@@ -166,23 +166,18 @@ async function parseBacky2(next: () => string[] | undefined, cols: { version: nu
     if (enc === 1) {
       format = BlobFormat.Backy2Aes;
       if (!key || !b2key) throw new BackyError('the dump has encrypted blocks but this repository has no encryption_key', ExitCode.CONFIG);
-      let wrapped = hexOf(r[8], 40, `the data key of block ${id}`);
-      if (!sameKey) {
+      const wrapped = hexOf(r[8], 40, `the data key of block ${id}`);
+      if (kek === undefined) {
+        // The first encrypted block proves the key, before anything is added.
         try {
-          wrapped = wrapDataKey(key, unwrapDataKey(b2key, wrapped));
+          unwrapDataKey(b2key, wrapped);
         } catch {
           throw new WrongKeyError(`the data keys in this dump are not wrapped with ${opts.backy2Key ? 'the given backy2 key' : 'this repository\'s key'} (block ${id}); give backy2's configuration with --backy2-config`);
         }
-      } else if (!keyVerified) {
-        try {
-          unwrapDataKey(key, wrapped);
-        } catch {
-          throw new WrongKeyError(`the data keys in this dump are not wrapped with this repository's key (block ${id}); give backy2's configuration with --backy2-config`);
-        }
-        keyVerified = true;
+        kek = await repo.registerKek(b2key);
       }
       const nonce = r[9] && r[9] !== '\\x' ? hexOf(r[9], 16, `the nonce of block ${id}`) : undefined;
-      keyInfo = nonce ? Buffer.concat([wrapped, nonce]) : wrapped;
+      keyInfo = makeKeyInfo(kek, wrapped, nonce);
     } else if (enc !== 0) {
       throw new Error(`block ${id} has encryption version ${enc}`);
     }

@@ -1,4 +1,5 @@
-import { createHmac } from 'node:crypto';
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { unwrapDataKey, wrapDataKey } from '../codec/backy2-blob';
 import type { Config } from '../config/config';
 import { Codec } from '../codec/codec';
 import { WorkerPool } from '../codec/pool';
@@ -40,6 +41,7 @@ export class Repository {
     const repo = new Repository(cfg, meta, store);
     try {
       await repo.checkRepositorySettings();
+      await repo.loadKeks();
       await store.check();
       repo.opened = true;
     } catch (e) {
@@ -60,10 +62,51 @@ export class Repository {
     }
   }
 
+  /** Keys an import brought in (backy2's), by id: they wrap the data keys of imported blobs. */
+  private keks = new Map<number, Buffer>();
+
+  private async loadKeks(): Promise<void> {
+    for (let id = 1; ; id++) {
+      const wrapped = await this.meta.getSetting(kekSetting(id));
+      if (!wrapped) return;
+      if (!this.cfg.encryptionKey) throw new ConfigError('this repository holds imported encryption keys but the configuration has no encryption_key');
+      try {
+        this.keks.set(id, unwrapDataKey(this.cfg.encryptionKey, Buffer.from(wrapped, 'hex')));
+      } catch {
+        throw new WrongKeyError();
+      }
+    }
+  }
+
+  /**
+   * The id under which `key` wraps data keys of blobs in this repository: 0 for the repository key itself,
+   * else a key-encryption key kept wrapped with the repository key (in the database and in storage, for
+   * db-rebuild), registered on first use. Must be called before the codec starts.
+   */
+  async registerKek(key: Buffer): Promise<number> {
+    const own = this.cfg.encryptionKey;
+    if (!own) throw new ConfigError('data keys of imported blobs are kept wrapped with this repository\'s encryption_key, and the configuration has none');
+    if (timingSafeEqual(key, own)) return 0;
+    for (const [id, k] of this.keks) if (timingSafeEqual(k, key)) return id;
+    if (this.codecInstance) throw new Error('internal error: a key registered after the codec started');
+    const wrapped = wrapDataKey(own, key).toString('hex');
+    for (let id = this.keks.size + 1; id < 256; id++) {
+      const got = await this.meta.setSettingIfAbsent(kekSetting(id), wrapped);
+      const k = unwrapDataKey(own, Buffer.from(got, 'hex'));
+      this.keks.set(id, k);
+      if (timingSafeEqual(k, key)) {
+        await this.storageMeta.putKek(id, wrapped);
+        return id;
+      }
+    }
+    throw new ConfigError('this repository has 255 imported encryption keys already');
+  }
+
   get codec(): Codec {
     if (!this.codecInstance) {
       const pool = new WorkerPool({
         keyHex: this.cfg.encryptionKey?.toString('hex'),
+        keks: Object.fromEntries([...this.keks].map(([id, k]) => [String(id), k.toString('hex')])),
         compression: this.cfg.compression,
         compressionLevel: this.cfg.compressionLevel,
         hashFunction: this.cfg.hashFunction,
@@ -141,8 +184,12 @@ export class Repository {
     return syncStorageMeta(this.syncContext);
   }
 
-  async close(): Promise<void> {
-    if (this.opened) {
+  /**
+   * Releases everything. Unless `syncStorageMeta` is false (a failed command: its trouble, a lost database
+   * connection or storage, would only fail again), the metadata objects are brought up to date first.
+   */
+  async close(opts: { syncStorageMeta?: boolean } = {}): Promise<void> {
+    if (this.opened && opts.syncStorageMeta !== false) {
       this.opened = false;
       try {
         await this.syncStorageMeta();
@@ -161,6 +208,10 @@ export class Repository {
     await this.store.close().catch(() => undefined);
     await this.meta.close().catch(() => undefined);
   }
+}
+
+export function kekSetting(id: number): string {
+  return `kek.${id}`;
 }
 
 export const LOCKS = {

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { chunkCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK, PENDING } from './block-map';
 import { DatabaseError } from '../util/errors';
-import { BlobFormat, BlobRef, BlobState, IMPORT_HOLE, ImportBlob, StatsRow } from './types';
+import { BlobFormat, BlobRef, BlobState, ImportBlob, StatsRow } from './types';
 
 /** Engine-independent decisions shared by the SQLite and PostgreSQL stores. */
 
@@ -66,19 +66,20 @@ export function decideBlob(existing: { state: number; owner: string | null } | u
 }
 
 /**
- * The map chunks of an imported version: `map` holds per block an index into the version's blob list (whose
- * ids are `ids`), IMPORT_HOLE or IMPORT_PENDING.
+ * The map chunks of an imported version: `entries` as importVersion takes them, new blobs (newBlobRef) replaced
+ * by their ids `newIds`.
  */
-export function* importedChunks(map: Int32Array, ids: ArrayLike<number>): Generator<[number, Buffer]> {
-  for (let c = 0; c < chunkCount(map.length); c++) {
-    const len = chunkLength(map.length, c);
-    const entries = new Float64Array(len);
-    for (let k = 0; k < len; k++) {
-      const m = map[c * MAP_CHUNK + k];
-      entries[k] = m >= 0 ? ids[m] : m === IMPORT_HOLE ? HOLE : PENDING;
-      if (m >= 0 && !(ids[m] > 0)) throw new Error(`internal error: block ${c * MAP_CHUNK + k} refers to blob ${m}, which has no id`);
+export function* importedChunks(entries: Float64Array, newIds: ArrayLike<number>): Generator<[number, Buffer]> {
+  for (let c = 0; c < chunkCount(entries.length); c++) {
+    const chunk = entries.slice(c * MAP_CHUNK, c * MAP_CHUNK + chunkLength(entries.length, c));
+    for (let k = 0; k < chunk.length; k++) {
+      const e = chunk[k];
+      if (e > 0 || e === HOLE || e === PENDING) continue;
+      const id = newIds[-2 - e];
+      if (!(id > 0)) throw new Error(`internal error: block ${c * MAP_CHUNK + k} refers to new blob ${-2 - e}, which has no id`);
+      chunk[k] = id;
     }
-    yield [c, encodeChunk(entries)];
+    yield [c, encodeChunk(chunk)];
   }
 }
 
@@ -160,6 +161,7 @@ export function blobRefFromRow(r: Record<string, unknown>): BlobRef {
   return {
     id: Number(r.id), uid: r.uid as string, checksum: r.checksum as Buffer, size: Number(r.size), state: Number(r.state),
     format: Number(r.format ?? BlobFormat.Backy), keyInfo: (r.key_info as Buffer | null | undefined) ?? null,
+    metaPack: (r.meta_pack as string | null | undefined) ?? null, metaIndex: r.meta_index === null || r.meta_index === undefined ? null : Number(r.meta_index),
   };
 }
 

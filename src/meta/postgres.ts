@@ -6,7 +6,7 @@ import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
-  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportVersion, LockInfo, MetaStore, NewVersion,
+  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
   RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
@@ -315,59 +315,92 @@ export class PostgresMetaStore implements MetaStore {
     this.forgetChunks(id);
   }
 
-  async importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts: { blockDates?: Buffer; synced?: boolean } = {}): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }> {
-    if (map.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${map.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+  async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
+    const r = await this.importVersions([{ v, entries, opts }], newBlobs);
+    return { ...r.versions[0], newIds: r.newIds };
+  }
+
+  async importVersions(items: { v: ImportVersion; entries: Float64Array; opts?: ImportOptions }[], newBlobs: ImportBlob[]): Promise<{ versions: { version: VersionRow; metaGen: number }[]; newIds: number[] }> {
+    for (const { v, entries } of items) {
+      if (entries.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${entries.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+    }
     const now = Date.now();
-    const tags = [...new Set(v.tags)].sort();
     return this.tx(async (c) => {
-      const ids = new Float64Array(blobs.length);
-      const todo: number[] = [];
-      blobs.forEach((b, k) => (b.id !== undefined ? (ids[k] = b.id) : todo.push(k)));
-      for (const part of batches(todo, ID_BATCH)) {
-        const ins = await c.query(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info)
-          SELECT u.uid, u.checksum, u.size, u.stored, u.state, $6, u.format, u.key_info
-          FROM unnest($1::text[], $2::bytea[], $3::int[], $4::bigint[], $5::smallint[], $7::smallint[], $8::bytea[])
-            AS u(uid, checksum, size, stored, state, format, key_info)
+      const ids = new Array<number>(newBlobs.length).fill(0);
+      const all = newBlobs.map((_, k) => k);
+      for (const part of batches(all, ID_BATCH)) {
+        const ins = await c.query(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info, meta_pack, meta_index)
+          SELECT u.uid, u.checksum, u.size, u.stored, u.state, $6, u.format, u.key_info, u.pack, u.idx
+          FROM unnest($1::text[], $2::bytea[], $3::int[], $4::bigint[], $5::smallint[], $7::smallint[], $8::bytea[], $9::text[], $10::int[])
+            AS u(uid, checksum, size, stored, state, format, key_info, pack, idx)
           ON CONFLICT DO NOTHING RETURNING id, uid`,
-        [part.map((k) => blobs[k].uid), part.map((k) => blobs[k].checksum), part.map((k) => blobs[k].size),
-          part.map((k) => blobs[k].storedSize), part.map((k) => (blobs[k].bad ? BlobState.Bad : BlobState.Live)), now,
-          part.map((k) => blobs[k].format), part.map((k) => blobs[k].keyInfo)]);
+        [part.map((k) => newBlobs[k].uid), part.map((k) => newBlobs[k].checksum), part.map((k) => newBlobs[k].size),
+          part.map((k) => newBlobs[k].storedSize), part.map((k) => (newBlobs[k].bad ? BlobState.Bad : BlobState.Live)), now,
+          part.map((k) => newBlobs[k].format), part.map((k) => newBlobs[k].keyInfo), part.map((k) => newBlobs[k].metaPack ?? null),
+          part.map((k) => newBlobs[k].metaIndex ?? null)]);
         const got = new Map<string, number>(ins.rows.map((r) => [r.uid, Number(r.id)]));
         const rest: number[] = [];
         for (const k of part) {
-          const id = got.get(blobs[k].uid);
+          const id = got.get(newBlobs[k].uid);
           if (id !== undefined) ids[k] = id;
           else rest.push(k);
         }
         if (!rest.length) continue;
         const known = new Map<string, Row>();
-        for (const r of (await c.query(`SELECT id, uid, checksum, size, state, format FROM blobs WHERE uid = ANY($1::text[])`, [rest.map((k) => blobs[k].uid)])).rows) known.set(r.uid, r);
+        for (const r of (await c.query(`SELECT id, uid, checksum, size, state, format FROM blobs WHERE uid = ANY($1::text[])`, [rest.map((k) => newBlobs[k].uid)])).rows) known.set(r.uid, r);
         for (const k of rest) {
-          const r = known.get(blobs[k].uid);
+          const r = known.get(newBlobs[k].uid);
           if (r) {
-            ids[k] = knownBlobId(blobs[k], { id: Number(r.id), checksum: r.checksum, size: Number(r.size), state: Number(r.state), format: Number(r.format) });
+            ids[k] = knownBlobId(newBlobs[k], { id: Number(r.id), checksum: r.checksum, size: Number(r.size), state: Number(r.state), format: Number(r.format) });
             continue;
           }
           // A backy-format blob whose content the repository holds under another uid already.
-          const same = (await c.query(`SELECT id FROM blobs WHERE checksum = $1 AND state <> 3 AND format = 0`, [blobs[k].checksum])).rows[0];
-          if (!same) throw new DatabaseError(`cannot add blob ${blobs[k].uid}`);
+          const same = (await c.query(`SELECT id FROM blobs WHERE checksum = $1 AND state <> 3 AND format = 0`, [newBlobs[k].checksum])).rows[0];
+          if (!same) throw new DatabaseError(`cannot add blob ${newBlobs[k].uid}`);
           ids[k] = Number(same.id);
         }
       }
-      const row = (await c.query(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id`,
-      [v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0, v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid])).rows[0];
-      const id = Number(row.id);
-      if (tags.length) await c.query(`INSERT INTO tags (version_id, name) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING`, [id, tags]);
-      for (const part of batches([...importedChunks(map, ids)], 1000)) {
-        await c.query(`INSERT INTO block_maps (version_id, chunk, data) SELECT $1, * FROM unnest($2::int[], $3::bytea[])`,
-          [id, part.map((x) => x[0]), part.map((x) => x[1])]);
+      const versions: { version: VersionRow; metaGen: number }[] = [];
+      for (const { v, entries, opts = {} } of items) {
+        const tags = [...new Set(v.tags)].sort();
+        const row = (await c.query(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id`,
+        [v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0, v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid])).rows[0];
+        const id = Number(row.id);
+        if (tags.length) await c.query(`INSERT INTO tags (version_id, name) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING`, [id, tags]);
+        for (const part of batches([...importedChunks(entries, ids)], 1000)) {
+          await c.query(`INSERT INTO block_maps (version_id, chunk, data) SELECT $1, * FROM unnest($2::int[], $3::bytea[])`,
+            [id, part.map((x) => x[0]), part.map((x) => x[1])]);
+        }
+        if (opts.blockDates) await c.query(`INSERT INTO block_dates (version_id, data) VALUES ($1, $2)`, [id, opts.blockDates]);
+        if (opts.synced) await c.query(`UPDATE versions SET meta_synced = meta_gen WHERE id = $1`, [id]);
+        const full = (await c.query(`SELECT * FROM versions WHERE id = $1`, [id])).rows[0];
+        versions.push({ version: this.toVersion(full, tags), metaGen: Number(full.meta_gen) });
       }
-      if (opts.blockDates) await c.query(`INSERT INTO block_dates (version_id, data) VALUES ($1, $2)`, [id, opts.blockDates]);
-      if (opts.synced) await c.query(`UPDATE versions SET meta_synced = meta_gen WHERE id = $1`, [id]);
-      const full = (await c.query(`SELECT * FROM versions WHERE id = $1`, [id])).rows[0];
-      return { version: this.toVersion(full, tags), blobIds: Array.from(ids), metaGen: Number(full.meta_gen) };
+      return { versions, newIds: ids };
     }, { prelude: 'LOCK TABLE blobs IN ROW EXCLUSIVE MODE' });
+  }
+
+  async setBlobPacks(pack: string, ids: number[]): Promise<void> {
+    for (let i = 0; i < ids.length; i += ID_BATCH) {
+      const part = ids.slice(i, i + ID_BATCH);
+      await this.q(`UPDATE blobs b SET meta_pack = $1, meta_index = u.idx FROM unnest($2::bigint[], $3::int[]) AS u(id, idx) WHERE b.id = u.id`,
+        [pack, part, part.map((_, k) => i + k)]);
+    }
+  }
+
+  async packsOf(ids: number[]): Promise<string[]> {
+    const out = new Set<string>();
+    for (const part of batches(ids, ID_BATCH)) {
+      for (const r of await this.q(`SELECT DISTINCT meta_pack FROM blobs WHERE meta_pack IS NOT NULL AND id = ANY($1::bigint[])`, [part])) out.add(r.meta_pack);
+    }
+    return [...out];
+  }
+
+  async unusedPacks(names: string[]): Promise<string[]> {
+    if (!names.length) return [];
+    const used = new Set((await this.q(`SELECT DISTINCT meta_pack FROM blobs WHERE meta_pack = ANY($1::text[])`, [names])).map((r) => r.meta_pack as string));
+    return names.filter((n) => !used.has(n));
   }
 
   async getBlockDates(versionId: number): Promise<Buffer | undefined> {
@@ -540,7 +573,7 @@ export class PostgresMetaStore implements MetaStore {
   async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
     const out = new Map<number, BlobRef>();
     for (const part of batches([...new Set(ids)], ID_BATCH)) {
-      for (const r of await this.q(`SELECT id, uid, checksum, size, state, format, key_info FROM blobs WHERE id = ANY($1::bigint[])`, [part])) {
+      for (const r of await this.q(`SELECT id, uid, checksum, size, state, format, key_info, meta_pack, meta_index FROM blobs WHERE id = ANY($1::bigint[])`, [part])) {
         out.set(Number(r.id), blobRefFromRow(r));
       }
     }

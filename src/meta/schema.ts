@@ -82,8 +82,9 @@ export type MigrationStep = string | { sqlite: string[]; postgres: string[] };
 export const MIGRATIONS: MigrationStep[][] = [
   // 1 -> 2: blobs in foreign formats (backy2's, read in place after an import), several of which may hold the
   // same content (backy2's writers raced); backy2's per-block dates of imported versions (for byte-exact
-  // exports); and what the metadata copies in storage still lack: a generation per version, bumped by
-  // triggers whenever anything the copy holds changes, and the uids of removed versions whose copies must go.
+  // exports); and what the metadata in storage needs: a generation per version, bumped by triggers whenever
+  // anything its object holds changes, the uids of removed versions whose objects must go, and the pack
+  // holding each blob's details.
   [
     `ALTER TABLE blobs ADD COLUMN format SMALLINT NOT NULL DEFAULT 0`,
     `ALTER TABLE blobs ADD COLUMN key_info {blob}`,
@@ -98,6 +99,10 @@ export const MIGRATIONS: MigrationStep[][] = [
     `ALTER TABLE versions ADD COLUMN meta_synced BIGINT NOT NULL DEFAULT 0`,
     `CREATE INDEX versions_meta_dirty ON versions (id) WHERE meta_gen <> meta_synced`,
     `CREATE TABLE meta_removed (uid TEXT PRIMARY KEY)`,
+    // Which metadata pack in storage holds a blob's details (uid, checksum, size, format, key), and where.
+    `ALTER TABLE blobs ADD COLUMN meta_pack TEXT`,
+    `ALTER TABLE blobs ADD COLUMN meta_index INTEGER`,
+    `CREATE INDEX blobs_by_meta_pack ON blobs (meta_pack) WHERE meta_pack IS NOT NULL`,
     {
       sqlite: [
         `CREATE TRIGGER versions_meta_changed AFTER UPDATE ON versions

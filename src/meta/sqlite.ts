@@ -7,7 +7,7 @@ import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } fr
 import { blobRefFromRow, CleanupTally, knownBlobId, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
-  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportVersion, LockInfo, MetaStore, NewVersion,
+  BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
   RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
@@ -51,6 +51,9 @@ export class SqliteMetaStore implements MetaStore {
       db.pragma('journal_mode = WAL');
       db.pragma('synchronous = NORMAL');
       db.pragma('foreign_keys = ON');
+      // Blob rows are found by uid and checksum at random: their indexes of a large repository are tens of MB,
+      // and SQLite's default 2 MB cache would read their pages back from the OS over and over.
+      db.pragma('cache_size = -65536');
       db.defaultSafeIntegers(false);
       return db;
     } catch (e) {
@@ -199,49 +202,63 @@ export class SqliteMetaStore implements MetaStore {
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
   }
 
-  async importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts: { blockDates?: Buffer; synced?: boolean } = {}): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }> {
+  async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
+    const r = await this.importVersions([{ v, entries, opts }], newBlobs);
+    return { ...r.versions[0], newIds: r.newIds };
+  }
+
+  async importVersions(items: { v: ImportVersion; entries: Float64Array; opts?: ImportOptions }[], newBlobs: ImportBlob[]): Promise<{ versions: { version: VersionRow; metaGen: number }[]; newIds: number[] }> {
     const db = this.d;
-    if (map.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${map.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+    for (const { v, entries } of items) {
+      if (entries.length !== blockCount(v.size, v.blockSize)) throw new DatabaseError(`version ${v.uid}: a map of ${entries.length} blocks for ${blockCount(v.size, v.blockSize)} blocks`);
+    }
     const now = Date.now();
-    const insert = this.st(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info)
-      VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`);
+    const insert = this.st(`INSERT INTO blobs (uid, checksum, size, stored_size, state, created, format, key_info, meta_pack, meta_index)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`);
     const byUid = this.st(`SELECT id, checksum, size, state, format FROM blobs WHERE uid = ?`);
     const byChecksum = this.st(`SELECT id FROM blobs WHERE checksum = ? AND state <> 3 AND format = 0`);
     return db.transaction(() => {
-      const ids = new Float64Array(blobs.length);
-      blobs.forEach((b, k) => {
-        if (b.id !== undefined) {
-          ids[k] = b.id;
-          return;
-        }
-        const info = insert.run(b.uid, b.checksum, b.size, b.storedSize, b.bad ? BlobState.Bad : BlobState.Live, now, b.format, b.keyInfo);
-        if (info.changes === 1) {
-          ids[k] = Number(info.lastInsertRowid);
-          return;
-        }
+      const ids = newBlobs.map((b) => {
+        const info = insert.run(b.uid, b.checksum, b.size, b.storedSize, b.bad ? BlobState.Bad : BlobState.Live, now, b.format, b.keyInfo,
+          b.metaPack ?? null, b.metaIndex ?? null);
+        if (info.changes === 1) return Number(info.lastInsertRowid);
         const known = byUid.get(b.uid) as Row | undefined;
-        if (known) {
-          ids[k] = knownBlobId(b, { id: Number(known.id), checksum: known.checksum as Buffer, size: Number(known.size), state: Number(known.state), format: Number(known.format) });
-          return;
-        }
+        if (known) return knownBlobId(b, { id: Number(known.id), checksum: known.checksum as Buffer, size: Number(known.size), state: Number(known.state), format: Number(known.format) });
         // A backy-format blob whose content the repository holds under another uid already.
         const same = byChecksum.get(b.checksum) as Row | undefined;
         if (!same) throw new DatabaseError(`cannot add blob ${b.uid}`);
-        ids[k] = Number(same.id);
+        return Number(same.id);
       });
-      const info = this.st(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`).run(v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0,
-        v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid);
-      const id = Number(info.lastInsertRowid);
-      const tag = this.st(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
-      for (const t of v.tags) tag.run(id, t);
-      const put = this.st(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
-      for (const [c, data] of importedChunks(map, ids)) put.run(id, c, data);
-      if (opts.blockDates) this.st(`INSERT INTO block_dates (version_id, data) VALUES (?, ?)`).run(id, opts.blockDates);
-      if (opts.synced) this.st(`UPDATE versions SET meta_synced = meta_gen WHERE id = ?`).run(id);
-      const row = this.st(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
-      return { version: this.toVersion(row, [...new Set(v.tags)].sort()), blobIds: Array.from(ids), metaGen: Number(row.meta_gen) };
+      const versions = items.map(({ v, entries, opts = {} }) => {
+        const info = this.st(`INSERT INTO versions (uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid)
+          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`).run(v.uid, v.name, v.snapshotName, v.date, v.size, v.blockSize, v.valid ? 1 : 0,
+          v.complete ? 1 : 0, v.protected ? 1 : 0, v.expire, v.baseUid);
+        const id = Number(info.lastInsertRowid);
+        const tag = this.st(`INSERT OR IGNORE INTO tags (version_id, name) VALUES (?, ?)`);
+        for (const t of v.tags) tag.run(id, t);
+        const put = this.st(`INSERT INTO block_maps (version_id, chunk, data) VALUES (?, ?, ?)`);
+        for (const [c, data] of importedChunks(entries, ids)) put.run(id, c, data);
+        if (opts.blockDates) this.st(`INSERT INTO block_dates (version_id, data) VALUES (?, ?)`).run(id, opts.blockDates);
+        if (opts.synced) this.st(`UPDATE versions SET meta_synced = meta_gen WHERE id = ?`).run(id);
+        const row = this.st(`SELECT * FROM versions WHERE id = ?`).get(id) as Row;
+        return { version: this.toVersion(row, [...new Set(v.tags)].sort()), metaGen: Number(row.meta_gen) };
+      });
+      return { versions, newIds: ids };
     }).immediate();
+  }
+
+  async setBlobPacks(pack: string, ids: number[]): Promise<void> {
+    const st = this.st(`UPDATE blobs SET meta_pack = ?, meta_index = ? WHERE id = ?`);
+    this.d.transaction(() => ids.forEach((id, k) => st.run(pack, k, id))).immediate();
+  }
+
+  async packsOf(ids: number[]): Promise<string[]> {
+    return (this.st(`SELECT DISTINCT meta_pack FROM blobs WHERE meta_pack IS NOT NULL AND id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[]).map((r) => r.meta_pack as string);
+  }
+
+  async unusedPacks(names: string[]): Promise<string[]> {
+    const used = this.st(`SELECT 1 FROM blobs WHERE meta_pack = ? LIMIT 1`);
+    return names.filter((n) => !used.get(n));
   }
 
   async getBlockDates(versionId: number): Promise<Buffer | undefined> {
@@ -361,7 +378,7 @@ export class SqliteMetaStore implements MetaStore {
   async getBlobs(ids: number[]): Promise<Map<number, BlobRef>> {
     const out = new Map<number, BlobRef>();
     if (ids.length) {
-      const rows = this.st(`SELECT id, uid, checksum, size, state, format, key_info FROM blobs WHERE id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[];
+      const rows = this.st(`SELECT id, uid, checksum, size, state, format, key_info, meta_pack, meta_index FROM blobs WHERE id IN ${IN_LIST}`).all(JSON.stringify(ids)) as Row[];
       for (const r of rows) out.set(Number(r.id), blobRefFromRow(r));
     }
     return out;

@@ -65,6 +65,9 @@ export interface BlobRef {
   format: BlobFormat;
   /** Backy2Aes: the blob's data key wrapped with the repository key (RFC 3394, 40 bytes) and its nonce (16). */
   keyInfo: Buffer | null;
+  /** the metadata pack in storage holding the blob's details, and its place there (null: not written yet) */
+  metaPack: string | null;
+  metaIndex: number | null;
 }
 
 /** A blob an import or a rebuild brings in: found by uid, inserted when the repository lacks it. */
@@ -78,8 +81,16 @@ export interface ImportBlob {
   storedSize: number;
   /** known to be damaged or missing */
   bad: boolean;
-  /** the blob's id when the caller already knows it (a blob shared with a version imported before) */
-  id?: number;
+  /** where storage already holds its details (a rebuild, an import that wrote them) */
+  metaPack?: string;
+  metaIndex?: number;
+}
+
+export interface ImportOptions {
+  /** backy2's block dates (block-dates.ts) */
+  blockDates?: Buffer;
+  /** its metadata in storage is up to date */
+  synced?: boolean;
 }
 
 /** A complete version an import or a rebuild brings in, with its states as they were. */
@@ -89,9 +100,17 @@ export interface ImportVersion extends NewVersion {
   protected: boolean;
 }
 
-/** Map entry values of `importVersion`: an index into its blob list, or one of these. */
+/** Map entry values of a VersionRecord: an index into its blob list, or one of these. */
 export const IMPORT_HOLE = -1;
 export const IMPORT_PENDING = -2;
+
+/**
+ * Block map entries of `importVersion`: a known blob id (> 0), HOLE (0), PENDING (-1), or newBlobRef(k) for
+ * the k-th of the new blobs passed along.
+ */
+export function newBlobRef(k: number): number {
+  return -2 - k;
+}
 
 /** One block a backup has read: all-zero, or data with its checksum. */
 export type BlockEntry = { index: number; zero: true } | { index: number; zero?: false; checksum: Buffer; size: number };
@@ -177,13 +196,25 @@ export interface MetaStore {
   removeVersion(id: number): Promise<void>;
 
   /**
-   * Adds a finished version with its map in one transaction (import, db-rebuild): blobs the repository
-   * does not know are inserted, known ones (same uid) reused. `map` holds, per block, an index into
-   * `blobs`, IMPORT_HOLE or IMPORT_PENDING. `blockDates`: backy2's block dates (see block-dates.ts).
-   * `synced`: its metadata copy in storage is already up to date. Returns the version, the blob ids and the
-   * generation of its metadata (see staleStorageMeta).
+   * Adds a finished version with its map in one transaction (import, db-rebuild). `entries` are its block
+   * map entries, naming known blobs by id and `newBlobs` by newBlobRef(k); a new blob whose uid the
+   * repository knows already is that blob (after checking it is the same). `blockDates`: backy2's block dates
+   * (see block-dates.ts). `synced`: its metadata in storage is up to date. Returns the version, the ids of the
+   * new blobs, and the generation of its metadata (see staleStorageMeta).
    */
-  importVersion(v: ImportVersion, blobs: ImportBlob[], map: Int32Array, opts?: { blockDates?: Buffer; synced?: boolean }): Promise<{ version: VersionRow; blobIds: number[]; metaGen: number }>;
+  importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts?: ImportOptions): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }>;
+  /**
+   * Several versions as importVersion adds one, in one transaction: their entries refer to `newBlobs`, shared
+   * by the batch (an import adds versions that introduce blobs the next ones use; one transaction for many
+   * makes the random index updates of blob rows much cheaper). Returns, per version, its row and generation.
+   */
+  importVersions(items: { v: ImportVersion; entries: Float64Array; opts?: ImportOptions }[], newBlobs: ImportBlob[]): Promise<{ versions: { version: VersionRow; metaGen: number }[]; newIds: number[] }>;
+  /** The details of these blobs are entry k of metadata pack `pack` for ids[k]. */
+  setBlobPacks(pack: string, ids: number[]): Promise<void>;
+  /** The metadata packs holding details of these blobs. */
+  packsOf(ids: number[]): Promise<string[]>;
+  /** Of these packs, those no blob row refers to any more (their objects can go). */
+  unusedPacks(names: string[]): Promise<string[]>;
   /** backy2's block dates of an imported version, if it has them. */
   getBlockDates(versionId: number): Promise<Buffer | undefined>;
   /** Complete versions whose metadata copy in storage is out of date, oldest first. */

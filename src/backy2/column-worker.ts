@@ -1,0 +1,33 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import Database from 'better-sqlite3';
+
+/** The worker of block-column.ts: its own read-only connection, one scan per request, rows sent back as bytes. */
+if (parentPort) {
+  const port = parentPort;
+  const { file, sql } = workerData as { file: string; sql: string };
+  let st: Database.Statement | undefined;
+  let openError: string | undefined;
+  try {
+    const db = new Database(file, { readonly: true, fileMustExist: true });
+    db.defaultSafeIntegers(false);
+    // Every version's rows are read once: mapped, the pages are not copied into SQLite's cache first.
+    db.pragma('mmap_size = 1099511627776');
+    st = db.prepare(sql);
+  } catch (e) {
+    openError = (e as Error).message;
+  }
+  port.on('message', (m: { id: number; uid: string }) => {
+    if (!st) {
+      port.postMessage({ id: m.id, error: openError });
+      return;
+    }
+    try {
+      const r = st.get(m.uid) as Record<string, unknown>;
+      const rows = typeof r.rows === 'string' ? Buffer.from(r.rows, 'latin1') : undefined;
+      const ab = rows ? rows.buffer.slice(rows.byteOffset, rows.byteOffset + rows.length) : undefined;
+      port.postMessage({ id: m.id, scan: { ...r, rows: ab ?? null } }, ab ? [ab as ArrayBuffer] : []);
+    } catch (e) {
+      port.postMessage({ id: m.id, error: (e as Error).message });
+    }
+  });
+}
