@@ -79,6 +79,10 @@ describe('file sources and targets (issue 9)', () => {
     await run('mount', [loop, mnt]);
     mounted = true;
     fs.writeFileSync(path.join(mnt, 'keep.txt'), 'still here');
+    await run('umount', [mnt]);
+    // Mounted read-only: the device is just as busy, and code that overwrote it anyway could not leave the
+    // kernel with dirty pages to write back into a destroyed filesystem (that hangs umount).
+    await run('mount', ['-o', 'ro', loop, mnt]);
     const r = await repo.run(['restore', '-f', uid, `file://${loop}`]);
     assert.equal(r.code, 1, `restore onto a mounted device must be refused: ${r.stderr}`);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
@@ -86,7 +90,7 @@ describe('file sources and targets (issue 9)', () => {
     await run('umount', [mnt]);
     mounted = false;
     await run('e2fsck', ['-n', '-f', loop]); // throws (non-zero exit) if the restore wrote into it
-    await run('mount', [loop, mnt]);
+    await run('mount', ['-o', 'ro', loop, mnt]);
     mounted = true;
     assert.equal(fs.readFileSync(path.join(mnt, 'keep.txt'), 'utf8'), 'still here');
     await run('umount', [mnt]);
