@@ -491,7 +491,8 @@ export class PostgresMetaStore implements MetaStore {
       return tally.mark;
     }, {
       // Lock first, snapshot after (taken by the first query, not by LOCK TABLE): see the class comment.
-      isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE',
+      // The marks must be durable before cleanup deletes the first object, whatever the server's default.
+      isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE; SET LOCAL synchronous_commit = on',
     });
   }
 
