@@ -1,4 +1,5 @@
-import { openSource, Source } from '../io/file';
+import { openSource } from '../io/registry';
+import type { Source } from '../io/types';
 import { BlobState, VersionRow } from '../meta/types';
 import { BlobCorruptError, BlobNotFoundError, errorLine } from '../util/errors';
 import { log } from '../util/log';
