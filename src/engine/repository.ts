@@ -6,12 +6,13 @@ import { BlobFetcher } from '../device/blob-fetcher';
 import { BlockCache } from '../device/block-cache';
 import { VersionDevice } from '../device/version-device';
 import { createMetaStore } from '../meta/open';
-import type { MetaStore, VersionRow } from '../meta/types';
+import type { LockInfo, MetaStore, VersionRow } from '../meta/types';
 import { createBlobStore } from '../storage/open';
 import type { BlobStore } from '../storage/types';
 import { ConfigError, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
 import { log } from '../util/log';
 import { lockInfo } from '../util/process-info';
+import { HOLD_LOCKS, VersionHold, VersionHolds } from './holds';
 
 /** A short, non-reversible fingerprint of the key, stored in the database to catch a wrong key at once. */
 export function keyCheckValue(key: Buffer): string {
@@ -27,7 +28,11 @@ export class Repository {
   private locks: string[] = [];
   private cacheInstance: BlockCache | undefined;
 
-  private constructor(readonly cfg: Config, readonly meta: MetaStore, readonly store: BlobStore) {}
+  private readonly holds: VersionHolds;
+
+  private constructor(readonly cfg: Config, readonly meta: MetaStore, readonly store: BlobStore) {
+    this.holds = new VersionHolds(meta);
+  }
 
   /** Opens metadata and storage and checks the key and hash function against the repository's. */
   static async open(cfg: Config): Promise<Repository> {
@@ -94,14 +99,25 @@ export class Repository {
     return new VersionDevice(this.meta, v, this.fetcher(cache), { log: (l) => log.error(l) });
   }
 
-  /** Takes a lock or throws LockedError naming the holder. Released by close(). */
-  async lock(name: string, what: string, conflicts: string[] = []): Promise<void> {
+  /**
+   * Takes a lock or throws LockedError naming the holder (`refusal` words the message). Released by close().
+   */
+  async lock(name: string, what: string, conflicts: string[] = [], refusal?: (holder: LockInfo) => string): Promise<void> {
     const info = lockInfo(what);
     const holder = await this.meta.tryLock(name, info, conflicts);
     if (holder) {
-      throw new LockedError(`cannot ${what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
+      throw new LockedError(refusal?.(holder) ?? `cannot ${what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
     }
     this.locks.push(name);
+  }
+
+  /**
+   * A shared hold on a version this command reads (restore, scrub, an NBD export, a mounted image): while
+   * it lasts, `rm` of the version is refused, so its blocks stay. Returns the version as read after the
+   * hold was taken. Released by `release()` or close(), and by the process's death.
+   */
+  holdVersion(uid: string, what: string): Promise<VersionHold> {
+    return this.holds.hold(uid, what);
   }
 
   async unlock(name: string): Promise<void> {
@@ -112,6 +128,7 @@ export class Repository {
   }
 
   async close(): Promise<void> {
+    await this.holds.releaseAll().catch((e) => log.warn(`could not release holds: ${(e as Error).message}`));
     for (const name of this.locks.splice(0).reverse()) {
       try {
         await this.meta.unlock(name, lockInfo('').session);
@@ -131,4 +148,5 @@ export const LOCKS = {
   anyBackup: 'backup:*',
   cleanup: 'cleanup',
   fullCleanup: 'cleanup-full',
+  ...HOLD_LOCKS,
 };

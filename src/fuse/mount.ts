@@ -115,7 +115,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     throw new BackyError('--partitions needs root (loop devices and mount); without root, mount the version and run "losetup -r -P" and "mount -o ro" yourself');
   }
   const dir = path.resolve(o.dir);
-  const version = o.uid ? await repo.version(o.uid) : undefined;
+  const version = o.uid ? (await repo.holdVersion(o.uid, `FUSE mount of ${o.uid}`)).version : undefined; // held while mounted
   const real = await checkMountPoint(dir);
   await checkFuseDevice();
 

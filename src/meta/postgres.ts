@@ -6,7 +6,7 @@ import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, ProtectedError, RepositoryStats, ResolvedBlock,
   StatsRow, VersionRow,
 } from './types';
 
@@ -276,7 +276,7 @@ export class PostgresMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, r.tag_list));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     const set = (col: string, value: unknown) => { args.push(value); sets.push(`${col} = $${args.length}`); };
@@ -284,9 +284,9 @@ export class PostgresMetaStore implements MetaStore {
     if (f.complete !== undefined) set('complete', f.complete ? 1 : 0);
     if (f.protected !== undefined) set('protected', f.protected ? 1 : 0);
     if (f.expire !== undefined) set('expire', f.expire);
-    if (!sets.length) return;
+    if (!sets.length) return (await this.q(`SELECT 1 FROM versions WHERE id = $1`, [id])).length > 0;
     args.push(id);
-    await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length}`, args);
+    return (await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).length > 0;
   }
 
   async addTags(id: number, tags: string[]): Promise<void> {
@@ -300,19 +300,24 @@ export class PostgresMetaStore implements MetaStore {
     await this.q(`DELETE FROM tags WHERE version_id = $1 AND name = ANY($2::text[])`, [id, tags]);
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const now = Date.now();
-    await this.tx(async (c) => {
+    const removed = await this.tx(async (c) => {
       await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
-      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first.
-      if (!(await c.query(`SELECT 1 FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows.length) return;
+      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first, and for
+      // a `protect` updating the row: `protected` is read as it is once the row is ours.
+      const v = (await c.query(`SELECT uid, protected FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows[0];
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid);
       const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1`, [id])).rows.map((r) => r.data as Buffer);
       for (const ids of batches(idsOfChunks(chunks), ID_BATCH)) {
         await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, ids]);
       }
       await c.query(`DELETE FROM versions WHERE id = $1`, [id]);
+      return true;
     });
     this.forgetChunks(id);
+    return removed;
   }
 
   private forgetChunks(versionId: number): void {

@@ -7,7 +7,7 @@ import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } fr
 import { CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, ProtectedError, RepositoryStats, ResolvedBlock,
   StatsRow, VersionRow,
 } from './types';
 
@@ -167,15 +167,15 @@ export class SqliteMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, tags.get(Number(r.id)) ?? []));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     if (f.valid !== undefined) { sets.push('valid = ?'); args.push(f.valid ? 1 : 0); }
     if (f.complete !== undefined) { sets.push('complete = ?'); args.push(f.complete ? 1 : 0); }
     if (f.protected !== undefined) { sets.push('protected = ?'); args.push(f.protected ? 1 : 0); }
     if (f.expire !== undefined) { sets.push('expire = ?'); args.push(f.expire); }
-    if (!sets.length) return;
-    this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
+    if (!sets.length) return !!this.st(`SELECT 1 FROM versions WHERE id = ?`).get(id);
+    return this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id).changes > 0;
   }
 
   async addTags(id: number, tags: string[]): Promise<void> {
@@ -188,15 +188,20 @@ export class SqliteMetaStore implements MetaStore {
     this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const db = this.d;
     const now = Date.now();
-    db.transaction(() => {
+    const removed = db.transaction(() => {
+      const v = this.st(`SELECT uid, protected FROM versions WHERE id = ?`).get(id) as Row | undefined;
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid as string);
       const chunks = (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
       this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(chunks)));
       this.st(`DELETE FROM versions WHERE id = ?`).run(id);
+      return true;
     }).immediate();
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
+    return removed;
   }
 
   // ---- block maps
