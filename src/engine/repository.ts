@@ -1,4 +1,4 @@
-import { createHmac } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import type { Config } from '../config/config';
 import { Codec } from '../codec/codec';
 import { WorkerPool } from '../codec/pool';
@@ -9,15 +9,14 @@ import { createMetaStore } from '../meta/open';
 import type { LockInfo, MetaStore, VersionRow } from '../meta/types';
 import { createBlobStore } from '../storage/open';
 import type { BlobStore } from '../storage/types';
-import { ConfigError, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
+import { LockedError, NotFoundError } from '../util/errors';
+import { FileStore } from '../storage/file';
 import { log } from '../util/log';
 import { lockInfo } from '../util/process-info';
 import { HOLD_LOCKS, VersionHold, VersionHolds } from './holds';
+import { checkDataMarker, checkFixedSettings, initialSettings, MARKER_NAME, markerContent, SETTING } from './repository-settings';
 
-/** A short, non-reversible fingerprint of the key, stored in the database to catch a wrong key at once. */
-export function keyCheckValue(key: Buffer): string {
-  return createHmac('sha256', key).update('backy key check v1').digest('hex').slice(0, 32);
-}
+export { keyCheckValue } from './repository-settings';
 
 /**
  * Everything one command works with: configuration, metadata, storage, the codec worker pool and the locks
@@ -34,15 +33,19 @@ export class Repository {
     this.holds = new VersionHolds(meta);
   }
 
-  /** Opens metadata and storage and checks the key and hash function against the repository's. */
+  /**
+   * Opens metadata and storage: checks storage is there (a `file` data directory carries this repository's
+   * marker) and the configuration agrees with the settings fixed at initdb (encryption, hash function, key).
+   */
   static async open(cfg: Config): Promise<Repository> {
     const meta = createMetaStore(cfg.metaEngine);
     await meta.open();
     const store = createBlobStore(cfg);
     const repo = new Repository(cfg, meta, store);
     try {
-      await repo.checkRepositorySettings();
       await store.check();
+      await checkDataMarker(meta, store);
+      await checkFixedSettings(meta, store, cfg);
     } catch (e) {
       await repo.close();
       throw e;
@@ -50,14 +53,24 @@ export class Repository {
     return repo;
   }
 
-  private async checkRepositorySettings(): Promise<void> {
-    const hash = await this.meta.setSettingIfAbsent('hash_function', this.cfg.hashFunction);
-    if (hash !== this.cfg.hashFunction) {
-      throw new ConfigError(`this repository uses hash_function ${hash}, the configuration says ${this.cfg.hashFunction}`);
-    }
-    if (this.cfg.encryptionKey) {
-      const kcv = await this.meta.setSettingIfAbsent('key_check', keyCheckValue(this.cfg.encryptionKey));
-      if (kcv !== keyCheckValue(this.cfg.encryptionKey)) throw new WrongKeyError();
+  /**
+   * Creates a repository (`initdb`): the schema with the settings fixed from now on, then the `file` data
+   * directory and its marker. false, and nothing changed, when the database is initialized already.
+   */
+  static async create(cfg: Config): Promise<{ created: boolean; description: string }> {
+    const meta = createMetaStore(cfg.metaEngine);
+    try {
+      const id = randomUUID();
+      if (!(await meta.initdb(initialSettings(cfg, id)))) return { created: false, description: meta.description };
+      if (cfg.data.type === 'file') {
+        const store = new FileStore(cfg.data.path, cfg.data.fsync);
+        await store.create();
+        await store.writeMarker(markerContent(id));
+        await meta.setSettingIfAbsent(SETTING.dataMarker, MARKER_NAME);
+      }
+      return { created: true, description: meta.description };
+    } finally {
+      await meta.close();
     }
   }
 

@@ -172,12 +172,14 @@ export class PostgresMetaStore implements MetaStore {
 
   // ---- schema
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     return this.tx(async (c) => {
       await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
       if ((await c.query(`SELECT to_regclass('settings') IS NOT NULL AS e`)).rows[0].e) return false;
       for (const s of PG_DDL) await c.query(s);
       await c.query(`INSERT INTO settings (key, value) VALUES ('schema_version', $1)`, [String(SCHEMA_VERSION)]);
+      const keys = Object.keys(settings);
+      if (keys.length) await c.query(`INSERT INTO settings (key, value) SELECT * FROM unnest($1::text[], $2::text[])`, [keys, keys.map((k) => settings[k])]);
       return true;
     });
   }

@@ -66,7 +66,7 @@ export class SqliteMetaStore implements MetaStore {
     return !!db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'`).get();
   }
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     const db = this.connect(true);
     this.db = db;
     if (this.hasSchema(db)) return false;
@@ -74,6 +74,8 @@ export class SqliteMetaStore implements MetaStore {
     db.transaction(() => {
       for (const s of ddl) db.exec(s);
       db.prepare(`INSERT INTO settings (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
+      const put = db.prepare(`INSERT INTO settings (key, value) VALUES (?, ?)`);
+      for (const [k, v] of Object.entries(settings)) put.run(k, v);
     }).immediate();
     return true;
   }

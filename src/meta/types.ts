@@ -123,8 +123,8 @@ export interface MetaStore {
   /** Engine description without credentials. */
   readonly description: string;
 
-  /** Creates the schema. false when it already existed (nothing is changed then). */
-  initdb(): Promise<boolean>;
+  /** Creates the schema, with `settings`. false when it already existed (nothing is changed then). */
+  initdb(settings?: Record<string, string>): Promise<boolean>;
   /** Connects and checks the schema (migrating it if older). Throws DatabaseError when there is none. */
   open(): Promise<void>;
   close(): Promise<void>;
