@@ -30,8 +30,9 @@ export async function diffVersions(meta: MetaStore, a: VersionRow, b: VersionRow
   const blocksB = blockCount(b.size, bs);
   const size = Math.max(a.size, b.size);
   const blocks = Math.max(blocksA, blocksB);
-  // The last block of the shorter version is shorter than the same block of the longer one.
-  const partial = a.size !== b.size ? Math.min(blocksA, blocksB) - 1 : -1;
+  // The shorter version's last block, when partial, is shorter than the same block of the longer one.
+  const shorter = Math.min(a.size, b.size);
+  const partial = a.size !== b.size && shorter % bs !== 0 ? Math.floor(shorter / bs) : -1;
   const ranges: DiffRange[] = [];
   let differingBlocks = 0;
   let open: DiffRange | undefined;

@@ -72,7 +72,7 @@ function vetoOf(v: Plannable, newestValid: number | undefined, now: number, g: G
   if (!v.complete) return 'incomplete (a backup is running or was interrupted)';
   if (!v.valid && (newestValid === undefined || v.date > newestValid)) return 'invalid, but newer than every valid version of its name (scrub it or back up again)';
   if (!g.force && g.youngerThanDays > 0 && now - v.date < g.youngerThanDays * DAY) {
-    return `younger than ${g.youngerThanDays} days (disallow_rm_when_younger_than_days; --force removes it)`;
+    return `younger than ${g.youngerThanDays} days (disallow_rm_when_younger_than_days, --force removes it)`;
   }
   return undefined;
 }
