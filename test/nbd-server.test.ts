@@ -243,13 +243,13 @@ describe('NBD server with real clients', () => {
   });
 
   test('nbdcopy with 4 connections and 64 requests in flight', async () => {
-    await withServer(async ({ uri, catalogue }) => {
+    await withServer(async ({ uri, server }) => {
       const out = path.join(tmp, 'multi.img');
-      const before = catalogue.opens;
+      const before = server.accepted;
       const r = await run('nbdcopy', ['--connections=4', '--threads=4', '--requests=64', '--request-size=65536', uri('big'), out]);
       assert.equal(r.code, 0, r.stderr);
       assert.equal(sha256(await readFile(out)), sha256(big.data));
-      assert.ok(catalogue.opens - before >= 4, `nbdcopy opened ${catalogue.opens - before} connections`);
+      assert.ok(server.accepted - before >= 4, `nbdcopy opened ${server.accepted - before} connections`);
       await rm(out);
       const r2 = await run('nbdcopy', ['--connections=4', '--threads=4', '--requests=64', uri('odd'), 'null:']);
       assert.equal(r2.code, 0, r2.stderr);

@@ -1,39 +1,27 @@
-import type { BlockDevice, Extent } from './types';
+import { PassThroughDevice } from './pass-through';
+import type { BlockDevice } from './types';
 
 /**
  * Sees sequential reads and asks the inner device to prefetch what comes next, several blocks in flight.
  * Several streams are tracked at once (nbdcopy reads with many connections, a FUSE reader and a prefetching
- * kernel interleave). The window grows while a stream stays sequential and resets when it jumps.
+ * kernel interleave). The window grows while a stream stays sequential and resets when it jumps. Everything
+ * else (writes included) passes through.
  */
-export class ReadaheadDevice implements BlockDevice {
+export class ReadaheadDevice extends PassThroughDevice {
   private streams: { next: number; window: number; prefetchedTo: number; used: number }[] = [];
   private static readonly MAX_STREAMS = 16;
 
   constructor(
-    private readonly inner: BlockDevice & { prefetch(offset: number, length: number): Promise<void> },
+    next: BlockDevice & { prefetch(offset: number, length: number): Promise<void> },
     private readonly unit: number,
     private readonly maxWindowUnits = 8,
-  ) {}
-
-  get size(): number {
-    return this.inner.size;
+  ) {
+    super(next);
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
+  override read(offset: number, length: number): Promise<Buffer> {
     this.observe(offset, length);
-    return this.inner.read(offset, length);
-  }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length);
-  }
-
-  prefetch(offset: number, length: number): Promise<void> {
-    return this.inner.prefetch(offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.inner.close?.() ?? Promise.resolve();
+    return this.next.read(offset, length);
   }
 
   private observe(offset: number, length: number): void {
@@ -57,7 +45,7 @@ export class ReadaheadDevice implements BlockDevice {
     const from = Math.max(s.prefetchedTo, s.next);
     if (want > from) {
       s.prefetchedTo = want;
-      void this.inner.prefetch(from, want - from);
+      void this.prefetch(from, want - from);
     }
   }
 }

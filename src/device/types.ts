@@ -11,6 +11,19 @@ export interface Extent {
   zero: boolean;
 }
 
+/** Options of a write, zero or trim. */
+export interface WriteOptions {
+  /** Force unit access: the data is durable when the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** The range must stay allocated (NBD's NO_HOLE): write zeroes rather than punch a hole. */
+  noHole?: boolean;
+  /** Fail at once with ENOTSUP unless zeroing is faster than writing zeroes (NBD's FAST_ZERO). */
+  fast?: boolean;
+}
+
 export interface BlockDevice {
   /** Size in bytes; need not be a multiple of any block size. */
   readonly size: number;
@@ -20,12 +33,57 @@ export interface BlockDevice {
   extents(offset: number, length: number): Promise<Extent[]>;
   /** Hint that the range will be read soon: fetch it into the cache. Optional. */
   prefetch?(offset: number, length: number): Promise<void>;
-  // Writable layers only.
-  write?(offset: number, data: Buffer): Promise<void>;
-  zero?(offset: number, length: number): Promise<void>;
+  // Writable devices only. A writable device without flush() makes every write durable before it resolves.
+  write?(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
+  /** The range reads as zeroes afterwards. */
+  zero?(offset: number, length: number, opts?: ZeroOptions): Promise<void>;
+  /** The range is no longer needed: its content is unspecified afterwards (it may also stay as it was). */
+  trim?(offset: number, length: number, opts?: WriteOptions): Promise<void>;
+  /** Every write that resolved before the call is durable when this resolves. */
   flush?(): Promise<void>;
+  /**
+   * What the device can do. Leaf devices may leave it out: their methods say it (see capabilitiesOf).
+   * Layers answer it, usually by asking the device below (PassThroughDevice does).
+   */
+  capabilities?(): DeviceCapabilities;
   /** Releases what the device holds (not the shared cache). Optional. */
   close?(): Promise<void>;
+}
+
+/** What a device supports beyond reading, the way nbdkit's can_write/can_flush/... describe a plugin. */
+export interface DeviceCapabilities {
+  /** write() is served; without it the device is read-only. */
+  write: boolean;
+  /** zero() is served natively (a front end may otherwise write zero buffers). */
+  zero: boolean;
+  /** trim() is served. */
+  trim: boolean;
+  /** flush() is served (a writable device without it makes each write durable before it resolves). */
+  flush: boolean;
+  /** write/zero/trim honour `fua` themselves; otherwise a front end flushes after a FUA request. */
+  fua: boolean;
+  /** zero() honours `fast` (fails at once with ENOTSUP when it would not be faster than a write). */
+  fastZero: boolean;
+  /** Every user of this one device object sees the same data (what one flushes, all read). */
+  multiConn: boolean;
+  /** prefetch() is served. */
+  prefetch: boolean;
+}
+
+/** The capabilities a device declares, or those its methods imply. */
+export function capabilitiesOf(d: BlockDevice): DeviceCapabilities {
+  if (typeof d.capabilities === 'function') return d.capabilities();
+  const write = typeof d.write === 'function';
+  return {
+    write,
+    zero: write && typeof d.zero === 'function',
+    trim: write && typeof d.trim === 'function',
+    flush: typeof d.flush === 'function',
+    fua: false,
+    fastZero: false,
+    multiConn: true,
+    prefetch: typeof d.prefetch === 'function',
+  };
 }
 
 /**
@@ -55,4 +113,10 @@ export interface ExportCatalogue {
   list(): Promise<ExportInfo[]>;
   /** Opens the named export, or returns undefined when there is no such export. */
   open(name: string): Promise<{ device: BlockDevice; description: string } | undefined>;
+  /**
+   * Whether the export still exists. A server that shares one open device among connections asks this before
+   * letting another connection join it (an export removed meanwhile is not offered to new clients).
+   * Optional: without it, joining is always allowed.
+   */
+  exists?(name: string): Promise<boolean>;
 }

@@ -29,6 +29,10 @@ export class VersionCatalogue implements ExportCatalogue {
     return { device: this.device(v), description: describeVersion(v), version: v };
   }
 
+  async exists(name: string): Promise<boolean> {
+    return !!(await this.repo.meta.getVersion(name));
+  }
+
   device(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
     const cache = this.repo.cache();
     const dev = this.repo.device(v, cache);

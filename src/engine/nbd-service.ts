@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { NbdAddress, NbdListenOptions, NbdServer } from '../../nbd/server';
 import { formatBytes } from '../config/size';
-import type { BlockDevice, ExportCatalogue, ExportInfo, Extent } from '../device/types';
+import { PassThroughDevice } from '../device/pass-through';
+import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
 import { ConfigError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { VersionCatalogue } from './catalogue';
@@ -45,6 +46,7 @@ export class NbdService {
       readOnly: true,
       // A failed listen is reported once, by the error thrown below, not also as a server error line.
       log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
+      debug: (line) => log.debug(line),
       closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
     });
     if ('path' in opts.listen) await removeStaleSocket(opts.listen.path);
@@ -154,6 +156,10 @@ class LoggingCatalogue implements ExportCatalogue {
     return this.inner.list();
   }
 
+  exists(name: string): Promise<boolean> {
+    return this.inner.exists(name);
+  }
+
   async open(name: string): Promise<{ device: BlockDevice; description: string } | undefined> {
     const e = await this.inner.open(name);
     if (!e) {
@@ -161,43 +167,33 @@ class LoggingCatalogue implements ExportCatalogue {
       return undefined;
     }
     const n = ++this.seq;
-    log.debug(`nbd: connection #${n} opened version ${name} (${e.description})`);
+    log.debug(`nbd: export #${n} opened version ${name} (${e.description})`);
     return { device: new ObservedDevice(e.device, n, name), description: e.description };
   }
 }
 
-/** Counts what a connection read, for its closing log line. Adds no promise to the read path. */
-class ObservedDevice implements BlockDevice {
+/** Counts what was read through one open export, for its closing log line. Adds no promise to the read path. */
+export class ObservedDevice extends PassThroughDevice {
   private reads = 0;
   private bytes = 0;
   private readonly opened = Date.now();
 
-  constructor(private readonly inner: BlockDevice, private readonly n: number, private readonly name: string) {}
-
-  get size(): number {
-    return this.inner.size;
+  constructor(next: BlockDevice, private readonly n: number, private readonly name: string) {
+    super(next);
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
+  override read(offset: number, length: number): Promise<Buffer> {
     this.reads++;
     this.bytes += length;
-    return this.inner.read(offset, length);
+    return this.next.read(offset, length);
   }
 
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length);
-  }
-
-  prefetch(offset: number, length: number): Promise<void> {
-    return this.inner.prefetch?.(offset, length) ?? Promise.resolve();
-  }
-
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     try {
-      await this.inner.close?.();
+      await this.next.close?.();
     } finally {
       const secs = (Date.now() - this.opened) / 1000;
-      log.debug(`nbd: connection #${this.n} closed version ${this.name} after ${secs.toFixed(1)} s: ${this.reads} reads, ${formatBytes(this.bytes)}`);
+      log.debug(`nbd: export #${this.n} closed version ${this.name} after ${secs.toFixed(1)} s: ${this.reads} reads, ${formatBytes(this.bytes)}`);
     }
   }
 }

@@ -50,13 +50,33 @@ export function mib(bytes: number): string {
   return `${(bytes / 1024 ** 2).toFixed(0)} MiB`;
 }
 
-/** Drops the kernel page cache (root only; ignored elsewhere). */
+/**
+ * Drops the kernel page cache. A "cold" figure measured with the page cache still warm would be a lie, so a
+ * failure (not root, a read-only /proc) stops the benchmark instead of being ignored.
+ */
 export function dropCaches(): void {
   try {
-    fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
-  } catch {
-    /* not root */
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+  } catch (e) {
+    throw new Error(`cannot drop the page cache (${(e as Error).message}): cold figures would measure the page cache; run the benchmark as root`);
   }
+}
+
+/**
+ * A target next to its figure: "met" or "MISSED". `atLeast` for ratios and rates (higher is better),
+ * `atMost` for times and sizes (lower is better). Every target of every issue is printed through this, so a
+ * missed one can be found with grep.
+ */
+export function verdict(value: number, target: { atLeast?: number; atMost?: number }): string {
+  const ok = (target.atLeast === undefined || value >= target.atLeast) && (target.atMost === undefined || value <= target.atMost);
+  const want = [target.atLeast !== undefined ? `≥ ${target.atLeast}` : '', target.atMost !== undefined ? `≤ ${target.atMost}` : ''].filter(Boolean).join(', ');
+  return `${want}: ${ok ? 'met' : 'MISSED'}`;
+}
+
+/** The CPU model and core count, printed at the top of every benchmark run: figures only mean something with them. */
+export function machineLine(): string {
+  const cpus = os.cpus();
+  return `CPU: ${cpus[0]?.model.trim() ?? 'unknown'}, ${cpus.length} cores; ${(os.totalmem() / 1024 ** 3).toFixed(0)} GiB RAM; Node ${process.version}`;
 }
 
 /** Prints a table of results. */

@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { machineLine } from './common';
 
 /**
  * `npm run bench`: runs every test/bench/*.bench.ts (each exports `run(): Promise<void>`), or only those
@@ -7,6 +8,7 @@ import * as path from 'node:path';
  */
 async function main(): Promise<void> {
   const filters = process.argv.slice(2);
+  console.log(`# backy benchmarks, ${new Date().toISOString()}\n${machineLine()}`);
   const files = fs.readdirSync(__dirname).filter((f) => f.endsWith('.bench.js')).sort()
     .filter((f) => !filters.length || filters.some((x) => f.includes(x)));
   for (const f of files) {

@@ -6,7 +6,7 @@
  * `buildImage` lays out regions (pattern bytes, random data, zero runs) so tests know what every byte is.
  */
 import { createHash, randomFillSync } from 'node:crypto';
-import { BlockDevice, DeviceError, ExportCatalogue, ExportInfo, Extent } from '../../src/device/types';
+import { BlockDevice, DeviceCapabilities, DeviceError, ExportCatalogue, ExportInfo, Extent, WriteOptions, ZeroOptions } from '../../src/device/types';
 
 export interface Region {
   length: number;
@@ -43,8 +43,8 @@ export class MemoryDevice implements BlockDevice {
   extentCalls = 0;
   prefetches: Array<[number, number]> = [];
   closes = 0;
-  private failures: Array<{ offset: number; length: number; message: string }> = [];
-  private readonly zeroRuns: Array<[number, number]>;
+  protected failures: Array<{ offset: number; length: number; message: string }> = [];
+  protected zeroRuns: Array<[number, number]>;
 
   constructor(
     readonly data: Buffer,
@@ -91,6 +91,132 @@ export class MemoryDevice implements BlockDevice {
   }
 }
 
+/** One call a WritableMemoryDevice received. */
+export interface DeviceOp {
+  op: 'write' | 'zero' | 'trim' | 'flush';
+  offset?: number;
+  length?: number;
+  fua?: boolean;
+  noHole?: boolean;
+  fast?: boolean;
+}
+
+export interface WritableOptions {
+  /** FUA honoured by the device itself (else the server must flush after a FUA request). Default false. */
+  nativeFua?: boolean;
+  /** zero() exists (else the server writes zero buffers). Default true. */
+  zero?: boolean;
+  /** trim() exists. Default true. */
+  trim?: boolean;
+  /** zero() honours `fast` (and fails fast zeroes of ranges that are not already zero). Default false. */
+  fastZero?: boolean;
+  readDelayMs?: number;
+  writeDelayMs?: number;
+}
+
+/**
+ * A writable in-memory device. `durable` is what a power cut would leave: updated by flush() and by
+ * writes with `fua` (when FUA is native), so tests can check the server's FUA and FLUSH handling. Every
+ * write-type call is recorded in `ops`. Write failures can be injected like read failures.
+ */
+export class WritableMemoryDevice extends MemoryDevice {
+  readonly ops: DeviceOp[] = [];
+  durable: Buffer;
+  private writeFailures: Array<{ offset: number; length: number }> = [];
+
+  constructor(data: Buffer, zeroRuns: Array<[number, number]> = [], private readonly wopts: WritableOptions = {}) {
+    super(data, zeroRuns, { readDelayMs: wopts.readDelayMs });
+    this.durable = Buffer.from(this.data);
+  }
+
+  failWrites(offset: number, length: number): void {
+    this.writeFailures.push({ offset, length });
+  }
+
+  capabilities(): DeviceCapabilities {
+    return {
+      write: true,
+      zero: this.wopts.zero !== false,
+      trim: this.wopts.trim !== false,
+      flush: true,
+      fua: !!this.wopts.nativeFua,
+      fastZero: !!this.wopts.fastZero,
+      multiConn: true,
+      prefetch: true,
+    };
+  }
+
+  private async check(offset: number, length: number): Promise<void> {
+    if (offset < 0 || length < 0 || offset + length > this.size) throw new DeviceError('write outside device', 'ENOSPC', offset);
+    if (this.wopts.writeDelayMs) await new Promise((r) => setTimeout(r, this.wopts.writeDelayMs));
+    for (const f of this.writeFailures) {
+      if (offset < f.offset + f.length && f.offset < offset + length) throw new DeviceError('simulated write failure', 'EIO', Math.max(offset, f.offset));
+    }
+  }
+
+  private persistIfFua(offset: number, length: number, opts?: WriteOptions): void {
+    if (opts?.fua && this.wopts.nativeFua) this.data.copy(this.durable, offset, offset, offset + length);
+  }
+
+  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    this.ops.push({ op: 'write', offset, length: data.length, fua: !!opts?.fua });
+    await this.check(offset, data.length);
+    data.copy(this.data, offset);
+    this.zeroRuns = subtractRun(this.zeroRuns, offset, data.length);
+    this.persistIfFua(offset, data.length, opts);
+  }
+
+  async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    this.ops.push({ op: 'zero', offset, length, fua: !!opts?.fua, noHole: !!opts?.noHole, fast: !!opts?.fast });
+    if (opts?.fast && !this.data.subarray(offset, offset + length).every((b) => b === 0)) {
+      throw new DeviceError('fast zero not possible here', 'ENOTSUP', offset);
+    }
+    await this.check(offset, length);
+    this.data.fill(0, offset, offset + length);
+    this.zeroRuns = opts?.noHole ? subtractRun(this.zeroRuns, offset, length) : addRun(this.zeroRuns, offset, length);
+    this.persistIfFua(offset, length, opts);
+  }
+
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    this.ops.push({ op: 'trim', offset, length, fua: !!opts?.fua });
+    await this.check(offset, length);
+    // Trimmed ranges read as zeroes here (the spec leaves their content unspecified).
+    this.data.fill(0, offset, offset + length);
+    this.zeroRuns = addRun(this.zeroRuns, offset, length);
+    this.persistIfFua(offset, length, opts);
+  }
+
+  async flush(): Promise<void> {
+    this.ops.push({ op: 'flush' });
+    this.data.copy(this.durable);
+  }
+}
+
+function subtractRun(runs: Array<[number, number]>, offset: number, length: number): Array<[number, number]> {
+  const end = offset + length;
+  const out: Array<[number, number]> = [];
+  for (const [o, l] of runs) {
+    if (o + l <= offset || o >= end) {
+      out.push([o, l]);
+      continue;
+    }
+    if (o < offset) out.push([o, offset - o]);
+    if (o + l > end) out.push([end, o + l - end]);
+  }
+  return out;
+}
+
+function addRun(runs: Array<[number, number]>, offset: number, length: number): Array<[number, number]> {
+  const all = [...subtractRun(runs, offset, length), [offset, length] as [number, number]].sort((a, b) => a[0] - b[0]);
+  const out: Array<[number, number]> = [];
+  for (const r of all) {
+    const last = out[out.length - 1];
+    if (last && last[0] + last[1] >= r[0]) last[1] = Math.max(last[1], r[0] + r[1] - last[0]);
+    else out.push([r[0], r[1]]);
+  }
+  return out;
+}
+
 /** A device of any size that reads as zeroes everywhere (no memory behind it). */
 export class ZeroDevice implements BlockDevice {
   closes = 0;
@@ -120,6 +246,32 @@ export function extentsFromZeroRuns(runs: ReadonlyArray<[number, number]>, offse
   }
   if (pos < end) out.push({ offset: pos, length: end - pos, zero: false });
   return out;
+}
+
+/**
+ * Opens a new device on every open, the way a catalogue of stateful devices (overlays) would: only the
+ * server's sharing of one device per export lets connections see each other's writes.
+ */
+export class FreshDeviceCatalogue implements ExportCatalogue {
+  readonly opened: WritableMemoryDevice[] = [];
+  closes = 0;
+  constructor(private readonly make: () => WritableMemoryDevice, readonly name = 'disk') {}
+
+  async list(): Promise<ExportInfo[]> {
+    return [{ name: this.name, description: 'a fresh writable device per open' }];
+  }
+
+  async open(name: string): Promise<{ device: BlockDevice; description: string } | undefined> {
+    if (name !== this.name) return undefined;
+    const d = this.make();
+    const close = d.close.bind(d);
+    d.close = async () => {
+      this.closes++;
+      await close();
+    };
+    this.opened.push(d);
+    return { device: d, description: 'fresh' };
+  }
 }
 
 export interface CatalogueEntry {

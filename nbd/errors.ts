@@ -1,0 +1,46 @@
+/** How device failures become NBD error numbers, log lines and the messages a client is sent. */
+import { DeviceError } from '../src/device/types';
+import * as C from './constants';
+
+/** Longest error message sent to a client (the spec's limit is 4096 bytes). */
+export const MAX_CLIENT_MESSAGE = 512;
+
+function isDeviceError(e: unknown): e is DeviceError {
+  return e instanceof DeviceError || (e instanceof Error && e.name === 'DeviceError');
+}
+
+/**
+ * The NBD error for a failed device call. ENOTSUP is only ever sent for a FAST_ZERO request (`fastZero`):
+ * the spec reserves it for that; otherwise it is an I/O failure to the client.
+ */
+export function errnoOf(e: unknown, fastZero = false): number {
+  if (!isDeviceError(e)) return C.EIO;
+  switch (e.errno) {
+    case 'EPERM':
+      return C.EPERM;
+    case 'EINVAL':
+      return C.EINVAL;
+    case 'ENOSPC':
+      return C.ENOSPC;
+    case 'ENOTSUP':
+      return fastZero ? C.ENOTSUP : C.EIO;
+    default:
+      return C.EIO;
+  }
+}
+
+/** The first byte that could not be read, when the device said. */
+export function failingOffset(e: unknown): number | undefined {
+  const off = (e as { offset?: unknown } | null)?.offset;
+  return typeof off === 'number' && Number.isFinite(off) ? off : undefined;
+}
+
+export function oneLine(e: unknown): string {
+  const s = e instanceof Error ? e.message : String(e);
+  return s.replace(/\s*[\r\n]+\s*/g, ' ').slice(0, 500);
+}
+
+/** Device errors are told to the client; anything else (a bug) only as "internal server error". */
+export function messageForClient(e: unknown): string {
+  return isDeviceError(e) ? oneLine(e) : 'internal server error';
+}
