@@ -1,5 +1,6 @@
 import { formatBytes } from '../config/size';
-import { blobKey, uidFromKey } from '../storage/types';
+import { blobKey, InvalidBlobUidError, uidFromKey } from '../storage/types';
+import { DatabaseError } from '../util/errors';
 import { log } from '../util/log';
 import { LOCKS, Repository } from './repository';
 
@@ -24,12 +25,25 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
   if (opts.full) await repo.lock(LOCKS.fullCleanup, 'full cleanup', [LOCKS.anyBackup]);
   const mark = await repo.meta.markForDeletion(opts.graceMs, Date.now());
   let deleted = 0;
+  const refused: string[] = [];
   for (;;) {
     const batch = await repo.meta.blobsToDelete(1000);
     if (!batch.length) break;
-    await repo.store.delete(batch.map((b) => blobKey(b.uid)));
+    // A uid that is not one backy writes (a tampered shared database) never reaches storage: such a row
+    // stands for no object backy could have stored, so it is only forgotten.
+    const keys: string[] = [];
+    for (const b of batch) {
+      try {
+        keys.push(blobKey(b.uid));
+      } catch (e) {
+        if (!(e instanceof InvalidBlobUidError)) throw e;
+        refused.push(b.uid);
+        if (refused.length <= 10) log.error(e.message);
+      }
+    }
+    await repo.store.delete(keys);
     await repo.meta.forgetBlobs(batch.map((b) => b.id));
-    deleted += batch.length;
+    deleted += keys.length;
   }
   let orphansDeleted = 0;
   let orphanBytes = 0;
@@ -47,5 +61,9 @@ export async function cleanup(repo: Repository, opts: { full: boolean; graceMs: 
   }
   log.info(`cleanup: ${deleted} blobs deleted, ${mark.waiting} unreferenced blobs inside the grace period, ` +
     `${mark.referenced} in use${opts.full ? `; ${orphansDeleted} unknown objects (${formatBytes(orphanBytes)}) removed from storage` : ''}`);
+  if (refused.length) {
+    throw new DatabaseError(`cleanup: ${refused.length} blob rows with invalid uids were forgotten without touching storage; ` +
+      'the database was changed by something other than backy');
+  }
   return { deleted, waiting: mark.waiting, orphansDeleted, orphanBytes };
 }

@@ -1,4 +1,5 @@
-import { openSource, Source } from '../io/file';
+import { openSource } from '../io/registry';
+import type { Source } from '../io/types';
 import { BlobState, VersionRow } from '../meta/types';
 import { BlobCorruptError, BlobNotFoundError, errorLine } from '../util/errors';
 import { log } from '../util/log';
@@ -6,6 +7,7 @@ import { Progress } from '../util/progress';
 import { JobRunner } from '../util/job-runner';
 import { randomSample } from '../util/random';
 import { isZero } from '../codec/blob-format';
+import { InvalidBlobUidError } from '../storage/types';
 import { LOCKS, Repository } from './repository';
 
 export interface ScrubOptions {
@@ -81,7 +83,7 @@ async function scrubBlocks(repo: Repository, v: VersionRow, source: Source | und
             pending++;
             return;
           }
-          if (e instanceof BlobNotFoundError || e instanceof BlobCorruptError) {
+          if (e instanceof BlobNotFoundError || e instanceof BlobCorruptError || e instanceof InvalidBlobUidError) {
             bad.add(slot.ref.id);
             ok = false;
             log.error(`offset ${offset}: ${errorLine(e)}`);

@@ -69,6 +69,8 @@ export class PostgresMetaStore implements MetaStore {
   /** Decoded map chunks of versions this process is writing (it holds their locks, so nobody else writes them). */
   private writeChunks = new Map<string, Float64Array>();
   private cursorNo = 0;
+  /** The last error a pooled connection reported outside a query. */
+  private connectionLost: Error | undefined;
 
   constructor(private readonly engine: string, opts: { poolSize?: number } = {}) {
     this.description = maskEngineUrl(engine);
@@ -88,6 +90,9 @@ export class PostgresMetaStore implements MetaStore {
 
   private fail(e: unknown): Error {
     if (this.locks.lost) return this.locks.lostError();
+    // "Client has encountered a connection error and is not queryable" says nothing; the error that broke
+    // the connection does.
+    if (this.connectionLost && /not queryable/i.test((e as Error)?.message ?? '')) return pgError(this.connectionLost, this.engine);
     return pgError(e, this.engine);
   }
 
@@ -98,6 +103,13 @@ export class PostgresMetaStore implements MetaStore {
       // An idle connection that breaks (server restart, terminated backend) is dropped by the pool; the
       // next query reports the problem. Without a listener the error would end the process.
       pool.on('error', () => undefined);
+      // pg-pool listens for errors only while a client is idle: one checked out, between two queries of a
+      // transaction, would emit 'error' with nobody listening (57P01 from pg_terminate_backend, a server
+      // restart) and end the process. Every client keeps a listener for its whole life; the query that
+      // runs next fails ("not queryable") and reports the reason remembered here.
+      pool.on('connect', (client) => {
+        client.on('error', (e) => { this.connectionLost = e; });
+      });
       this.pool = pool;
     }
     return this.pool;
@@ -479,7 +491,8 @@ export class PostgresMetaStore implements MetaStore {
       return tally.mark;
     }, {
       // Lock first, snapshot after (taken by the first query, not by LOCK TABLE): see the class comment.
-      isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE',
+      // The marks must be durable before cleanup deletes the first object, whatever the server's default.
+      isolation: 'REPEATABLE READ', prelude: 'LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE; SET LOCAL synchronous_commit = on',
     });
   }
 

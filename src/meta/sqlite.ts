@@ -319,6 +319,21 @@ export class SqliteMetaStore implements MetaStore {
 
   async markForDeletion(graceMs: number, now: number): Promise<CleanupMark> {
     const db = this.d;
+    // The marks must be on disk before cleanup deletes the first object. With synchronous = NORMAL a WAL
+    // commit reaches the disk only at the next checkpoint: an OS crash after the deletes could roll the
+    // marks back, and later backups would deduplicate against blobs that no longer exist. FULL syncs the WAL
+    // at this commit, which makes every earlier commit durable too: one fsync per cleanup (a checkpoint
+    // would also copy the WAL into the database and wait for readers, for nothing more).
+    db.pragma('synchronous = FULL');
+    try {
+      return this.markInOneTransaction(graceMs, now);
+    } finally {
+      db.pragma('synchronous = NORMAL');
+    }
+  }
+
+  private markInOneTransaction(graceMs: number, now: number): CleanupMark {
+    const db = this.d;
     // One IMMEDIATE transaction: no backup can record a block between the scan and the marking, so a blob
     // that any map references at the moment of marking is never marked.
     return db.transaction(() => {

@@ -6,6 +6,8 @@ import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
 
 const TMP_PREFIX = '.tmp.';
+/** What a key may look like: relative, no empty parts (checked with '.' and '..' excluded). */
+const SAFE_KEY = /^[0-9A-Za-z._-]+(\/[0-9A-Za-z._-]+)*$/;
 
 /**
  * Blobs as files under a directory (local disk or an NFS mount): `path/ab/cd/<uid>`. Each blob is written
@@ -20,7 +22,11 @@ export class FileStore implements BlobStore {
     this.description = `directory ${root}`;
   }
 
+  /** The file of a key. Keys come from blobKey or list(); anything that could leave the root is refused. */
   private file(key: string): string {
+    if (!SAFE_KEY.test(key) || key.split('/').some((part) => part === '.' || part === '..')) {
+      throw new StorageError(`refusing storage key ${JSON.stringify(key.slice(0, 80))}: not a blob key`);
+    }
     return path.join(this.root, key);
   }
 
@@ -50,16 +56,20 @@ export class FileStore implements BlobStore {
       }
       const fh = await fsp.open(tmp, 'wx', 0o600);
       try {
-        await fh.write(data, 0, data.length, 0);
+        await writeAll(fh, data);
         if (this.fsync) await fh.datasync();
+        // The last word before the blob gets its final name: the file holds exactly the blob.
+        const { size } = await fh.stat();
+        if (size !== data.length) throw new Error(`wrote ${size} of ${data.length} bytes`);
       } finally {
+        // close() may report a write error of its own (NFS reports a full disk or quota there).
         await fh.close();
       }
       await fsp.rename(tmp, final);
       if (this.fsync) await syncDir(dir);
     } catch (e) {
       await fsp.unlink(tmp).catch(() => undefined);
-      throw new StorageError(`cannot write blob ${key} to ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      throw new StorageError(`cannot write blob ${key} to ${this.root}: ${writeFailure(e)}`);
     }
   }
 
@@ -136,6 +146,33 @@ export class FileStore implements BlobStore {
   async close(): Promise<void> {
     /* nothing held open */
   }
+}
+
+/**
+ * Writes all of `data` at offset 0. One write() may store fewer bytes than asked (a disk filling up, a
+ * quota, a file size limit): the rest is written by further calls, and the first that stores nothing
+ * fails with the reason the kernel gives (ENOSPC, EDQUOT, EFBIG).
+ */
+async function writeAll(fh: fsp.FileHandle, data: Buffer): Promise<void> {
+  let done = 0;
+  while (done < data.length) {
+    const { bytesWritten } = await fh.write(data, done, data.length - done, done);
+    if (bytesWritten <= 0) throw Object.assign(new Error('write stored nothing'), { code: 'EIO' });
+    done += bytesWritten;
+  }
+}
+
+const REASONS: Record<string, string> = {
+  ENOSPC: 'no space left on the device (ENOSPC)',
+  EDQUOT: 'disk quota exceeded (EDQUOT)',
+  EFBIG: 'file too large for the filesystem (EFBIG)',
+  EROFS: 'read-only filesystem (EROFS)',
+  EACCES: 'permission denied (EACCES)',
+};
+
+function writeFailure(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  return (code && REASONS[code]) ?? code ?? (e as Error).message;
 }
 
 async function readdirSorted(dir: string): Promise<string[]> {
