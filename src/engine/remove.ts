@@ -1,4 +1,5 @@
 import { BackyError, NotFoundError } from '../util/errors';
+import type { VersionRow } from '../meta/types';
 import { log } from '../util/log';
 import { LOCKS, Repository } from './repository';
 import { now } from '../util/clock';
@@ -15,6 +16,15 @@ export async function removeVersion(repo: Repository, uid: string, force: boolea
   // No new hold can start from here on, and none exists now.
   await repo.lock(LOCKS.removal(uid), `removal of ${uid}`, [LOCKS.anyHold(uid)],
     (h) => `cannot remove version ${uid}: ${h.what} holds it (pid ${h.pid} on ${h.host})`);
+  try {
+    await removeUnheld(repo, v, uid, force);
+  } finally {
+    // Removed or not, readers may come again (they find the version gone, or there).
+    await repo.unlock(LOCKS.removal(uid));
+  }
+}
+
+async function removeUnheld(repo: Repository, v: VersionRow, uid: string, force: boolean): Promise<void> {
   await repo.lock(LOCKS.version(uid), `removal of ${uid}`);
   if (v.protected) throw new BackyError(`version ${uid} is protected; unprotect it first`);
   const days = repo.cfg.disallowRmWhenYoungerThanDays;
