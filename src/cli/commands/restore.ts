@@ -15,7 +15,7 @@ export const register: Register = (program, wrap) => {
         uid, target, sparse: !!o.sparse, force: !!o.force, sync: o.sync, quiet: ctx.quiet,
         tls: { pskFile: o.tlsPsk, certificatesDir: o.tlsCertificates },
       });
-      if (ctx.output.json) process.stdout.write(`${JSON.stringify({ uid, target, bytes: r.bytes, seconds: r.seconds, errors: r.errors }, null, 2)}\n`);
+      if (ctx.output.json) process.stdout.write(`${JSON.stringify({ uid, target, bytes: r.bytes, seconds: r.seconds, errors: r.errors, ...r.stats }, null, 2)}\n`);
       if (r.errors.length) throw restoreFailure(r);
     }));
 };
