@@ -550,7 +550,10 @@ export class NbdClient implements BlockDevice {
     /** BLOCK_STATUS: gets the descriptors of every context before the promise settles */
     onStatus?: (statuses: Map<number, BlockStatusDescriptor[]>) => void,
   ): Promise<Buffer | Extent[] | undefined> {
-    if (this.closed) return Promise.reject(new NbdError(`NBD connection closed: ${this.closed.message}`, C.EIO));
+    if (this.closed) {
+      const why = this.closed instanceof ConnectionClosedError && this.closed.message === 'client closed' ? 'NBD connection closed' : `NBD connection lost: ${this.closed.message}`;
+      return Promise.reject(new NbdError(why, C.EIO));
+    }
     let cookie = this.nextCookie;
     while (this.pending.has(cookie)) cookie = (cookie + 1) >>> 0 || 1;
     this.nextCookie = (cookie + 1) >>> 0 || 1;
