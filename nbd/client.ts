@@ -308,6 +308,11 @@ export class NbdClient implements BlockDevice {
       clearTimeout(timer);
       socket.destroy();
       raw.destroy();
+      // TLS 1.3 servers check a client certificate after the client thinks the handshake is done: a refusal
+      // then looks like a connection closed at the first option.
+      if (options.tls && socket !== raw && e instanceof ConnectionClosedError) {
+        throw new NbdError('NBD server closed the connection right after the TLS handshake (did it refuse the client certificate or key?)', C.EPERM);
+      }
       throw e;
     }
   }

@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { makeTestRepo, TestRepo } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { countingProxy, imageInfo, nbdkit, qemuNbd, Server, sh } from './helpers/qemu-nbd';
+import { makePki, Pki } from './helpers/nbd-tls';
 
 const MiB = 1024 * 1024;
 const BS = MiB; // the repository's block size: small, so the images stay small
@@ -274,7 +275,7 @@ describe('nbds:// (TLS) sources and targets with qemu-nbd', () => {
   let repo: TestRepo;
   let disk: string;
   let uid: string;
-  let pki: string;
+  let pki: Pki;
   const servers: Server[] = [];
   before(async () => {
     repo = makeTestRepo('', { blockSize: BS });
@@ -282,33 +283,27 @@ describe('nbds:// (TLS) sources and targets with qemu-nbd', () => {
     disk = path.join(repo.dir, 'tls.qcow2');
     await sh('qemu-img', ['create', '-f', 'qcow2', disk, String(16 * MiB)]);
     await sh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 1M 3M', disk]);
-    pki = path.join(repo.dir, 'pki');
-    fs.mkdirSync(pki);
-    await makePki(pki);
+    pki = makePki(path.join(repo.dir, 'pki'));
   });
   after(async () => {
     for (const s of servers) await s.stop('SIGKILL');
     repo.cleanup();
   });
 
-  test('PSK: backup with --tls-psk (identity from the URI), plain nbd:// refused with one line', async () => {
-    const pskDir = path.join(repo.dir, 'psk');
-    fs.mkdirSync(pskDir);
-    await sh('psktool', ['-u', 'someone', '-p', path.join(pskDir, 'keys.psk')]);
-    await sh('psktool', ['-u', 'backy', '-p', path.join(pskDir, 'keys.psk')]);
-    const keys = path.join(pskDir, 'keys.psk');
-    const server = await qemuNbd(disk, { tcp: true, scheme: 'nbds', extra: ['-r', '--object', `tls-creds-psk,id=tls0,endpoint=server,dir=${pskDir}`, '--tls-creds', 'tls0'] });
+  test('PSK: backup with --tls-psk (identity from the URI), plain nbd:// and a wrong key refused with one line', async () => {
+    // A key file with two identities: the URI's user picks the one the server knows.
+    const keys = path.join(repo.dir, 'keys.psk');
+    fs.writeFileSync(keys, `someone:${randomBytes(32).toString('hex')}\n${fs.readFileSync(pki.pskFile, 'utf8')}`);
+    const server = await qemuNbd(disk, { tcp: true, scheme: 'nbds', extra: ['-r', '--object', `tls-creds-psk,id=tls0,endpoint=server,dir=${pki.pskDir}`, '--tls-creds', 'tls0'] });
     servers.push(server);
-    const withUser = server.uri.replace('nbds://', 'nbds://backy@');
+    const withUser = server.uri.replace('nbds://', 'nbds://alice@');
     uid = json(await repo.ok(['--json', 'backup', '--tls-psk', keys, withUser, 'tls'])).uid;
     assert.equal(await restoredHash(repo, uid), await rawHash(repo.dir, disk));
     const plain = await repo.run(['backup', server.uri.replace('nbds://', 'nbd://'), 'tls']);
     assert.equal(plain.code, 1, plain.stderr);
     assert.ok(oneLine(plain.stderr), plain.stderr);
     assert.match(plain.stderr, /requires TLS/);
-    const wrongKey = path.join(repo.dir, 'wrong.psk');
-    fs.writeFileSync(wrongKey, `backy:${randomBytes(32).toString('hex')}\n`);
-    const bad = await repo.run(['backup', '--tls-psk', wrongKey, server.uri, 'tls']);
+    const bad = await repo.run(['backup', '--tls-psk', pki.wrongPskFile, server.uri, 'tls']);
     assert.equal(bad.code, 1, bad.stderr);
     assert.ok(oneLine(bad.stderr), bad.stderr);
     const noCreds = await repo.run(['backup', server.uri, 'tls']);
@@ -320,38 +315,21 @@ describe('nbds:// (TLS) sources and targets with qemu-nbd', () => {
   test('X.509: restore into an nbds:// target with --tls-certificates (client certificate, server name checked)', async () => {
     const target = path.join(repo.dir, 'x509-target.qcow2');
     await sh('qemu-img', ['create', '-f', 'qcow2', target, String(16 * MiB)]);
-    const server = await qemuNbd(target, { tcp: true, scheme: 'nbds', extra: ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${pki}`, '--tls-creds', 'tls0'] });
+    // qemu's x509 server verifies clients by default: the client directory has a certificate for it.
+    const server = await qemuNbd(target, { tcp: true, scheme: 'nbds', extra: ['--object', `tls-creds-x509,id=tls0,endpoint=server,dir=${pki.serverDir}`, '--tls-creds', 'tls0'] });
     servers.push(server);
-    await repo.ok(['restore', '--tls-certificates', pki, uid, server.uri]);
-    // A CA that did not sign the server's certificate: the handshake fails, one line.
-    const otherPki = path.join(repo.dir, 'other-pki');
-    fs.mkdirSync(otherPki);
-    await makePki(otherPki);
-    const bad = await repo.run(['restore', '-f', '--tls-certificates', otherPki, uid, server.uri]);
-    assert.equal(bad.code, 1, bad.stderr);
-    assert.ok(oneLine(bad.stderr), bad.stderr);
-    assert.match(bad.stderr, /TLS handshake/);
+    await repo.ok(['restore', '--tls-certificates', pki.clientDir, uid, server.uri]);
+    // A CA that did not sign the server's certificate: backy refuses the server, one line.
+    const otherCa = path.join(repo.dir, 'other-ca');
+    fs.mkdirSync(otherCa);
+    fs.copyFileSync(path.join(repo.dir, 'pki', 'other-ca', 'other-cert.pem'), path.join(otherCa, 'ca-cert.pem'));
+    for (const dir of [otherCa, pki.strangerDir]) { // ... and a client certificate the server does not trust
+      const bad = await repo.run(['restore', '-f', '--tls-certificates', dir, uid, server.uri]);
+      assert.equal(bad.code, 1, bad.stderr);
+      assert.ok(oneLine(bad.stderr), bad.stderr);
+      assert.match(bad.stderr, /TLS handshake/);
+    }
     await server.stop();
     await sh('qemu-img', ['compare', disk, target]);
   });
 });
-
-/** A CA, a server certificate for localhost/127.0.0.1 and a client certificate, in qemu's file names. */
-async function makePki(dir: string): Promise<void> {
-  const f = (n: string) => path.join(dir, n);
-  const tmpl = (name: string, lines: string[]) => {
-    fs.writeFileSync(f(name), `${lines.join('\n')}\n`);
-    return f(name);
-  };
-  await sh('certtool', ['--generate-privkey', '--outfile', f('ca-key.pem')]);
-  await sh('certtool', ['--generate-self-signed', '--load-privkey', f('ca-key.pem'), '--outfile', f('ca-cert.pem'),
-    '--template', tmpl('ca.info', ['cn = backy test CA', 'ca', 'cert_signing_key', 'expiration_days = 2'])]);
-  for (const who of ['server', 'client']) {
-    await sh('certtool', ['--generate-privkey', '--outfile', f(`${who}-key.pem`)]);
-    await sh('certtool', ['--generate-certificate', '--load-privkey', f(`${who}-key.pem`), '--load-ca-certificate', f('ca-cert.pem'),
-      '--load-ca-privkey', f('ca-key.pem'), '--outfile', f(`${who}-cert.pem`),
-      '--template', tmpl(`${who}.info`, ['organization = backy', `cn = ${who === 'server' ? 'localhost' : 'backy-client'}`,
-        ...(who === 'server' ? ['dns_name = localhost', 'ip_address = 127.0.0.1', 'tls_www_server'] : ['tls_www_client']),
-        'encryption_key', 'signing_key', 'expiration_days = 2'])]);
-  }
-}

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NbdClient, NbdClientOptions, NbdClientTls, NbdError } from '../../nbd/client';
 import * as C from '../../nbd/constants';
+import { parsePskFile } from '../../nbd/tls';
 import { zeroes } from '../device/version-device';
 import { errorLine, IoError } from '../util/errors';
 import { log } from '../util/log';
@@ -84,7 +85,12 @@ function tlsCredentials(n: NbdUrl, files: TlsFiles | undefined, url: string): Nb
   };
   if (type === 'psk') {
     if (!pskFile) throw new IoError(`${url}: tls-type=psk needs --tls-psk FILE`);
-    const keys = parsePskKeys(read(pskFile, true)!.toString('utf8'), pskFile);
+    let keys: Map<string, Buffer>;
+    try {
+      keys = parsePskFile(read(pskFile, true)!.toString('utf8'), pskFile);
+    } catch (e) {
+      throw new IoError(errorLine(e));
+    }
     const identity = n.username ?? keys.keys().next().value!;
     const key = keys.get(identity);
     if (!key) throw new IoError(`${pskFile} has no key for identity "${identity}"`);
@@ -98,21 +104,6 @@ function tlsCredentials(n: NbdUrl, files: TlsFiles | undefined, url: string): Nb
     hostname: n.tlsHostname,
     verifyPeer: n.tlsVerifyPeer,
   };
-}
-
-/** A psktool key file: "identity:hexkey" per line (the format qemu-nbd, nbdkit and `backy nbd` read). */
-export function parsePskKeys(text: string, file: string): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  text.split('\n').forEach((raw, i) => {
-    const line = raw.replace(/\r$/, '');
-    if (!line.trim() || line.startsWith('#')) return;
-    const at = line.lastIndexOf(':');
-    const hex = line.slice(at + 1);
-    if (at <= 0 || !/^([0-9a-fA-F]{2})+$/.test(hex)) throw new IoError(`${file}, line ${i + 1}: expected "identity:hexkey" (as psktool writes)`);
-    keys.set(line.slice(0, at), Buffer.from(hex, 'hex'));
-  });
-  if (!keys.size) throw new IoError(`${file} holds no keys`);
-  return keys;
 }
 
 /** Opens the first connection (and more in the background when the server allows multi-conn). */
