@@ -12,6 +12,8 @@ import { dueBackups } from '../src/engine/lifecycle/due';
 import { parseRules, planExpired, planRetention } from '../src/engine/lifecycle/retention';
 import { parseDuration, schedulersFrom } from '../src/engine/lifecycle/schedulers';
 import { slaBreaches } from '../src/engine/lifecycle/sla';
+import { scanChunk } from '../src/engine/lifecycle/usage';
+import { encodeChunk } from '../src/meta/block-map';
 import { ConfigError, UsageError } from '../src/util/errors';
 import { ENFORCE_KEPT, ENFORCE_RULES, FixtureVersion, SLA_VM1, vid, YEAR_NOW, yearOfVersions } from './helpers/lifecycle';
 
@@ -242,4 +244,24 @@ test('retention rules: benji syntax and clear errors', () => {
     ['days3,days4', /more than once/], ['days3,', /invalid retention rule ""/], ['Days3', /invalid retention rule/]] as [string, RegExp][]) {
     assert.throws(() => parseRules(spec), (e: unknown) => e instanceof UsageError && re.test((e as Error).message), spec);
   }
+});
+
+test('du reads encoded chunks like the generic decoder: holes, pending, small and large ids', () => {
+  const cases: number[][] = [
+    [], [0], [-1], [1, 2, 3, 0, 0, 4], [5, 5, 5, -1, 0, 70000, 69999, 3, 2 ** 31, 1],
+    Array.from({ length: 1024 }, (_, i) => (i % 7 === 0 ? 0 : i % 11 === 0 ? -1 : 1 + ((i * 2654435761) % 4_000_000_000))),
+    Array.from({ length: 20 }, (_, i) => 100 + i),
+  ];
+  for (const entries of cases) {
+    const raw = encodeChunk(Float64Array.from(entries));
+    const s = scanChunk(raw);
+    const ids = entries.filter((e) => e > 0);
+    assert.deepEqual({ holes: s.holes, pending: s.pending, n: s.end - s.start }, { holes: entries.filter((e) => e === 0).length, pending: entries.filter((e) => e === -1).length, n: ids.length });
+    assert.equal(s.last, entries.length ? entries[entries.length - 1] : 0);
+  }
+  const pool = new (class { ids = new Uint32Array(16); length = 0; reserve(n: number) { if (this.length + n > this.ids.length) { const g = new Uint32Array(this.length + n); g.set(this.ids); this.ids = g; } } })();
+  scanChunk(encodeChunk(Float64Array.from([3, 1, 0, 2])), pool);
+  scanChunk(encodeChunk(Float64Array.from([9, 9])), pool);
+  assert.deepEqual([...pool.ids.subarray(0, pool.length)], [3, 1, 2, 9, 9], 'chunks are appended to one pool');
+  assert.throws(() => scanChunk(encodeChunk(Float64Array.from([2 ** 33]))), /beyond what du counts/);
 });

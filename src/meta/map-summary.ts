@@ -67,17 +67,16 @@ export function decodeSummary(data: Uint8Array): MapSummary {
   return { chunks: v[0].map(([d, count, chunk]) => ({ digest: Buffer.from(d).toString('hex'), count, chunk })), last: v[1] };
 }
 
-/** Collects blob rows into the parallel arrays of MapUsage. */
-export class BlobSizes {
-  private ids: number[] = [];
-  private sizes: number[] = [];
-  private stored: number[] = [];
-  add(id: number, size: number, stored: number): void {
-    this.ids.push(id);
-    this.sizes.push(size);
-    this.stored.push(stored);
+/** MapUsage's blob arrays from "id,size,stored,id,size,stored,..." (how both stores read them: one value, not a row per blob). */
+export function blobSizesFromTriples(text: string): MapUsage['blobs'] {
+  const flat = JSON.parse(`[${text}]`) as number[];
+  if (flat.length % 3) throw new Error('corrupt blob size list');
+  const n = flat.length / 3;
+  const out = { ids: new Float64Array(n), sizes: new Float64Array(n), stored: new Float64Array(n) };
+  for (let k = 0; k < n; k++) {
+    out.ids[k] = flat[3 * k];
+    out.sizes[k] = flat[3 * k + 1];
+    out.stored[k] = flat[3 * k + 2];
   }
-  done(): MapUsage['blobs'] {
-    return { ids: Float64Array.from(this.ids), sizes: Float64Array.from(this.sizes), stored: Float64Array.from(this.stored) };
-  }
+  return out;
 }

@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { BlobSizes, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
+import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
 import { batches, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
@@ -579,15 +579,9 @@ export class PostgresMetaStore implements MetaStore {
         for (const r of rows) contents.set(byPlace.get(`${r.version_id}:${r.chunk}`)!, r.data);
       }
       for (const digest of wanted.keys()) if (!contents.has(digest)) throw new DatabaseError(`block map chunk ${wanted.get(digest)!.join('/')} is missing`);
-      const blobs = new BlobSizes();
-      let after = 0;
-      for (;;) {
-        const rows = (await c.query({ text: `SELECT id, size, stored_size FROM blobs WHERE state <> 3 AND id > $1 ORDER BY id LIMIT 100000`, values: [after], rowMode: 'array' })).rows as number[][];
-        if (!rows.length) break;
-        for (const [id, size, stored] of rows) blobs.add(Number(id), Number(size), Number(stored));
-        after = Number(rows[rows.length - 1][0]);
-      }
-      return { summaries, contents, blobs: blobs.done() };
+      // Every blob's id, size and stored size in one string: far cheaper than a row per blob.
+      const b = (await c.query(`SELECT string_agg(id || ',' || size || ',' || stored_size, ',') AS t FROM blobs WHERE state <> 3`)).rows[0];
+      return { summaries, contents, blobs: blobSizesFromTriples(b.t ?? '') };
     }, { isolation: 'REPEATABLE READ READ ONLY' });
     if (computed.length) {
       // A cache: losing a race with a removal is harmless.

@@ -44,13 +44,15 @@ export interface RepositoryUsage {
   compressionRatio: number;
 }
 
-/** One distinct chunk content: its holes, pending entries, last entry and blob ids (repeats included). */
+/** One distinct chunk content: its holes, pending entries, last entry and its blob ids in the id pool. */
 interface Content {
   holes: number;
   pending: number;
   last: number;
-  ids: Uint32Array | Float64Array;
-  /** versions using it (-1 once two do), and how many chunks of all versions have it */
+  /** ids[start, end) of the pool: the blob ids of its data entries, repeats included */
+  start: number;
+  end: number;
+  /** the version using it (index), -1 once two do; how many chunks of all versions have it */
   owner: number;
   uses: number;
   real: number;
@@ -59,42 +61,59 @@ interface Content {
 }
 
 /**
- * Reads an encoded chunk without building the generic decoder's arrays: the msgpack array of small integers
- * written by block-map.ts (0 hole, 1 pending, else 2 + zigzag delta of the blob id). Anything unexpected
- * goes through decodeChunk.
+ * The blob ids of every distinct chunk, back to back in one typed array: one allocation instead of one per
+ * chunk, and loops over it stay monomorphic. Blob ids above 2^32 would need a Float64Array; they do not occur.
  */
-type ScannedChunk = Pick<Content, 'holes' | 'pending' | 'last' | 'ids'>;
+export class IdPool {
+  ids: Uint32Array;
+  length = 0;
+  constructor(capacity = 1024) {
+    this.ids = new Uint32Array(capacity);
+  }
+  reserve(n: number): void {
+    if (this.length + n <= this.ids.length) return;
+    const grown = new Uint32Array(Math.max(this.ids.length * 2, this.length + n));
+    grown.set(this.ids.subarray(0, this.length));
+    this.ids = grown;
+  }
+}
 
-export function scanChunk(raw: Uint8Array): ScannedChunk {
-  const fast = scanFast(raw);
+type Scanned = Pick<Content, 'holes' | 'pending' | 'last' | 'start' | 'end'>;
+
+/**
+ * Reads an encoded chunk into the pool without building the generic decoder's arrays: the msgpack array of
+ * small integers that block-map.ts writes (0 hole, 1 pending, else 2 + zigzag delta of the blob id). Anything
+ * unexpected goes through decodeChunk.
+ */
+export function scanChunk(raw: Uint8Array, pool: Pick<IdPool, 'ids' | 'length' | 'reserve'> = new IdPool()): Scanned {
+  const fast = scanFast(raw, pool);
   if (fast) return fast;
   const entries = decodeChunk(raw);
+  pool.reserve(entries.length);
+  const start = pool.length;
   let holes = 0;
   let pending = 0;
-  const ids: number[] = [];
   for (const e of entries) {
     if (e === HOLE) holes++;
     else if (e === PENDING) pending++;
-    else ids.push(e);
+    else if (e > 0xffffffff) throw new Error(`blob id ${e} is beyond what du counts`);
+    else pool.ids[pool.length++] = e;
   }
-  return { holes, pending, last: entries.length ? entries[entries.length - 1] : HOLE, ids: idArray(ids) };
+  return { holes, pending, last: entries.length ? entries[entries.length - 1] : HOLE, start, end: pool.length };
 }
 
-function idArray(ids: number[]): Uint32Array | Float64Array {
-  return ids.every((x) => x <= 0xffffffff) ? Uint32Array.from(ids) : Float64Array.from(ids);
-}
-
-function scanFast(b: Uint8Array): ScannedChunk | undefined {
-  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+function scanFast(b: Uint8Array, pool: Pick<IdPool, 'ids' | 'length' | 'reserve'>): Scanned | undefined {
   let p = 0;
   let n: number;
   const h = b[p++];
   if ((h & 0xf0) === 0x90) n = h & 0x0f;
-  else if (h === 0xdc) { n = dv.getUint16(p); p += 2; }
-  else if (h === 0xdd) { n = dv.getUint32(p); p += 4; }
+  else if (h === 0xdc) { n = (b[1] << 8) | b[2]; p = 3; }
+  else if (h === 0xdd) { n = ((b[1] << 24) >>> 0) + ((b[2] << 16) | (b[3] << 8) | b[4]); p = 5; }
   else return undefined;
-  let ids: Uint32Array | Float64Array = new Uint32Array(n);
-  let count = 0;
+  pool.reserve(n);
+  const ids = pool.ids;
+  const start = pool.length;
+  let count = start;
   let holes = 0;
   let pending = 0;
   let prev = 0;
@@ -105,21 +124,20 @@ function scanFast(b: Uint8Array): ScannedChunk | undefined {
     let c: number;
     if (t < 0x80) c = t;
     else if (t === 0xcc) c = b[p++];
-    else if (t === 0xcd) { c = dv.getUint16(p); p += 2; }
-    else if (t === 0xce) { c = dv.getUint32(p); p += 4; }
-    else if (t === 0xcb) { c = dv.getFloat64(p); p += 8; }
-    else if (t === 0xcf) { c = Number(dv.getBigUint64(p)); p += 8; }
-    else return undefined;
+    else if (t === 0xcd) { c = (b[p] << 8) | b[p + 1]; p += 2; }
+    else if (t === 0xce) { c = ((b[p] << 24) >>> 0) + ((b[p + 1] << 16) | (b[p + 2] << 8) | b[p + 3]); p += 4; }
+    else return undefined; // larger codes: the generic decoder
     if (c === 0) { holes++; last = HOLE; continue; }
     if (c === 1) { pending++; last = PENDING; continue; }
     const z = c - 2;
-    prev += z % 2 === 0 ? z / 2 : -(z + 1) / 2;
-    if (prev > 0xffffffff && ids instanceof Uint32Array) ids = Float64Array.from(ids);
+    prev += (z & 1) === 0 ? z / 2 : -(z + 1) / 2;
+    if (prev > 0xffffffff || prev < 1) return undefined;
     ids[count++] = prev;
     last = prev;
   }
   if (p !== b.length) return undefined;
-  return { holes, pending, last, ids: ids.subarray(0, count) };
+  pool.length = count;
+  return { holes, pending, last, start, end: count };
 }
 
 /**
@@ -137,7 +155,11 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   const sizeOf = (id: number) => (id <= maxId ? size[id] : 0);
   const storedOf = (id: number) => (id <= maxId ? stored[id] : 0);
 
-  // Which versions use each distinct content, how often.
+  // Which versions use each distinct content, how often. Every entry takes at least one byte encoded, so
+  // the encoded sizes bound the pool.
+  let capacity = 0;
+  for (const raw of usage.contents.values()) capacity += raw.length;
+  const pool = new IdPool(capacity);
   const contents = new Map<string, Content>();
   for (const v of versions) {
     const s = usage.summaries.get(v.id);
@@ -148,7 +170,8 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
       if (!content) {
         const raw = usage.contents.get(c.digest);
         if (!raw) throw new Error(`chunk content ${c.digest} of version ${v.uid} was not read`);
-        content = { ...scanChunk(raw), owner: vi, uses: 0, real: 0, share: 0, storedShare: 0 };
+        const scanned = scanChunk(raw, pool);
+        content = { holes: scanned.holes, pending: scanned.pending, last: scanned.last, start: scanned.start, end: scanned.end, owner: vi, uses: 0, real: 0, share: 0, storedShare: 0 };
         contents.set(c.digest, content);
       } else if (content.owner !== vi) content.owner = -1;
       content.uses += c.count;
@@ -158,28 +181,39 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   // Uses of each blob over all versions, and the one version using it (0: none yet, -1: several).
   const total = new Float64Array(maxId + 1);
   const owner = new Int32Array(maxId + 1);
+  const ids = pool.ids;
   for (const c of contents.values()) {
     let real = 0;
-    for (let k = 0; k < c.ids.length; k++) {
-      const id = c.ids[k];
+    const uses = c.uses;
+    const mark = c.owner < 0 ? -1 : c.owner + 1;
+    for (let k = c.start; k < c.end; k++) {
+      const id = ids[k];
       if (id > maxId) continue; // a blob row that vanished: counts as nothing
-      total[id] += c.uses;
+      total[id] += uses;
       const o = owner[id];
-      if (c.owner < 0) owner[id] = -1;
-      else if (o === 0) owner[id] = c.owner + 1;
-      else if (o !== c.owner + 1) owner[id] = -1;
+      if (o === 0) owner[id] = mark;
+      else if (o !== mark) owner[id] = -1;
       real += size[id];
     }
     c.real = real;
   }
+  // Each blob's size and stored size divided by its uses, once per blob; then summed per content.
+  const perUse = new Float64Array(maxId + 1);
+  const storedPerUse = new Float64Array(maxId + 1);
+  for (let id = 1; id <= maxId; id++) {
+    if (total[id] > 0) {
+      perUse[id] = size[id] / total[id];
+      storedPerUse[id] = stored[id] / total[id];
+    }
+  }
   for (const c of contents.values()) {
     let share = 0;
     let storedShare = 0;
-    for (let k = 0; k < c.ids.length; k++) {
-      const id = c.ids[k];
-      if (id > maxId || !total[id]) continue;
-      share += size[id] / total[id];
-      storedShare += stored[id] / total[id];
+    for (let k = c.start; k < c.end; k++) {
+      const id = ids[k];
+      if (id > maxId) continue;
+      share += perUse[id];
+      storedShare += storedPerUse[id];
     }
     c.share = share;
     c.storedShare = storedShare;
