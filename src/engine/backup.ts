@@ -19,6 +19,8 @@ import { readChunkWithBlobs } from '../meta/map-reader';
 import { formatBytes } from '../config/size';
 import { bitmapChanges, Hint, hintChanges, hintedBlocks } from './hints';
 import { LOCKS, Repository } from './repository';
+import { autoTags, tagsForLog } from './lifecycle/auto-tags';
+import { now } from '../util/clock';
 
 export interface BackupOptions {
   source: string;
@@ -104,6 +106,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
       `${formatBytes(row.bytesRead)} read, ${formatBytes(row.bytesWritten)} stored in ${row.blocksWritten} new blobs, ` +
       `${row.blocksDedup} blocks deduplicated, ${row.blocksSparse} sparse, ${secs.toFixed(1)} s, ` +
       `${formatBytes(version.size / secs)}/s`);
+    log.info(`New ${valid ? '' : 'invalid '}version: ${version.uid} (Tags: [${tagsForLog(version.tags)}])`);
     return { uid: version.uid, stats: row };
   } finally {
     await source.close().catch(() => undefined);
@@ -146,9 +149,12 @@ async function prepareVersion(repo: Repository, source: Source, opts: BackupOpti
   }
 
   const uid = randomUUID();
+  const date = now();
+  // No -t: backy2's automatic tags (b_daily, b_weekly, b_monthly).
+  const tags = opts.tags.length ? opts.tags : autoTags(await meta.listVersions(), opts.name, date);
   const version = await meta.createVersion({
-    uid, name: opts.name, snapshotName: opts.snapshotName, date: Date.now(), size: source.size, blockSize,
-    expire: opts.expire, baseUid: base?.uid ?? null, tags: opts.tags,
+    uid, name: opts.name, snapshotName: opts.snapshotName, date, size: source.size, blockSize,
+    expire: opts.expire, baseUid: base?.uid ?? null, tags,
   }, base && pending ? { versionId: base.id, pending } : undefined);
   await repo.lock(LOCKS.version(uid), `backup of ${uid}`);
   const todo = pending ?? Array.from({ length: blocks }, (_, i) => i);

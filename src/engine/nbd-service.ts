@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { NbdAddress, NbdListenOptions, NbdServer } from '../../nbd/server';
+import type { NbdTlsOptions } from '../../nbd/tls';
 import { formatBytes } from '../config/size';
 import { PassThroughDevice } from '../device/pass-through';
 import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
@@ -18,12 +19,18 @@ export interface NbdServiceOptions {
   writable?: string[];
   /** How long a stop waits for requests in flight before it drops connections. */
   stopTimeoutMs?: number;
+  /** TLS offered or required (STARTTLS). */
+  tls?: NbdTlsOptions;
+  maxConnections?: number;
+  handshakeTimeoutMs?: number;
+  replyTimeoutMs?: number;
 }
 
-/** `nbd://host:port` or `nbd+unix:///?socket=path`: what to tell the user to connect to. */
-export function describeAddress(a: NbdAddress): string {
-  if ('path' in a) return `nbd+unix:///?socket=${a.path}`;
-  return `nbd://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+/** `nbd://host:port` or `nbd+unix:///?socket=path` (nbds... with TLS): what to tell the user to connect to. */
+export function describeAddress(a: NbdAddress, tls = false): string {
+  const s = tls ? 's' : '';
+  if ('path' in a) return `nbd${s}+unix:///?socket=${a.path}`;
+  return `nbd${s}://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
 }
 
 /**
@@ -43,15 +50,25 @@ export class NbdService {
     const versions = new VersionCatalogue(repo);
     const catalogue = new LoggingCatalogue(overlays.length ? new OverlayCatalogue(versions, overlays) : versions);
     let starting = true;
-    const server = new NbdServer({
-      catalogue,
-      // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
-      readOnly: overlays.length === 0,
-      // A failed listen is reported once, by the error thrown below, not also as a server error line.
-      log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
-      debug: (line) => log.debug(line),
-      closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
-    });
+    let server: NbdServer;
+    try {
+      server = new NbdServer({
+        catalogue,
+        // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
+        readOnly: overlays.length === 0,
+        tls: opts.tls,
+        maxConnections: opts.maxConnections,
+        handshakeTimeoutMs: opts.handshakeTimeoutMs,
+        replyTimeoutMs: opts.replyTimeoutMs,
+        // A failed listen is reported once, by the error thrown below, not also as a server error line.
+        log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
+        debug: (line) => log.debug(line),
+        closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
+      });
+    } catch (e) {
+      // An unusable certificate or key (OpenSSL says why).
+      throw new ConfigError(`cannot set up TLS: ${errorLine(e)}`);
+    }
     if ('path' in opts.listen) await removeStaleSocket(opts.listen.path);
     let address: NbdAddress;
     try {
@@ -65,8 +82,9 @@ export class NbdService {
     }
     const count = (await repo.meta.listVersions()).length;
     const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
-    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address)} ` +
-      `(block cache ${formatBytes(repo.cfg.cacheSize)}); stop with SIGTERM or Ctrl-C`);
+    const tlsNote = opts.tls ? (opts.tls.mode === 'require' ? ', TLS required' : ', TLS offered') : '';
+    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
+      `(block cache ${formatBytes(repo.cfg.cacheSize)}${tlsNote}); stop with SIGTERM or Ctrl-C`);
     return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
   }
 
