@@ -185,8 +185,9 @@ print("OK")
     const SLOT = 8 * KiB;
     const server = await startBackyNbd(repo.cfg, ['-w', `${uid}:crash`]);
     // Each write goes to its own 8 KiB slot (so writes never overlap): sizes 512, 1000 (unaligned) and
-    // 4096, FUA on every fifth, a flush after every tenth. Lines: "A i" once acknowledged, "F i" once the
-    // flush after write i completed.
+    // 4096, FUA on every fifth, a flush after every tenth. Lines: "S i ..." before write i is sent, "A i" once
+    // it is acknowledged, "F i" once the flush after write i completed. A write sent but not acknowledged
+    // when the server died may be there or not.
     const script = `
 import nbd, sys, random
 h = nbd.NBD()
@@ -198,8 +199,9 @@ for i, slot in enumerate(order):
     size = (512, 1000, 4096)[i % 3]
     off = slot * ${SLOT} + (i * 389) % (${SLOT} - size)
     data = bytes([(i * 13 + k) % 251 for k in range(size)])
+    print("S", i, off, size, int(i % 5 == 0), flush=True)
     h.pwrite(data, off, nbd.CMD_FLAG_FUA if i % 5 == 0 else 0)
-    print("A", i, off, size, int(i % 5 == 0), flush=True)
+    print("A", i, flush=True)
     if i % 10 == 9:
         h.flush()
         print("F", i, flush=True)
@@ -226,10 +228,14 @@ for i, slot in enumerate(order):
     assert.match(err, /nbd|connection|Broken pipe|EOF|reset/i, err);
 
     const lines = out.trim().split('\n').map((l) => l.split(' '));
-    const writes = new Map<number, { off: number; size: number; durable: boolean }>();
+    const writes = new Map<number, { off: number; size: number; fua: boolean; acked: boolean; durable: boolean }>();
     for (const l of lines) {
-      if (l[0] === 'A') writes.set(Number(l[1]), { off: Number(l[2]), size: Number(l[3]), durable: l[4] === '1' });
-      else if (l[0] === 'F') for (const [i, w] of writes) if (i <= Number(l[1])) w.durable = true;
+      if (l[0] === 'S') writes.set(Number(l[1]), { off: Number(l[2]), size: Number(l[3]), fua: l[4] === '1', acked: false, durable: false });
+      else if (l[0] === 'A') {
+        const w = writes.get(Number(l[1]))!;
+        w.acked = true;
+        w.durable = w.fua;
+      } else if (l[0] === 'F') for (const [i, w] of writes) if (i <= Number(l[1]) && w.acked) w.durable = true;
     }
     const durable = [...writes.values()].filter((w) => w.durable).length;
     assert.ok(flushesAtKill >= 40 && durable >= 400, `durable writes ${durable}`);
