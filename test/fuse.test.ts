@@ -172,7 +172,7 @@ describe('backy mount', () => {
     try {
       const refused = await repo.run(['rm', '-f', extra]);
       assert.equal(refused.code, 100, refused.stderr);
-      assert.match(refused.stderr, new RegExp(`mounted image of ${extra} holds it \\(pid ${m.pid} `));
+      assert.match(refused.stderr, new RegExp(`open image of ${extra} holds it \\(pid ${m.pid} `));
       const buf = Buffer.alloc(MiB);
       const { bytesRead } = await fh.read(buf, 0, MiB, 2 * MiB);
       assert.equal(sha256(buf.subarray(0, bytesRead)), sha256(fs.readFileSync(extraFile).subarray(2 * MiB, 2 * MiB + bytesRead)));

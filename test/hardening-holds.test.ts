@@ -176,7 +176,7 @@ describe('holds on SQLite', () => {
         await new Promise((r) => reader.stdout.once('data', r));
         rm = await repo.run(['rm', '-f', uids[3]]);
         assert.equal(rm.code, 100, rm.stderr);
-        assert.match(rm.stderr, new RegExp(`mounted image of ${uids[3]} holds it \\(pid ${all.pid} on `));
+        assert.match(rm.stderr, new RegExp(`open image of ${uids[3]} holds it \\(pid ${all.pid} on `));
         // Versions whose images nobody has open are not held.
         await repo.ok(['rm', '-f', uids[4]]);
         reader.stdin.end();
