@@ -48,9 +48,9 @@ export class VersionCatalogue implements ExportCatalogue {
   }
 
   /**
-   * A version as a device for an image that is opened (a FUSE image file, the base of a writable overlay). The hold is taken at once, without waiting for it
-   * (FUSE opens synchronously); reads wait for it, and fail with EIO if the version is being removed.
-   * Closing the device releases it.
+   * A version as a device for an image that is opened (a FUSE image file, the base of a writable overlay).
+   * The hold is taken at once, without waiting for it (FUSE opens synchronously); reads wait for it, and
+   * fail with EIO if the version is being removed. Closing the device releases it.
    */
   device(v: VersionRow, what = `open image of ${v.uid}`): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
     return new HeldDevice(this.plainDevice(v), this.repo.holdVersion(v.uid, what));
