@@ -4,7 +4,7 @@ import { VersionCatalogue } from '../engine/catalogue';
 import type { Repository } from '../engine/repository';
 import { BackyError, errorLine, ExitCode, IoError } from '../util/errors';
 import { log } from '../util/log';
-import { FailureLog } from './failure-log';
+import { FailureLog } from '../device/failure-log';
 import { imageFileName } from './info-files';
 import { createFuse, FuseHandle } from './native';
 import { OpenImages } from './open-images';
@@ -30,6 +30,8 @@ export interface MountOptions {
   allowOther?: boolean;
   /** progress lines (stderr) */
   say?: (line: string) => void;
+  /** A read storage does not answer within this time fails with ETIMEDOUT (default 120 s). */
+  readTimeoutMs?: number;
 }
 
 /** Refuses a mount point that is missing, not a directory, already mounted on, or not empty. Returns its real path. */
@@ -127,6 +129,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   const ops = createOperations({
     tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,
     logFailure: (key, line) => failures.report(key, line),
+    readTimeoutMs: o.readTimeoutMs,
   });
   const options = [
     'ro', `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
@@ -136,8 +139,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     `max_read=${MAX_READ}`,
     ...(o.allowOther ? ['allow_other'] : []),
   ];
-  // Replies that take longer are answered ETIMEDOUT by fuse-native rather than hanging the reader forever.
-  const fuse = createFuse(dir, ops, options, { default: 30_000, read: 120_000 });
+  const fuse = createFuse(dir, ops, options);
 
   const stop = stopConditions(real);
   let attachment: LoopAttachment | undefined;

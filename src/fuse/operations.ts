@@ -19,7 +19,17 @@ export interface OperationsOptions {
   gid: number;
   /** One line about a request that failed; `key` groups failures of one cause (see FailureLog). */
   logFailure(key: string, line: string): void;
+  /**
+   * A request not answered within this time is answered ETIMEDOUT (the reader gets an error instead of
+   * hanging on storage forever). Reads have their own, longer limit.
+   */
+  timeoutMs?: number;
+  readTimeoutMs?: number;
 }
+
+/** Default limits: a request, and a read (which may fetch from slow storage). */
+export const REQUEST_TIMEOUT_MS = 30_000;
+export const READ_TIMEOUT_MS = 120_000;
 
 function errnoOf(e: unknown): number {
   if (e instanceof DeviceError) return e.errno === 'EINVAL' ? Errno.EINVAL : Errno.EIO;
@@ -55,18 +65,31 @@ export function createOperations(o: OperationsOptions): FuseOps {
   /**
    * Runs a request: `work` answers through `reply`; whatever it throws (a database error while resolving a
    * path, a failed fetch) becomes one errno answer instead of an unhandled rejection, which would end the
-   * process. A second answer is ignored.
+   * process. A request not answered in time is answered ETIMEDOUT. Every request is answered exactly once:
+   * a second answer is dropped. Once answered, libfuse may free the request's buffer (at once, in another
+   * thread), so `owned()` tells the work whether it may still write into it.
    */
-  const handle = <A extends [number, ...unknown[]]>(what: string, cb: (...a: A) => void, work: (reply: (...a: A) => void) => Promise<void>): void => {
+  const handle = <A extends [number, ...unknown[]]>(
+    what: string,
+    cb: (...a: A) => void,
+    work: (reply: (...a: A) => void, owned: () => boolean) => Promise<void>,
+    timeoutMs = o.timeoutMs ?? REQUEST_TIMEOUT_MS,
+  ): void => {
     let answered = false;
     const reply = (...a: A) => {
       if (answered) return;
       answered = true;
+      clearTimeout(timer);
       cb(...a);
     };
-    work(reply).catch((e: unknown) => {
+    const timer = setTimeout(() => {
+      if (answered) return;
+      o.logFailure(`timeout ${what.split(' ')[0]}`, `${what}: no answer within ${timeoutMs / 1000} s; answered ETIMEDOUT`);
+      reply(...([Errno.ETIMEDOUT] as unknown as A));
+    }, timeoutMs);
+    work(reply, () => !answered).catch((e: unknown) => {
       // The device layer has logged a block it could not fetch; anything else is news.
-      if (!(e instanceof DeviceError && e.errno === 'EIO')) o.logFailure(errorLine(e), `${what}: ${errorLine(e)}`);
+      if (!answered && !(e instanceof DeviceError && e.errno === 'EIO')) o.logFailure(errorLine(e), `${what}: ${errorLine(e)}`);
       // Every fuse-native callback takes a negative errno alone as its failure answer.
       reply(...([errnoOf(e)] as unknown as A));
     });
@@ -111,15 +134,16 @@ export function createOperations(o: OperationsOptions): FuseOps {
 
     read(path, fh, buf, len, pos, cb) {
       const img = fh ? images.get(fh) : undefined;
-      handle(`read of ${len} bytes at ${pos} of ${path}`, cb, async (reply) => {
-        if (img) return reply(await readInto(img.device, img.version.blockSize, buf, len, pos));
+      handle(`read of ${len} bytes at ${pos} of ${path}`, cb, async (reply, owned) => {
+        if (img) return reply(await readInto(img.device, img.version.blockSize, buf, len, pos, owned));
         const n = await resolve(path);
         if (typeof n === 'number') return reply(n);
         if (n.kind !== 'info') return reply(n.kind === 'dir' ? Errno.EISDIR : Errno.EBADF);
         const part = n.content.subarray(Math.min(pos, n.content.length), Math.min(pos + len, n.content.length));
+        if (!owned()) return;
         part.copy(buf);
         reply(part.length);
-      });
+      }, o.readTimeoutMs ?? READ_TIMEOUT_MS);
     },
 
     release(path, fh, cb) {
