@@ -1,4 +1,5 @@
 import { formatBytes } from '../config/size';
+import { fmtDate } from '../util/dates';
 import { UsageError } from '../util/errors';
 
 /** How a command prints results: a table (default), backy2's pipe-separated machine format (-m), or JSON. */
@@ -11,12 +12,7 @@ export interface OutputMode {
 
 export type Value = string | number | boolean | null | Date | undefined;
 
-/** backy2's date format, in UTC. */
-export function fmtDate(d: Date | number | null | undefined): string {
-  if (d === null || d === undefined) return '';
-  const dt = typeof d === 'number' ? new Date(d) : d;
-  return dt.toISOString().replace('T', ' ').slice(0, 19);
-}
+export { fmtDate };
 
 function text(v: Value, human: boolean, isSize: boolean): string {
   if (v === null || v === undefined) return '';

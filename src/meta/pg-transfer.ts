@@ -18,6 +18,7 @@ export const COPIED_TABLES: { name: string; order: string }[] = [
   { name: 'versions', order: 'id' },
   { name: 'tags', order: 'version_id, name' },
   { name: 'block_maps', order: 'version_id, chunk' },
+  { name: 'map_summaries', order: 'version_id' },
   { name: 'blobs', order: 'id' },
   { name: 'stats', order: 'id' },
 ];

@@ -3,7 +3,7 @@
  * (BLOB/BYTEA, INTEGER PRIMARY KEY AUTOINCREMENT/BIGSERIAL). Ids are never reused: block maps refer to blobs
  * by id.
  */
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSION = 2;
 
 export const SCHEMA_V1 = [
   `CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
@@ -77,4 +77,20 @@ export const SCHEMA_V1 = [
 ];
 
 /** Later schema versions: MIGRATIONS[n] takes the schema from version n+1 to n+2. */
-export const MIGRATIONS: string[][] = [];
+export const MIGRATIONS: string[][] = [
+  // 2: each complete version's block map as counts of distinct chunk contents (map-summary.ts), for du.
+  [`CREATE TABLE map_summaries (
+    version_id BIGINT PRIMARY KEY REFERENCES versions (id) ON DELETE CASCADE,
+    data {blob} NOT NULL
+  )`],
+];
+
+/** A statement of SCHEMA_V1 or MIGRATIONS with the engine's types in place of `{autoid}` and `{blob}`. */
+export function engineDdl(statement: string, engine: 'sqlite' | 'postgresql'): string {
+  return engine === 'sqlite'
+    ? statement.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB')
+    : statement.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA');
+}
+
+/** What initdb creates: the first schema and every migration, in order. */
+export const SCHEMA_ALL = [...SCHEMA_V1, ...MIGRATIONS.flat()];

@@ -1,3 +1,5 @@
+import type { MapUsage } from './map-summary';
+
 /**
  * The metadata of a repository: versions, their block maps, the blobs in storage, statistics and locks.
  * Implementations: sqlite.ts (embedded default) and postgres.ts (several hosts). Every method that changes
@@ -163,6 +165,12 @@ export interface MetaStore {
   /** Every blob uid in the repository, page by page (cleanup --full checks storage has them). */
   blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]>;
   repositoryStats(): Promise<RepositoryStats>;
+  /**
+   * For du: every version's block map as counts of distinct chunk contents, each distinct chunk's bytes once,
+   * and the sizes of all blobs, in one consistent read. A complete version's map never changes: its summary
+   * is stored when it becomes complete (updateVersion), or here on first use.
+   */
+  mapUsage(): Promise<MapUsage>;
 
   addStats(row: StatsRow): Promise<void>;
   listStats(versionUid?: string, limit?: number): Promise<StatsRow[]>;

@@ -1,6 +1,7 @@
 import type { Register } from './index';
 import { blockCount } from '../../meta/block-map';
 import { parseFields, printRows } from '../output';
+import { now as clock } from '../../util/clock';
 
 const FIELDS = ['date', 'name', 'snapshot_name', 'size', 'size_bytes', 'uid', 'valid', 'protected', 'tags', 'expire'];
 
@@ -14,7 +15,7 @@ export const register: Register = (program, wrap) => {
     .action(wrap(async (ctx, name: string | undefined, o: { snapshotName?: string; tag?: string; expired?: boolean; fields: string }) => {
       const fields = parseFields(o.fields, FIELDS);
       const repo = await ctx.repository();
-      const now = Date.now();
+      const now = clock();
       const versions = (await repo.meta.listVersions()).filter((v) =>
         (!name || v.name === name) && (o.snapshotName === undefined || v.snapshotName === o.snapshotName) &&
         (!o.tag || v.tags.includes(o.tag)) && (!o.expired || (v.expire !== null && v.expire < now)));
