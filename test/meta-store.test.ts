@@ -596,8 +596,11 @@ for (const engine of engines) {
       await store.updateVersion(v3.id, { complete: true, valid: true });
       await check(await store.mapUsage(), (await store.getVersion(v3.uid))!);
       assert.deepEqual(await stored(), [v1.id, v2.id, v3.id]);
-      // Removing v1 removes its summary; v2's chunks are still found (through v2).
+      // Removing v1 (read through its summary: 4 of its chunks) stamps every blob it used and removes its
+      // summary; v2's chunks are still found (through v2).
       await store.removeVersion(v1.id);
+      const stamped = new Set((await sql(url, 'SELECT id FROM blobs WHERE unref_since IS NOT NULL')).map((r) => Number(r.id)));
+      assert.deepEqual([...new Set(r1.map((r) => r.blobId))].filter((id) => !stamped.has(id)), [], 'every blob of v1 is stamped');
       const after = await store.mapUsage();
       assert.deepEqual(await stored(), [v2.id, v3.id]);
       await check(after, v2);

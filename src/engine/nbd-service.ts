@@ -8,15 +8,15 @@ import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
 import { ConfigError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { VersionCatalogue } from './catalogue';
+import { OverlayCatalogue, useOverlays } from './writable-exports';
 import type { Repository } from './repository';
 
 export interface NbdServiceOptions {
   listen: NbdListenOptions;
-  /**
-   * -r was given. Only read-only serving exists so far; without -r the exports are read-only all the same,
-   * and the log says so (a later writable mode will give the flag its meaning).
-   */
+  /** -r was given: every export read-only (cannot be combined with `writable`). */
   readOnly: boolean;
+  /** -w: writable exports, each `UID[:OVERLAY_NAME]` or the name of an existing overlay (see overlays.ts). */
+  writable?: string[];
   /** How long a stop waits for requests in flight before it drops connections. */
   stopTimeoutMs?: number;
   /** TLS offered or required (STARTTLS). */
@@ -46,13 +46,16 @@ export class NbdService {
   ) {}
 
   static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
-    const catalogue = new LoggingCatalogue(new VersionCatalogue(repo));
+    const overlays = opts.writable?.length ? await useOverlays(repo, opts.writable, 'a writable NBD export') : [];
+    const versions = new VersionCatalogue(repo);
+    const catalogue = new LoggingCatalogue(overlays.length ? new OverlayCatalogue(versions, overlays) : versions);
     let starting = true;
     let server: NbdServer;
     try {
       server = new NbdServer({
         catalogue,
-        readOnly: true,
+        // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
+        readOnly: overlays.length === 0,
         tls: opts.tls,
         maxConnections: opts.maxConnections,
         handshakeTimeoutMs: opts.handshakeTimeoutMs,
@@ -77,10 +80,10 @@ export class NbdService {
     } finally {
       starting = false;
     }
-    if (!opts.readOnly) log.info('writable exports are not available yet: serving every version read-only');
-    const versions = (await repo.meta.listVersions()).length;
+    const count = (await repo.meta.listVersions()).length;
+    const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
     const tlsNote = opts.tls ? (opts.tls.mode === 'require' ? ', TLS required' : ', TLS offered') : '';
-    log.info(`serving ${versions} version${versions === 1 ? '' : 's'} read-only on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
+    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
       `(block cache ${formatBytes(repo.cfg.cacheSize)}${tlsNote}); stop with SIGTERM or Ctrl-C`);
     return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
   }
@@ -168,7 +171,7 @@ async function removeStaleSocket(file: string): Promise<void> {
 class LoggingCatalogue implements ExportCatalogue {
   private seq = 0;
 
-  constructor(private readonly inner: VersionCatalogue) {}
+  constructor(private readonly inner: ExportCatalogue & Required<Pick<ExportCatalogue, 'exists'>>) {}
 
   list(): Promise<ExportInfo[]> {
     return this.inner.list();

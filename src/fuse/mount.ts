@@ -1,6 +1,9 @@
 import { access, constants, readdir, realpath, stat } from 'node:fs/promises';
 import * as path from 'node:path';
 import { VersionCatalogue } from '../engine/catalogue';
+import { Overlay, resolveOverlaySpec } from '../engine/overlays';
+import { PassThroughDevice } from '../device/pass-through';
+import type { BlockDevice } from '../device/types';
 import type { Repository } from '../engine/repository';
 import { BackyError, errorLine, ExitCode, IoError } from '../util/errors';
 import { log } from '../util/log';
@@ -30,6 +33,11 @@ export interface MountOptions {
   allowOther?: boolean;
   /** progress lines (stderr) */
   say?: (line: string) => void;
+  /**
+   * `-w UID[:OVERLAY]` (or an existing overlay's name): the image is writable, its writes go to that
+   * copy-on-write overlay (see engine/overlays.ts), shared by every open of the image.
+   */
+  writable?: string;
 }
 
 /** Refuses a mount point that is missing, not a directory, already mounted on, or not empty. Returns its real path. */
@@ -104,6 +112,25 @@ function stopConditions(real: string): { stopped: Promise<string>; watch(): void
 }
 
 /**
+ * The overlay of a writable mount and its device, opened once: every open of the image shares it (what one
+ * writer wrote, all read); closing an open image does not close it.
+ */
+async function openWritableImage(repo: Repository, spec: string): Promise<{ overlay: Overlay; device: BlockDevice; close(): Promise<void> }> {
+  const { name, uid } = await resolveOverlaySpec(repo, spec);
+  const overlay = await Overlay.use(repo, name, 'a writable mount', uid);
+  const cow = await overlay.open(new VersionCatalogue(repo).device(overlay.base)).catch(async (e) => {
+    await overlay.release();
+    throw e;
+  });
+  const device = new (class extends PassThroughDevice {
+    override close(): Promise<void> {
+      return Promise.resolve();
+    }
+  })(cow);
+  return { overlay, device, close: () => cow.close() };
+}
+
+/**
  * `backy mount`: serves one version (`DIR/<name>.img` and info files) or all versions (`by_version_uid/`,
  * `by_name/`) read-only until SIGINT/SIGTERM/SIGHUP or until the mount is unmounted from outside, then
  * undoes everything (partition mounts, loop device, FUSE mount) and resolves.
@@ -114,22 +141,30 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   if (o.partitions && process.geteuid?.() !== 0) {
     throw new BackyError('--partitions needs root (loop devices and mount); without root, mount the version and run "losetup -r -P" and "mount -o ro" yourself');
   }
+  if (o.writable && o.uid) throw new BackyError('-w names the version to mount writable: give no other uid', ExitCode.USAGE);
   const dir = path.resolve(o.dir);
-  const version = o.uid ? await repo.version(o.uid) : undefined;
-  const real = await checkMountPoint(dir);
+  const writable = o.writable ? await openWritableImage(repo, o.writable) : undefined;
+  const version = writable ? writable.overlay.base : o.uid ? await repo.version(o.uid) : undefined;
+  const real = await checkMountPoint(dir).catch(async (e) => {
+    await writable?.close();
+    throw e;
+  });
   await checkFuseDevice();
 
   const list = new VersionList(repo.meta, { only: version?.uid });
   const tree: Tree = version ? new SingleVersionTree(list, version) : new AllVersionsTree(list);
   const catalogue = new VersionCatalogue(repo);
-  const images = new OpenImages((v) => catalogue.device(v));
+  const images = new OpenImages((v) => writable?.device ?? catalogue.device(v));
   const failures = new FailureLog((line) => log.error(line));
   const ops = createOperations({
     tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,
     logFailure: (key, line) => failures.report(key, line),
+    writable: !!writable,
   });
   const options = [
-    'ro', `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
+    // Writable: writes of up to 128 KiB per request (libfuse 2 sends 4 KiB pieces without big_writes).
+    ...(writable ? ['big_writes', `max_write=${MAX_READ}`] : ['ro']),
+    `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
     // Images never change and keep their size and mtime, so their cached pages survive reopening; info
     // files get a new mtime when their content changes (VersionList.changed), which drops stale pages.
     'auto_cache',
@@ -146,6 +181,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     await mountFuse(fuse, dir);
     stop.watch();
     say(version ? `mounted version ${version.uid} (${version.name}) at ${dir}: ${path.join(dir, imageFileName(version))}` : `mounted all versions at ${dir}`);
+    if (writable) say(`the image is writable: writes go to overlay ${writable.overlay.name} (kept until "backy overlay rm ${writable.overlay.name}"; "backy fixate ${writable.overlay.name}" makes a version of it)`);
     if (o.partitions && version) {
       const single = tree as SingleVersionTree;
       attachment = await LoopAttachment.attach(path.join(dir, imageFileName(version)), dir, {
@@ -162,6 +198,8 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     if (attachment) problems.push(...(await attachment.detach()));
     const stillMounted = (await readMounts().catch(() => [])).some((m) => m.mountPoint === real && m.fsType === FUSE_TYPE);
     if (stillMounted) await unmountFuse(fuse).catch((e) => problems.push(`cannot unmount ${dir}: ${errorLine(e)}`));
+    // After the unmount: nothing can write any more, and what was written is flushed into the overlay.
+    if (writable) await writable.close().catch((e) => problems.push(`cannot flush overlay ${writable.overlay.name}: ${errorLine(e)}`));
     stop.dispose();
   }
   if (problems.length) throw new BackyError(problems.join('; '));

@@ -43,6 +43,8 @@ export const Errno = {
   ENOTDIR: -20,
   EISDIR: -21,
   EINVAL: -22,
+  EFBIG: -27,
+  ENOSPC: -28,
   EROFS: -30,
   ETIMEDOUT: -110,
 } as const;

@@ -19,10 +19,16 @@ export interface OperationsOptions {
   gid: number;
   /** One line about a request that failed; `key` groups failures of one cause (see FailureLog). */
   logFailure(key: string, line: string): void;
+  /**
+   * Images take writes (`backy mount -w`: their devices are copy-on-write overlays): open for writing,
+   * write, fsync (the device's flush), and truncate to the image's own size are served; info files and the
+   * tree stay read-only.
+   */
+  writable?: boolean;
 }
 
 function errnoOf(e: unknown): number {
-  if (e instanceof DeviceError) return e.errno === 'EINVAL' ? Errno.EINVAL : Errno.EIO;
+  if (e instanceof DeviceError) return e.errno === 'EINVAL' ? Errno.EINVAL : e.errno === 'ENOSPC' ? Errno.ENOSPC : Errno.EIO;
   return Errno.EIO;
 }
 
@@ -42,7 +48,7 @@ export function createOperations(o: OperationsOptions): FuseOps {
     if (node.kind === 'image') {
       const v = node.version;
       return {
-        ...base, mode: S_IFREG | 0o444, nlink: 1, size: v.size, mtime: v.date, atime: v.date, ctime: v.date,
+        ...base, mode: S_IFREG | (o.writable ? 0o644 : 0o444), nlink: 1, size: v.size, mtime: v.date, atime: v.date, ctime: v.date,
         blksize: IMAGE_IO_SIZE, blocks: Math.ceil(v.size / 512),
       };
     }
@@ -98,11 +104,14 @@ export function createOperations(o: OperationsOptions): FuseOps {
     },
 
     open(path, flags, cb) {
-      if ((flags & O_ACCMODE) !== 0 || flags & O_TRUNC) return cb(Errno.EROFS);
+      const writing = (flags & O_ACCMODE) !== 0 || (flags & O_TRUNC) !== 0;
+      if (writing && !o.writable) return cb(Errno.EROFS);
       handle(`open ${path}`, cb, async (reply) => {
         const n = await resolve(path);
         if (typeof n === 'number') reply(n);
         else if (n.kind === 'dir') reply(Errno.EISDIR);
+        // An image cannot be emptied: O_TRUNC would have to zero it all.
+        else if (writing && (n.kind !== 'image' || (flags & O_TRUNC) !== 0)) reply(Errno.EROFS);
         // Info files are read by path; only images keep state per open file.
         else if (n.kind === 'info') reply(0, 0);
         else reply(0, images.open(n.version));
@@ -132,5 +141,52 @@ export function createOperations(o: OperationsOptions): FuseOps {
     write: readOnly, create: readOnly, mkdir: readOnly, unlink: readOnly, rmdir: readOnly, rename: readOnly,
     truncate: readOnly, ftruncate: readOnly, chmod: readOnly, chown: readOnly, utimens: readOnly,
     symlink: readOnly, link: readOnly, mknod: readOnly, setxattr: readOnly, removexattr: readOnly,
+    ...(o.writable ? writableImageOps(o, handle, resolve) : {}),
+  };
+}
+
+type Handle = <A extends [number, ...unknown[]]>(what: string, cb: (...a: A) => void, work: (reply: (...a: A) => void) => Promise<void>) => void;
+
+/** The operations a writable image adds (`backy mount -w`). */
+function writableImageOps(o: OperationsOptions, handle: Handle, resolve: (path: string) => Promise<Node | number>): Partial<FuseOps> {
+  const { images } = o;
+  /** Only the image's own size: the kernel asks for it on open(O_TRUNC) paths and `truncate -s` of equal size. */
+  const sameSize = (path: string, size: number, cb: (err: number) => void) => {
+    handle(`truncate ${path}`, cb, async (reply) => {
+      const n = await resolve(path);
+      if (typeof n === 'number') return reply(n);
+      if (n.kind !== 'image') return reply(Errno.EROFS);
+      reply(size === n.version.size ? 0 : Errno.EPERM);
+    });
+  };
+  return {
+    write(path: string, fh: number, buf: Buffer, len: number, pos: number, cb: (bytesOrErr: number) => void) {
+      const img = fh ? images.get(fh) : undefined;
+      handle(`write of ${len} bytes at ${pos} of ${path}`, cb, async (reply) => {
+        if (!img) return reply(Errno.EBADF);
+        if (pos >= img.device.size && len > 0) return reply(Errno.ENOSPC);
+        const n = Math.min(len, img.device.size - pos);
+        // The write completes before the reply: libfuse reuses `buf` only after it.
+        await img.device.write!(pos, buf.subarray(0, n));
+        reply(n);
+      });
+    },
+    fsync(path: string, _datasync: number, fh: number, cb: (err: number) => void) {
+      const img = fh ? images.get(fh) : undefined;
+      handle(`fsync of ${path}`, cb, async (reply) => {
+        if (img?.device.flush) await img.device.flush();
+        reply(0);
+      });
+    },
+    flush(_path: string, _fh: number, cb: (err: number) => void) {
+      // close() promises no durability; fsync does.
+      cb(0);
+    },
+    truncate(path: string, size: number, cb: (err: number) => void) {
+      sameSize(path, size, cb);
+    },
+    ftruncate(path: string, _fh: number, size: number, cb: (err: number) => void) {
+      sameSize(path, size, cb);
+    },
   };
 }

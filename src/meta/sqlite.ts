@@ -196,8 +196,7 @@ export class SqliteMetaStore implements MetaStore {
     const db = this.d;
     const now = Date.now();
     db.transaction(() => {
-      const chunks = (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
-      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(chunks)));
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(this.distinctChunks(id))));
       this.st(`DELETE FROM versions WHERE id = ?`).run(id);
     }).immediate();
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
@@ -387,6 +386,17 @@ export class SqliteMetaStore implements MetaStore {
     const v = this.st(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
     const b = this.st(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
     return { versions: Number(v.n), blobs: Number(b.n), storedBytes: Number(b.s), plainBytes: Number(b.p) };
+  }
+
+  /**
+   * Each distinct chunk of a version's map once: through its summary (3 of a 1 TiB version's 256 chunks, say),
+   * or all chunks when it has none.
+   */
+  private distinctChunks(versionId: number): Buffer[] {
+    const s = this.st(`SELECT data FROM map_summaries WHERE version_id = ?`).get(versionId) as Row | undefined;
+    if (!s) return (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(versionId) as Row[]).map((r) => r.data as Buffer);
+    const chunks = decodeSummary(s.data as Buffer).chunks.map((c) => c.chunk);
+    return (this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify(chunks)) as Row[]).map((r) => r.data as Buffer);
   }
 
   private summarize(versionId: number, keep?: (digest: string, data: Uint8Array) => void): MapSummary {

@@ -18,6 +18,8 @@ import { register as nbd } from './nbd';
 import { register as mount } from './mount';
 import { register as umount } from './umount';
 import { register as dbMigrate } from './db-migrate';
+import { register as overlay } from './overlay';
+import { register as fixate } from './fixate';
 import { register as due } from './due';
 import { register as sla } from './sla';
 import { register as enforce } from './enforce';
@@ -27,5 +29,5 @@ import { register as diffMeta } from './diff-meta';
 export type Register = (program: Command, wrap: (fn: Action) => (...args: unknown[]) => Promise<void>) => void;
 
 /** Every command, in the order `backy --help` lists them. */
-export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, dbMigrate,
+export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, overlay, fixate, dbMigrate,
   due, sla, enforce, du, diffMeta];

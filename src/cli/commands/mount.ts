@@ -1,4 +1,5 @@
 import type { Register } from './index';
+import { UsageError } from '../../util/errors';
 
 export const register: Register = (program, wrap) => {
   program.command('mount <version_uid_or_dir> [dir]')
@@ -6,10 +7,13 @@ export const register: Register = (program, wrap) => {
     .description('mount a version (DIR/<name>.img and info files), or all versions (DIR/by_version_uid, DIR/by_name), read-only with FUSE; runs until Ctrl-C or "backy umount DIR"')
     .option('-p, --partitions', 'also attach the image to a loop device and mount its filesystems read-only under DIR/partN (or DIR/fs); root only')
     .option('--allow-other', 'let other users read the mount (FUSE allow_other; non-root needs user_allow_other in /etc/fuse.conf)')
-    .action(wrap(async (ctx, first: string, second: string | undefined, o: { partitions?: boolean; allowOther?: boolean }) => {
+    .option('-w, --writable <uid[:overlay]>', 'mount version UID with a writable image: writes go to a copy-on-write overlay named OVERLAY '
+      + '(default UID-rw) in overlay_dir, kept until "backy overlay rm"; an existing overlay may be named alone')
+    .action(wrap(async (ctx, first: string, second: string | undefined, o: { partitions?: boolean; allowOther?: boolean; writable?: string }) => {
       const [uid, dir] = second === undefined ? [undefined, first] : [first, second];
+      if (o.writable && o.partitions) throw new UsageError('-w and --partitions cannot be combined: attach the writable image with losetup yourself');
       const repo = await ctx.repository();
       const { serveMount } = await import('../../fuse/mount');
-      await serveMount(repo, { dir, uid, partitions: !!o.partitions, allowOther: !!o.allowOther });
+      await serveMount(repo, { dir, uid, partitions: !!o.partitions, allowOther: !!o.allowOther, writable: o.writable });
     }));
 };

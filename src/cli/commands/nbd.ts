@@ -29,6 +29,7 @@ interface Options {
   port?: number;
   socket?: string;
   readOnly?: boolean;
+  writable?: string[];
   tls?: 'off' | 'on' | 'require';
   tlsPsk?: string;
   tlsCertificates?: string;
@@ -70,12 +71,15 @@ async function tlsFrom(o: Options): Promise<NbdTlsOptions | undefined> {
 
 export const register: Register = (program, wrap) => {
   program.command('nbd')
-    .description('serve every version as a read-only NBD export named by its uid (until SIGTERM or Ctrl-C)')
+    .description('serve every version as a read-only NBD export named by its uid, and writable overlays (-w) (until SIGTERM or Ctrl-C)')
     // Defaults are applied below, not by commander, so that -a/-p together with --socket can be refused.
     .option('-a, --address <addr>', 'address to listen on (default 127.0.0.1; any other than loopback needs --tls require or --insecure)')
     .option('-p, --port <port>', 'TCP port (default 10809; 0 picks a free port, printed at start)', port)
     .option('--socket <path>', 'listen on this Unix socket instead of TCP (created mode 0600: only this user may connect)')
-    .option('-r, --read-only', 'read-only exports (the only mode so far; a writable mode will come)')
+    .option('-r, --read-only', 'every export read-only (the default without -w)')
+    .option('-w, --writable <uid[:overlay]>', 'also serve a writable export of version UID: writes go to a copy-on-write overlay named OVERLAY '
+      + '(default UID-rw, the export name) in overlay_dir, kept until "backy overlay rm"; an existing overlay may be named alone; repeatable',
+    (v: string, prev: string[] = []) => [...prev, v])
     .option('--tls <mode>', 'off | on (offered to clients) | require (clients must use TLS); default: require when keys or certificates are given, else off', tlsMode)
     .option('--tls-psk <file>', 'TLS with pre-shared keys: a psktool key file ("identity:hexkey" lines); clients need one of its keys')
     .option('--tls-certificates <dir>', 'TLS with X.509: DIR/server-cert.pem, DIR/server-key.pem (and DIR/ca-cert.pem), as qemu-nbd and nbdkit use them')
@@ -88,6 +92,7 @@ export const register: Register = (program, wrap) => {
       if (o.socket !== undefined && (o.address !== undefined || o.port !== undefined)) throw new UsageError('--socket cannot be combined with -a or -p');
       if (o.socket === '') throw new UsageError('--socket needs a path');
       if (o.address === '') throw new UsageError('-a needs an address');
+      if (o.readOnly && o.writable?.length) throw new UsageError('-r and -w exclude each other');
       const tls = await tlsFrom(o);
       const host = o.address ?? '127.0.0.1';
       if (o.socket === undefined && !isLoopback(host) && tls?.mode !== 'require' && !o.insecure) {
@@ -98,6 +103,7 @@ export const register: Register = (program, wrap) => {
       await serveUntilSignal(repo, {
         listen: o.socket ? { path: o.socket } : { host, port: o.port ?? 10809 },
         readOnly: !!o.readOnly,
+        writable: o.writable,
         tls,
         maxConnections: o.maxConnections,
         handshakeTimeoutMs: o.handshakeTimeout === undefined ? undefined : o.handshakeTimeout * 1000,
