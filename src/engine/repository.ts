@@ -76,7 +76,7 @@ export class Repository {
 
   /** The process-wide block cache (created on first use with `cache_size`, or `bytes` if given first). */
   cache(bytes = this.cfg.cacheSize): BlockCache {
-    if (!this.cacheInstance) this.cacheInstance = new BlockCache(bytes);
+    if (!this.cacheInstance) this.cacheInstance = new BlockCache(bytes, { concurrency: this.cfg.data.simultaneousReads });
     return this.cacheInstance;
   }
 
