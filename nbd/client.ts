@@ -1,12 +1,14 @@
 /**
  * A small promise-based NBD client: fixed newstyle handshake, NBD_OPT_GO (falling back to
- * NBD_OPT_EXPORT_NAME), structured replies, base:allocation block status, several requests in flight.
+ * NBD_OPT_EXPORT_NAME), structured replies, block status for base:allocation and any other metadata context
+ * (qemu:dirty-bitmap:NAME), writes, zeroes, trims and flushes, several requests in flight.
  *
  * `NbdClient` is itself a read-only `BlockDevice`, so an `nbd://` source can be read like any other device.
  * Failures of a command reject with `NbdError` (a `DeviceError` carrying the NBD error number and, for
  * structured read errors, the failing offset).
  */
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import { BlockDevice, DeviceError, ExportInfo, Extent } from '../src/device/types';
 import * as C from './constants';
 import { ConnectionClosedError, EMPTY, ProtocolError, SocketReader, SocketWriter, readU64, writeU64 } from './wire';
@@ -20,8 +22,26 @@ export interface NbdClientOptions {
   structuredReplies?: boolean;
   /** Negotiate base:allocation for extents() (default true; needs structured replies). */
   blockStatus?: boolean;
+  /** More metadata contexts to ask for (e.g. qemu:dirty-bitmap:NAME); see `contexts` for what was granted. */
+  metaContexts?: string[];
   /** Handshake timeout in ms (default 30 s). */
   timeoutMs?: number;
+  /** Upgrade to TLS with NBD_OPT_STARTTLS before anything else; fail if the server cannot. */
+  tls?: NbdClientTls;
+  /** Requests sent and not yet answered, at most (more wait their turn); default unlimited. */
+  maxInFlight?: number;
+}
+
+/** TLS credentials of a client: a pre-shared key, or X.509 (CA to verify the server, optional client certificate). */
+export interface NbdClientTls {
+  psk?: { identity: string; key: Buffer };
+  ca?: Buffer;
+  cert?: Buffer;
+  key?: Buffer;
+  /** Name the server's certificate must carry (none: the chain is verified, the name is not). */
+  hostname?: string;
+  /** false: accept any server certificate (tls-verify-peer=0) */
+  verifyPeer?: boolean;
 }
 
 export interface NbdBlockSizes {
@@ -75,12 +95,40 @@ interface Pending {
   /** Bytes of the read covered by data/hole chunks so far. */
   covered: number;
   extents?: Extent[];
+  /** BLOCK_STATUS: descriptors by metadata context id. */
+  statuses?: Map<number, BlockStatusDescriptor[]>;
+  /** READ into a caller's buffer (`buffer` preset): data is copied there, never replaced. */
+  into?: boolean;
+  onStatus?: (statuses: Map<number, BlockStatusDescriptor[]>) => void;
   error?: NbdError;
   resolve: (v: Buffer | Extent[] | undefined) => void;
   reject: (e: Error) => void;
 }
 
 const MAX_OPTION_REPLY = 16 * 1024 * 1024;
+
+/** One block status descriptor: a run and its flags in one metadata context. */
+export interface BlockStatusDescriptor {
+  offset: number;
+  length: number;
+  flags: number;
+}
+
+/** What the server answered to NBD_OPT_SET_META_CONTEXT. */
+export interface MetaContextResult {
+  /** context name → id, for each context the server granted */
+  granted: Map<string, number>;
+  /** set when the server refused the option itself (e.g. NBD_REP_ERR_UNSUP: no metadata contexts at all) */
+  refused?: string;
+}
+
+/** Largest WRITE_ZEROES / TRIM / BLOCK_STATUS length asked in one request (32-bit field; stay well inside). */
+const MAX_RANGE_REQUEST = 1 << 30;
+/**
+ * Payload of one READ or WRITE of readInto()/write(): servers answer several mid-sized requests faster than
+ * one large one (qemu-nbd serves 256 KiB requests several times faster than 4 MiB ones).
+ */
+const DATA_REQUEST = 256 * 1024;
 
 export class NbdClient implements BlockDevice {
   readonly size: number;
@@ -99,7 +147,7 @@ export class NbdClient implements BlockDevice {
   private readonly done: Promise<void>;
 
   private constructor(
-    private readonly socket: net.Socket,
+    private readonly socket: net.Socket | tls.TLSSocket,
     private readonly reader: SocketReader,
     private readonly writer: SocketWriter,
     info: {
@@ -109,57 +157,108 @@ export class NbdClient implements BlockDevice {
       flags: number;
       blockSizes: NbdBlockSizes;
       structured: boolean;
-      metaContextId: number | null;
+      meta: MetaContextResult;
+      maxInFlight?: number;
     },
   ) {
+    this.maxInFlight = info.maxInFlight ?? Infinity;
     this.size = info.size;
     this.exportName = info.exportName;
     this.description = info.description;
     this.transmissionFlags = info.flags;
     this.blockSizes = info.blockSizes;
     this.structuredReplies = info.structured;
-    this.metaContextId = info.metaContextId;
-    this.hasBlockStatus = info.metaContextId !== null;
+    this.contexts = info.meta.granted;
+    this.metaContextRefusal = info.meta.refused;
+    this.metaContextId = info.meta.granted.get(C.META_BASE_ALLOCATION) ?? null;
+    this.hasBlockStatus = this.metaContextId !== null;
     this.done = this.replyLoop();
   }
 
   private readonly metaContextId: number | null;
+  /** Metadata contexts the server granted (name → id). */
+  readonly contexts: ReadonlyMap<string, number>;
+  /** Why the server refused NBD_OPT_SET_META_CONTEXT altogether, if it did. */
+  readonly metaContextRefusal: string | undefined;
+  /** Bytes of data received in READ replies (holes not counted). */
+  bytesRead = 0;
+  private readonly maxInFlight: number;
+  /** Requests holding one of the maxInFlight slots (sent, or about to be). */
+  private active = 0;
+  private readonly slotWaiters: Array<() => void> = [];
 
   get readOnly(): boolean {
     return (this.transmissionFlags & C.FLAG_READ_ONLY) !== 0;
   }
 
+  private has(flag: number): boolean {
+    return (this.transmissionFlags & flag) !== 0;
+  }
+
+  /** What the export allows, from its transmission flags. */
+  get can(): { flush: boolean; fua: boolean; trim: boolean; zero: boolean; fastZero: boolean; multiConn: boolean; cache: boolean } {
+    return {
+      flush: this.has(C.FLAG_SEND_FLUSH),
+      fua: this.has(C.FLAG_SEND_FUA),
+      trim: this.has(C.FLAG_SEND_TRIM),
+      zero: this.has(C.FLAG_SEND_WRITE_ZEROES),
+      fastZero: this.has(C.FLAG_SEND_FAST_ZERO),
+      multiConn: this.has(C.FLAG_CAN_MULTI_CONN),
+      cache: this.has(C.FLAG_SEND_CACHE),
+    };
+  }
+
   /** Connects and opens an export. */
   static async connect(address: NbdConnectAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
-    const socket = await openSocket(address, options.timeoutMs ?? 30_000);
-    const reader = new SocketReader(socket);
-    const writer = new SocketWriter(socket);
+    const raw = await openSocket(address, options.timeoutMs ?? 30_000);
+    let socket: net.Socket = raw;
+    let reader = new SocketReader(socket);
+    let writer = new SocketWriter(socket);
     const timer = setTimeout(() => socket.destroy(new Error('NBD handshake timed out')), options.timeoutMs ?? 30_000);
     try {
       const exportName = options.exportName ?? '';
       const noZeroes = await greet(reader, writer);
+      if (options.tls) {
+        await sendOption(writer, C.OPT_STARTTLS, EMPTY);
+        const r = await readOptionReply(reader, C.OPT_STARTTLS);
+        if (r.type !== C.REP_ACK) {
+          throw new NbdError(`NBD server does not offer TLS (NBD_OPT_STARTTLS: ${repName(r.type)}${r.data.length ? `: ${r.data.toString('utf8')}` : ''})`, C.EPERM);
+        }
+        socket = await startClientTls(raw, options.tls, 'host' in address ? address.host : undefined);
+        reader = new SocketReader(socket);
+        writer = new SocketWriter(socket);
+      }
       let structured = false;
-      let metaContextId: number | null = null;
+      const meta: MetaContextResult = { granted: new Map() };
       if (options.structuredReplies !== false) {
         await sendOption(writer, C.OPT_STRUCTURED_REPLY, EMPTY);
         const r = await readOptionReply(reader, C.OPT_STRUCTURED_REPLY);
+        if (r.type === C.REP_ERR_TLS_REQD) throw tlsRequired(exportName);
         structured = r.type === C.REP_ACK;
       }
-      if (structured && options.blockStatus !== false) {
+      const queries = [...(options.blockStatus !== false ? [C.META_BASE_ALLOCATION] : []), ...(options.metaContexts ?? [])];
+      if (structured && queries.length) {
         const name = Buffer.from(exportName, 'utf8');
-        const q = Buffer.from(C.META_BASE_ALLOCATION, 'utf8');
-        const p = Buffer.allocUnsafe(4 + name.length + 4 + 4 + q.length);
+        const qs = queries.map((q) => Buffer.from(q, 'utf8'));
+        const p = Buffer.allocUnsafe(8 + name.length + qs.reduce((n, q) => n + 4 + q.length, 0));
         p.writeUInt32BE(name.length, 0);
         name.copy(p, 4);
-        p.writeUInt32BE(1, 4 + name.length);
-        p.writeUInt32BE(q.length, 8 + name.length);
-        q.copy(p, 12 + name.length);
+        p.writeUInt32BE(qs.length, 4 + name.length);
+        let at = 8 + name.length;
+        for (const q of qs) {
+          p.writeUInt32BE(q.length, at);
+          q.copy(p, at + 4);
+          at += 4 + q.length;
+        }
         await sendOption(writer, C.OPT_SET_META_CONTEXT, p);
         for (;;) {
           const r = await readOptionReply(reader, C.OPT_SET_META_CONTEXT);
           if (r.type === C.REP_META_CONTEXT && r.data.length >= 4) {
-            if (r.data.toString('utf8', 4) === C.META_BASE_ALLOCATION) metaContextId = r.data.readUInt32BE(0);
-          } else break; // ACK or error: either way, done
+            meta.granted.set(r.data.toString('utf8', 4), r.data.readUInt32BE(0));
+          } else {
+            if (C.isReplyError(r.type)) meta.refused = `${repName(r.type)}${r.data.length ? `: ${r.data.toString('utf8')}` : ''}`;
+            break; // ACK or error: either way, done
+          }
         }
       }
 
@@ -197,6 +296,8 @@ export class NbdClient implements BlockDevice {
           size = readU64(reply, 0);
           flags = reply.readUInt16BE(8);
           break;
+        } else if (r.type === C.REP_ERR_TLS_REQD) {
+          throw tlsRequired(exportName);
         } else if (C.isReplyError(r.type)) {
           throw new NbdError(
             `NBD server refused export "${exportName}": ${repName(r.type)}${r.data.length ? `: ${r.data.toString('utf8')}` : ''}`,
@@ -214,11 +315,18 @@ export class NbdClient implements BlockDevice {
         flags,
         blockSizes,
         structured,
-        metaContextId,
+        meta,
+        maxInFlight: options.maxInFlight,
       });
     } catch (e) {
       clearTimeout(timer);
       socket.destroy();
+      raw.destroy();
+      // TLS 1.3 servers check a client certificate after the client thinks the handshake is done: a refusal
+      // then looks like a connection closed at the first option.
+      if (options.tls && socket !== raw && e instanceof ConnectionClosedError) {
+        throw new NbdError('NBD server closed the connection right after the TLS handshake (did it refuse the client certificate or key?)', C.EPERM);
+      }
       throw e;
     }
   }
@@ -256,17 +364,22 @@ export class NbdClient implements BlockDevice {
 
   // ---- BlockDevice ----------------------------------------------------------------------------------------
 
+  /** Largest payload in one request: a multiple of max(minimum, 4 KiB) within the server's maximum (and `limit`). */
+  private payloadStep(limit = 32 * 1024 * 1024): number {
+    const { minimum, maximum } = this.blockSizes;
+    const cap = Math.min(maximum, limit);
+    const unit = Math.max(minimum, 4096) <= cap ? Math.max(minimum, 4096) : minimum;
+    return Math.max(unit, Math.floor(cap / unit) * unit);
+  }
+
   /** Reads exactly `length` bytes, splitting into requests the server accepts and aligning to its minimum. */
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange(offset, length);
     if (length === 0) return Buffer.alloc(0);
-    const { minimum, maximum } = this.blockSizes;
+    const { minimum } = this.blockSizes;
     const start = offset - (offset % minimum);
     const end = Math.min(this.size, Math.ceil((offset + length) / minimum) * minimum);
-    // Largest request: a multiple of max(minimum, 4 KiB) within the server's maximum (and 32 MiB).
-    const cap = Math.min(maximum, 32 * 1024 * 1024);
-    const unit = Math.max(minimum, 4096) <= cap ? Math.max(minimum, 4096) : minimum;
-    const step = Math.max(unit, Math.floor(cap / unit) * unit);
+    const step = this.payloadStep();
     let whole: Buffer;
     if (end - start <= step) {
       whole = await this.command(C.CMD_READ, 0, start, end - start) as Buffer;
@@ -278,6 +391,65 @@ export class NbdClient implements BlockDevice {
     return start === offset && whole.length === length ? whole : whole.subarray(offset - start, offset - start + length);
   }
 
+  /**
+   * Reads exactly `buf.length` bytes at `offset` into `buf` (data arrives straight into it when the request
+   * is aligned to the server's minimum block size).
+   */
+  async readInto(buf: Buffer, offset: number): Promise<void> {
+    const length = buf.length;
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const { minimum } = this.blockSizes;
+    if (offset % minimum !== 0 || (length % minimum !== 0 && offset + length !== this.size)) {
+      (await this.read(offset, length)).copy(buf);
+      return;
+    }
+    const step = this.payloadStep(DATA_REQUEST);
+    const parts: Promise<unknown>[] = [];
+    for (let o = 0; o < length; o += step) {
+      parts.push(this.command(C.CMD_READ, 0, offset + o, Math.min(step, length - o), undefined, buf.subarray(o, Math.min(length, o + step))));
+    }
+    await Promise.all(parts);
+  }
+
+  /** Writes `data` at `offset` (split into requests the server accepts). */
+  async write(offset: number, data: Buffer, opts: { fua?: boolean } = {}): Promise<void> {
+    this.checkRange(offset, data.length);
+    const flags = opts.fua && this.can.fua ? C.CMD_FLAG_FUA : 0;
+    const step = this.payloadStep(DATA_REQUEST);
+    const parts: Promise<unknown>[] = [];
+    for (let o = 0; o < data.length; o += step) {
+      const piece = data.subarray(o, Math.min(data.length, o + step));
+      parts.push(this.command(C.CMD_WRITE, flags, offset + o, piece.length, piece));
+    }
+    await Promise.all(parts);
+  }
+
+  /**
+   * NBD_CMD_WRITE_ZEROES. Without `noHole` the server may punch a hole (a qcow2 stays sparse); with `fast`
+   * (NBD_CMD_FLAG_FAST_ZERO) it fails at once with ENOTSUP unless zeroing is cheap.
+   */
+  async writeZeroes(offset: number, length: number, opts: { noHole?: boolean; fast?: boolean; fua?: boolean } = {}): Promise<void> {
+    this.checkRange(offset, length);
+    const flags = (opts.noHole ? C.CMD_FLAG_NO_HOLE : 0) | (opts.fast ? C.CMD_FLAG_FAST_ZERO : 0) | (opts.fua && this.can.fua ? C.CMD_FLAG_FUA : 0);
+    await this.ranged(C.CMD_WRITE_ZEROES, flags, offset, length);
+  }
+
+  /** NBD_CMD_TRIM: the range is no longer needed (its content is unspecified afterwards). */
+  async trim(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    await this.ranged(C.CMD_TRIM, 0, offset, length);
+  }
+
+  /** A request without payload over a long range, in pieces aligned to the server's minimum block size. */
+  private async ranged(type: number, flags: number, offset: number, length: number): Promise<void> {
+    const { minimum } = this.blockSizes;
+    const step = Math.max(minimum, Math.floor(MAX_RANGE_REQUEST / minimum) * minimum);
+    const parts: Promise<unknown>[] = [];
+    for (let o = 0; o < length; o += step) parts.push(this.command(type, flags, offset + o, Math.min(step, length - o)));
+    await Promise.all(parts);
+  }
+
   /** Zero and data runs covering [offset, offset+length) from base:allocation (all data if not negotiated). */
   async extents(offset: number, length: number): Promise<Extent[]> {
     this.checkRange(offset, length);
@@ -287,7 +459,7 @@ export class NbdClient implements BlockDevice {
     const out: Extent[] = [];
     let pos = offset;
     while (pos < end) {
-      const ask = Math.min(end - pos, 0x80000000); // 32-bit length field; stay well inside it
+      const ask = Math.min(end - pos, MAX_RANGE_REQUEST); // 32-bit length field; stay well inside it
       const got = await this.blockStatus(pos, ask);
       for (const e of got) {
         if (pos >= end) break;
@@ -333,7 +505,7 @@ export class NbdClient implements BlockDevice {
   }
 
   private settle(cookie: number): void {
-    this.pending.delete(cookie);
+    if (this.pending.delete(cookie)) this.releaseSlot();
     if (this.pending.size === 0 && this.idleWaiters.length) {
       const ws = this.idleWaiters;
       this.idleWaiters = [];
@@ -349,6 +521,35 @@ export class NbdClient implements BlockDevice {
     return (await this.command(C.CMD_BLOCK_STATUS, options.reqOne ? C.CMD_FLAG_REQ_ONE : 0, offset, length)) as Extent[];
   }
 
+  /**
+   * The runs and flags of metadata context `context` over [offset, offset+length), asking as often as the
+   * server needs (it may answer a request for less than was asked).
+   */
+  async statusOf(context: string, offset: number, length: number): Promise<BlockStatusDescriptor[]> {
+    this.checkRange(offset, length);
+    const id = this.contexts.get(context);
+    if (id === undefined) throw new NbdError(`metadata context ${context} was not negotiated`, C.EINVAL);
+    const end = offset + length;
+    const out: BlockStatusDescriptor[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const ask = Math.min(end - pos, MAX_RANGE_REQUEST);
+      await this.command(C.CMD_BLOCK_STATUS, 0, pos, ask, undefined, undefined, (statuses) => {
+        const got = statuses.get(id);
+        if (!got?.length) throw new NbdError(`no block status descriptors for ${context}`, C.EIO);
+        for (const d of got) {
+          if (pos >= end) break;
+          const l = Math.min(d.length, end - pos);
+          const last = out[out.length - 1];
+          if (last && last.flags === d.flags && last.offset + last.length === pos) last.length += l;
+          else out.push({ offset: pos, length: l, flags: d.flags });
+          pos += l;
+        }
+      });
+    }
+    return out;
+  }
+
   async flush(): Promise<void> {
     await this.command(C.CMD_FLUSH, 0, 0, 0);
   }
@@ -357,13 +558,50 @@ export class NbdClient implements BlockDevice {
    * Sends any request as is (no client-side checks; for tests and diagnostics). Resolves with the read data
    * (READ), the extents (BLOCK_STATUS) or undefined; rejects with NbdError on an error reply.
    */
-  command(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<Buffer | Extent[] | undefined> {
-    if (this.closed) return Promise.reject(new NbdError(`NBD connection closed: ${this.closed.message}`, C.EIO));
+  command(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload?: Buffer,
+    /** READ: receive the data into this buffer (exactly `length` bytes) */
+    into?: Buffer,
+    /** BLOCK_STATUS: gets the descriptors of every context before the promise settles */
+    onStatus?: (statuses: Map<number, BlockStatusDescriptor[]>) => void,
+  ): Promise<Buffer | Extent[] | undefined> {
+    if (this.active < this.maxInFlight) {
+      this.active++;
+      return this.send(type, flags, offset, length, payload, into, onStatus);
+    }
+    // The slot is handed over by the request that frees it (see releaseSlot).
+    return new Promise<void>((r) => this.slotWaiters.push(r)).then(() => this.send(type, flags, offset, length, payload, into, onStatus));
+  }
+
+  private releaseSlot(): void {
+    const next = this.slotWaiters.shift();
+    if (next) next();
+    else this.active--;
+  }
+
+  private send(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload: Buffer | undefined,
+    into: Buffer | undefined,
+    onStatus: ((statuses: Map<number, BlockStatusDescriptor[]>) => void) | undefined,
+  ): Promise<Buffer | Extent[] | undefined> {
+    if (this.closed) {
+      this.releaseSlot();
+      const why = this.closed instanceof ConnectionClosedError && this.closed.message === 'client closed' ? 'NBD connection closed' : `NBD connection lost: ${this.closed.message}`;
+      return Promise.reject(new NbdError(why, C.EIO));
+    }
     let cookie = this.nextCookie;
     while (this.pending.has(cookie)) cookie = (cookie + 1) >>> 0 || 1;
     this.nextCookie = (cookie + 1) >>> 0 || 1;
     return new Promise((resolve, reject) => {
-      const p: Pending = { type, offset, length, covered: 0, resolve, reject };
+      const p: Pending = { type, offset, length, covered: 0, resolve, reject, buffer: into, into: !!into, onStatus };
       this.pending.set(cookie, p);
       const h = this.requestHeader(type, flags, cookie, offset, length);
       void this.writer.write(payload ? [h, payload] : [h]);
@@ -429,7 +667,14 @@ export class NbdClient implements BlockDevice {
       return;
     }
     // Settle only after the payload arrived, so a connection lost meanwhile still rejects this request.
-    const data = p.type === C.CMD_READ ? await this.reader.read(p.length) : undefined;
+    let data: Buffer | undefined;
+    if (p.type === C.CMD_READ && p.into) {
+      await this.reader.readInto(p.buffer!);
+      data = p.buffer;
+    } else if (p.type === C.CMD_READ) {
+      data = await this.reader.read(p.length);
+    }
+    if (data) this.bytesRead += data.length;
     this.settle(cookie);
     p.resolve(data);
   }
@@ -442,8 +687,19 @@ export class NbdClient implements BlockDevice {
     const length = h.readUInt32BE(12);
     const p = this.take(h.readUInt32BE(4), cookie);
     if (length > 64 * 1024 * 1024 + 64) throw new ProtocolError(`structured chunk of ${length} bytes`);
-    const data = await this.reader.read(length);
     const end = p.offset + p.length;
+    if (type === C.REPLY_TYPE_OFFSET_DATA && p.into && p.type === C.CMD_READ && length >= 9) {
+      // Straight into the caller's buffer: no intermediate copy of the data.
+      const o = readU64(this.reader.tryRead(8) ?? (await this.reader.read(8)), 0);
+      const l = length - 8;
+      if (o < p.offset || o + l > end) throw new ProtocolError('data chunk outside the request');
+      await this.reader.readInto(p.buffer!.subarray(o - p.offset, o - p.offset + l));
+      p.covered += l;
+      this.bytesRead += l;
+      if (flags & C.REPLY_FLAG_DONE) this.finish(cookie, p);
+      return;
+    }
+    const data = await this.reader.read(length);
     switch (type) {
       case C.REPLY_TYPE_NONE:
         if (length !== 0) throw new ProtocolError('NBD_REPLY_TYPE_NONE with payload');
@@ -459,6 +715,7 @@ export class NbdClient implements BlockDevice {
           data.copy(p.buffer, o - p.offset, 8);
         }
         p.covered += l;
+        this.bytesRead += l;
         break;
       }
       case C.REPLY_TYPE_OFFSET_HOLE: {
@@ -466,23 +723,25 @@ export class NbdClient implements BlockDevice {
         const o = readU64(data, 0);
         const l = data.readUInt32BE(8);
         if (l === 0 || o < p.offset || o + l > end) throw new ProtocolError('hole chunk outside the request');
-        p.buffer ??= Buffer.alloc(p.length); // zero-filled: holes need no copy
+        if (p.into) p.buffer!.fill(0, o - p.offset, o - p.offset + l);
+        else p.buffer ??= Buffer.alloc(p.length); // zero-filled: holes need no copy
         p.covered += l;
         break;
       }
       case C.REPLY_TYPE_BLOCK_STATUS: {
         if (p.type !== C.CMD_BLOCK_STATUS || length < 12 || (length - 4) % 8 !== 0) throw new ProtocolError('bad NBD_REPLY_TYPE_BLOCK_STATUS');
-        if (data.readUInt32BE(0) !== this.metaContextId) break; // another context: ignore
-        const ext: Extent[] = [];
+        const id = data.readUInt32BE(0);
+        const descriptors: BlockStatusDescriptor[] = [];
         let pos = p.offset;
         for (let i = 4; i < length; i += 8) {
           const l = data.readUInt32BE(i);
           const status = data.readUInt32BE(i + 4);
           if (l === 0) throw new ProtocolError('zero-length block status descriptor');
-          ext.push({ offset: pos, length: l, zero: (status & C.STATE_ZERO) !== 0 });
+          descriptors.push({ offset: pos, length: l, flags: status });
           pos += l;
         }
-        p.extents = ext;
+        (p.statuses ??= new Map()).set(id, descriptors);
+        if (id === this.metaContextId) p.extents = descriptors.map((d) => ({ offset: d.offset, length: d.length, zero: (d.flags & C.STATE_ZERO) !== 0 }));
         break;
       }
       default:
@@ -508,17 +767,27 @@ export class NbdClient implements BlockDevice {
           throw new ProtocolError(`unknown structured reply type ${type}`);
         }
     }
-    if (flags & C.REPLY_FLAG_DONE) {
-      this.settle(cookie);
-      if (p.error) p.reject(p.error);
-      else if (p.type === C.CMD_READ) {
-        if (p.covered !== p.length) p.reject(new NbdError(`server sent ${p.covered} of ${p.length} bytes`, C.EIO));
-        else p.resolve(p.buffer ?? Buffer.alloc(0));
-      } else if (p.type === C.CMD_BLOCK_STATUS) {
-        if (!p.extents?.length) p.reject(new NbdError('no block status descriptors for base:allocation', C.EIO));
-        else p.resolve(p.extents);
-      } else p.resolve(undefined);
-    }
+    if (flags & C.REPLY_FLAG_DONE) this.finish(cookie, p);
+  }
+
+  /** The last chunk of a structured reply arrived: settle the request. */
+  private finish(cookie: number, p: Pending): void {
+    this.settle(cookie);
+    if (p.error) p.reject(p.error);
+    else if (p.type === C.CMD_READ) {
+      if (p.covered !== p.length) p.reject(new NbdError(`server sent ${p.covered} of ${p.length} bytes`, C.EIO));
+      else p.resolve(p.buffer ?? Buffer.alloc(0));
+    } else if (p.type === C.CMD_BLOCK_STATUS && p.onStatus) {
+      try {
+        p.onStatus(p.statuses ?? new Map());
+        p.resolve(undefined);
+      } catch (e) {
+        p.reject(e as Error);
+      }
+    } else if (p.type === C.CMD_BLOCK_STATUS) {
+      if (!p.extents?.length) p.reject(new NbdError('no block status descriptors for base:allocation', C.EIO));
+      else p.resolve(p.extents);
+    } else p.resolve(undefined);
   }
 }
 
@@ -542,6 +811,44 @@ function openSocket(address: NbdConnectAddress, timeoutMs: number): Promise<net.
     socket.once('error', (e) => {
       clearTimeout(timer);
       reject(e);
+    });
+  });
+}
+
+/**
+ * The client side of TLS on a socket after NBD_OPT_STARTTLS was acknowledged. The plain socket's reader
+ * stops getting data: the TLS layer takes the socket's handle over.
+ */
+function startClientTls(socket: net.Socket, o: NbdClientTls, host: string | undefined): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const name = o.hostname ?? (host && net.isIP(host) === 0 ? host : undefined);
+    const verify = o.verifyPeer !== false && !o.psk;
+    const t = tls.connect({
+      socket,
+      minVersion: 'TLSv1.2',
+      ...(o.psk
+        ? {
+            // PSK suites of TLS 1.2 and TLS 1.3's own suites (PSK with (EC)DHE there).
+            ciphers: 'ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:DHE-PSK-AES256-GCM-SHA384:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256',
+            pskCallback: () => ({ psk: o.psk!.key, identity: o.psk!.identity }),
+            checkServerIdentity: () => undefined,
+          }
+        : {
+            ca: o.ca,
+            cert: o.cert,
+            key: o.key,
+            rejectUnauthorized: verify,
+            ...(name && net.isIP(name) === 0 ? { servername: name } : {}),
+            checkServerIdentity: (h: string, cert: tls.PeerCertificate) => (verify && name ? tls.checkServerIdentity(name, cert) : undefined),
+          }),
+    });
+    const fail = (e: Error) => reject(new NbdError(`TLS handshake with the NBD server failed: ${(e as { reason?: string }).reason ?? e.message}`, C.EPERM));
+    t.once('error', fail);
+    t.once('secureConnect', () => {
+      t.off('error', fail);
+      t.setNoDelay(true);
+      t.on('error', () => undefined); // surfaces as 'close' to the reader
+      resolve(t);
     });
   });
 }
@@ -577,6 +884,10 @@ async function readOptionReply(reader: SocketReader, option: number): Promise<Op
   if (opt !== option) throw new ProtocolError(`reply for option ${opt}, expected ${option}`);
   if (length > MAX_OPTION_REPLY) throw new ProtocolError(`option reply of ${length} bytes`);
   return { option: opt, type, data: await reader.read(length) };
+}
+
+function tlsRequired(exportName: string): NbdError {
+  return new NbdError(`NBD server requires TLS for export "${exportName}" (use nbds:// with TLS credentials)`, C.EPERM);
 }
 
 function repName(type: number): string {

@@ -4,22 +4,42 @@
  * once; a server shutdown stops reading and lets what is in flight finish, up to `closeTimeoutMs`.
  */
 import type * as net from 'node:net';
-import { oneLine } from './errors';
+import type * as tls from 'node:tls';
+import { oneLine, quoteName } from './errors';
 import type { OpenExport, SharedExports } from './exports';
-import { Handshake, Wire } from './handshake';
+import { Handshake, HandshakeTls, Wire } from './handshake';
 import { Replies } from './replies';
+import { NbdTlsOptions, startTls } from './tls';
 import { Transmission, TransmissionLimits } from './transmission';
+import { ByteBudget } from './budget';
 import { ConnectionClosedError, ProtocolError, SocketReader, SocketWriter } from './wire';
 
 export interface ConnectionLimits extends TransmissionLimits {
   /** How long a shutdown (or a graceful disconnect) waits for the connection to drain before destroying it. */
   closeTimeoutMs: number;
+  /** A client that has not entered transmission within this time is dropped. */
+  handshakeTimeoutMs: number;
+  /** A client that leaves replies unread for this long is dropped. */
+  replyTimeoutMs: number;
+  /** Bytes of read replies one connection may have in preparation or queued. */
+  maxReplyBytes: number;
+  /** Shared by all connections: replies that must be read whole (see ReplyBudgets). */
+  whole: ByteBudget;
+}
+
+/** TLS as the server offers it: options and the secure context built from them once. */
+export interface ServerTls {
+  mode: NbdTlsOptions['mode'];
+  options: tls.TlsOptions;
 }
 
 export class NbdConnection {
   private readonly wire: Wire;
   private readonly peer: string;
+  /** The socket spoken over: the accepted one, or the TLS session over it after STARTTLS. */
+  private socket: net.Socket;
   private readonly socketClosed: Promise<void>;
+  private markClosed: () => void = () => undefined;
   private handshake: Handshake | null = null;
   private transmission: Transmission | null = null;
   private current: OpenExport | null = null;
@@ -31,16 +51,44 @@ export class NbdConnection {
   private readonly opened = Date.now();
 
   constructor(
-    private readonly socket: net.Socket,
+    socket: net.Socket,
     private readonly exports: SharedExports,
     private readonly logLine: (line: string) => void,
     private readonly limits: ConnectionLimits,
     /** Routine events (a connection's closing line). */
     private readonly debugLine: (line: string) => void = () => undefined,
+    private readonly tls?: ServerTls,
   ) {
+    this.socket = socket;
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'local';
-    this.wire = { reader: new SocketReader(socket), writer: new SocketWriter(socket) };
-    this.socketClosed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    this.wire = { reader: new SocketReader(socket), writer: this.writerFor(socket) };
+    this.socketClosed = new Promise<void>((resolve) => (this.markClosed = resolve));
+    this.watch(socket);
+    this.handshakeTimer = setTimeout(() => {
+      this.log(`no export chosen within ${this.limits.handshakeTimeoutMs / 1000} s; closing connection`);
+      this.socket.destroy();
+    }, this.limits.handshakeTimeoutMs);
+    this.handshakeTimer.unref();
+  }
+
+  private handshakeTimer: NodeJS.Timeout | null;
+
+  private writerFor(socket: net.Socket): SocketWriter {
+    const timeoutMs = this.limits.replyTimeoutMs;
+    return new SocketWriter(socket, {
+      unpinQueued: true,
+      stall: {
+        timeoutMs,
+        onStall: () => {
+          this.log(`replies unread for ${timeoutMs / 1000} s; closing connection`);
+          this.socket.destroy();
+        },
+      },
+    });
+  }
+
+  private watch(socket: net.Socket): void {
+    socket.once('close', () => this.markClosed());
     socket.on('error', (e: NodeJS.ErrnoException) => {
       if (this.socketErrorLogged) return;
       this.socketErrorLogged = true;
@@ -48,8 +96,23 @@ export class NbdConnection {
     });
   }
 
+  /** STARTTLS was acknowledged: the rest of the session goes over TLS on the same socket. */
+  private async upgrade(): Promise<void> {
+    const t = this.tls!;
+    const early = this.wire.reader.detach();
+    this.wire.writer.detach();
+    // The client must wait for the ACK before its TLS hello; bytes before that would be plain-text injection.
+    if (early.length) throw new ProtocolError('data sent before the TLS handshake');
+    const secure = await startTls(this.socket, t.options, this.limits.handshakeTimeoutMs);
+    this.socket = secure;
+    this.watch(secure);
+    this.wire.reader = new SocketReader(secure);
+    this.wire.writer = this.writerFor(secure);
+    if (this.stopping) this.wire.reader.cancel(new ConnectionClosedError('server shutting down'));
+  }
+
   private log(msg: string, to = this.logLine): void {
-    const exp = this.current ? ` export "${this.current.name}"` : '';
+    const exp = this.current ? ` export ${quoteName(this.current.name)}` : '';
     try {
       // Names and messages can come from the client: keep the line one line, free of control characters.
       to(`nbd ${this.peer}${exp}: ${msg}`.replace(/[\x00-\x1f\x7f]+/g, ' '));
@@ -78,8 +141,10 @@ export class NbdConnection {
   private async runInner(): Promise<void> {
     let hard = false;
     try {
-      this.handshake = new Handshake(this.wire, this.exports, this.limits.maxRequestBytes, (m) => this.log(m));
+      const tlsOffer: HandshakeTls | undefined = this.tls ? { mode: this.tls.mode, upgrade: () => this.upgrade() } : undefined;
+      this.handshake = new Handshake(this.wire, this.exports, this.limits.maxRequestBytes, (m) => this.log(m), tlsOffer);
       const chosen = await this.handshake.run();
+      this.clearHandshakeTimer();
       if (chosen) {
         this.current = chosen.export;
         this.transmission = new Transmission(
@@ -87,6 +152,7 @@ export class NbdConnection {
           new Replies(this.wire.writer, chosen.structured),
           chosen,
           this.limits,
+          { connection: new ByteBudget(this.limits.maxReplyBytes), whole: this.limits.whole },
           (m) => this.log(m),
           () => this.socket.destroy(),
         );
@@ -104,6 +170,7 @@ export class NbdConnection {
         hard = true;
       }
     }
+    this.clearHandshakeTimer();
     this.stopping = true;
     this.wire.reader.cancel();
     this.transmission?.stop();
@@ -129,6 +196,11 @@ export class NbdConnection {
     if (pending) await this.exports.release(pending);
     if (this.current) await this.exports.release(this.current);
     this.current = null;
+  }
+
+  private clearHandshakeTimer(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
   }
 
   private whenIdle(): Promise<void> {

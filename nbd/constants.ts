@@ -114,6 +114,11 @@ export const META_BASE_ALLOCATION = 'base:allocation';
 export const STATE_HOLE = 1 << 0;
 export const STATE_ZERO = 1 << 1;
 
+// ---- qemu:dirty-bitmap:NAME (QEMU's metadata context for a persistent or transient dirty bitmap) ------------
+export const META_QEMU_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/** The run changed since the bitmap was started. */
+export const STATE_DIRTY = 1 << 0;
+
 // ---- Error values (the protocol's own numbering, which happens to match Linux errno) -----------------------
 export const EPERM = 1;
 export const EIO = 5;

@@ -4,8 +4,9 @@
  */
 import { capabilitiesOf } from '../src/device/types';
 import * as C from './constants';
-import { MAX_CLIENT_MESSAGE, oneLine } from './errors';
+import { MAX_CLIENT_MESSAGE, oneLine, quoteName } from './errors';
 import type { OpenExport, SharedExports } from './exports';
+import { tlsErrorLine } from './tls';
 import { EMPTY, ProtocolError, SocketReader, SocketWriter, utf8Truncate, writeU64 } from './wire';
 
 /** Option payloads larger than this are taken as abuse and the connection is dropped. The largest legitimate
@@ -61,9 +62,17 @@ export interface Wire {
   writer: SocketWriter;
 }
 
+/** TLS as the connection offers it: the mode, and how to switch the wire to TLS (after the ACK was sent). */
+export interface HandshakeTls {
+  mode: 'on' | 'require';
+  upgrade(): Promise<void>;
+}
+
 /** What negotiation ended with. */
 export interface Negotiated {
   export: OpenExport;
+  /** TLS was negotiated. */
+  secure: boolean;
   structured: boolean;
   /** base:allocation was selected for this export. */
   metaActive: boolean;
@@ -80,12 +89,14 @@ export class Handshake {
   /** Export opened by NBD_OPT_INFO, kept for a following NBD_OPT_GO of the same name. */
   private pendingInfo: OpenExport | null = null;
   private chosen: Negotiated | null = null;
+  private secure = false;
 
   constructor(
     private readonly wire: Wire,
     private readonly exports: SharedExports,
     private readonly maxRequestBytes: number,
     private readonly log: (msg: string) => void,
+    private readonly tls?: HandshakeTls,
   ) {}
 
   /** Negotiates; resolves with the chosen export, or null when the client aborted. */
@@ -146,6 +157,11 @@ export class Handshake {
   }
 
   private async handleOption(option: number, data: Buffer): Promise<OptionOutcome> {
+    if (this.tls?.mode === 'require' && !this.secure && option !== C.OPT_STARTTLS && option !== C.OPT_ABORT) {
+      // FORCEDTLS: NBD_OPT_EXPORT_NAME cannot be answered with an error, so the session ends.
+      if (option === C.OPT_EXPORT_NAME) throw new ProtocolError('NBD_OPT_EXPORT_NAME without TLS, which this server requires');
+      return this.sendOptionError(option, C.REP_ERR_TLS_REQD, 'this server requires TLS (NBD_OPT_STARTTLS)');
+    }
     switch (option) {
       case C.OPT_EXPORT_NAME:
         return this.optExportName(data);
@@ -166,10 +182,31 @@ export class Handshake {
       case C.OPT_SET_META_CONTEXT:
         return this.optMetaContext(option, data);
       case C.OPT_STARTTLS:
-        return this.sendOptionError(option, C.REP_ERR_UNSUP, 'TLS is not supported by this server');
+        return this.optStartTls(data);
       default:
         return this.sendOptionError(option, C.REP_ERR_UNSUP, `option ${option} is not supported`);
     }
+  }
+
+  private async optStartTls(data: Buffer): Promise<OptionOutcome> {
+    const option = C.OPT_STARTTLS;
+    if (!this.tls) return this.sendOptionError(option, C.REP_ERR_UNSUP, 'TLS is not enabled on this server');
+    if (this.secure) return this.sendOptionError(option, C.REP_ERR_INVALID, 'TLS is already active');
+    if (data.length !== 0) return this.sendOptionError(option, C.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+    await this.write(this.optionReply(option, C.REP_ACK));
+    try {
+      await this.tls.upgrade();
+    } catch (e) {
+      // Too late to go on in plain text: the spec says the session ends.
+      throw new ProtocolError(`TLS handshake failed: ${oneLine(tlsErrorLine(e))}`);
+    }
+    this.secure = true;
+    // Nothing negotiated in plain text survives the upgrade (the spec; a man in the middle could have sent it).
+    this.structured = false;
+    this.metaExport = null;
+    const p = this.takePending();
+    if (p) await this.exports.release(p);
+    return 'continue';
   }
 
   private async openExport(name: string): Promise<OpenExport | undefined> {
@@ -185,6 +222,7 @@ export class Handshake {
   private enter(e: OpenExport): void {
     this.chosen = {
       export: e,
+      secure: this.secure,
       structured: this.structured,
       metaActive: this.structured && this.metaExport === e.name,
       flags: transmissionFlags(e, this.structured),
@@ -197,10 +235,10 @@ export class Handshake {
     try {
       e = await this.openExport(name);
     } catch (err) {
-      throw new ProtocolError(`NBD_OPT_EXPORT_NAME "${name}": cannot open export: ${oneLine(err)}`);
+      throw new ProtocolError(`NBD_OPT_EXPORT_NAME ${quoteName(name)}: cannot open export: ${oneLine(err)}`);
     }
     // NBD_OPT_EXPORT_NAME cannot fail gracefully: the spec requires terminating the session.
-    if (!e) throw new ProtocolError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+    if (!e) throw new ProtocolError(`NBD_OPT_EXPORT_NAME for unknown export ${quoteName(name)}`);
     this.enter(e);
     const reply = Buffer.alloc(this.clientNoZeroes ? 10 : 10 + 124);
     writeU64(reply, e.device.size, 0);
@@ -251,7 +289,7 @@ export class Handshake {
     try {
       e = await this.openExport(name);
     } catch (err) {
-      this.log(`opening export "${name}" failed: ${oneLine(err)}`);
+      this.log(`opening export ${quoteName(name)} failed: ${oneLine(err)}`);
       return this.sendOptionError(option, C.REP_ERR_UNKNOWN, `export "${name}" is not available`);
     }
     if (!e) return this.sendOptionError(option, C.REP_ERR_UNKNOWN, `unknown export "${name}"`);

@@ -24,9 +24,17 @@ export class Replies {
     readonly structured: boolean,
   ) {}
 
-  /** Writes one whole message; false when the socket is gone (the reply is dropped). */
-  send(bufs: readonly Buffer[]): Promise<boolean> {
-    return this.writer.write(bufs);
+  /** False once the connection can no longer take replies. */
+  get usable(): boolean {
+    return this.writer.usable;
+  }
+
+  /**
+   * Writes one whole message; false when the socket is gone (the reply is dropped). `flushed` is called once
+   * its bytes have left the process (or were dropped).
+   */
+  send(bufs: readonly Buffer[], flushed?: () => void): Promise<boolean> {
+    return this.writer.write(bufs, flushed);
   }
 
   simpleHeader(req: Cookie, error: number): Buffer {
@@ -39,8 +47,8 @@ export class Replies {
   }
 
   /** A successful simple reply, with the data of a READ. */
-  async simpleData(req: Cookie, data: Buffer): Promise<void> {
-    await this.send(joinSmall(this.simpleHeader(req, 0), data));
+  async simpleData(req: Cookie, data: Buffer, flushed?: () => void): Promise<void> {
+    await this.send(joinSmall(this.simpleHeader(req, 0), data), flushed);
   }
 
   /** Success without data: a simple reply is allowed for any command but READ even with structured replies. */
@@ -67,6 +75,11 @@ export class Replies {
     const h = this.chunkHeader(req, flags, C.REPLY_TYPE_OFFSET_DATA, 8 + data.length, 8);
     writeU64(h, offset, 20);
     return joinSmall(h, data);
+  }
+
+  /** An NBD_REPLY_TYPE_NONE chunk: the end of a reply whose other chunks were sent on their own. */
+  noneChunk(req: Cookie, flags: number): Buffer[] {
+    return [this.chunkHeader(req, flags, C.REPLY_TYPE_NONE, 0, 0)];
   }
 
   /** An NBD_REPLY_TYPE_OFFSET_HOLE chunk. */

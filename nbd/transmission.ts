@@ -9,6 +9,7 @@ import * as C from './constants';
 import { errnoOf, failingOffset, messageForClient, oneLine } from './errors';
 import { normalizeExtents } from './extents';
 import { BASE_ALLOCATION_ID, Negotiated } from './handshake';
+import { ByteBudget, once } from './budget';
 import { Cookie, Replies } from './replies';
 import { EMPTY, ProtocolError, SocketReader, readU64 } from './wire';
 
@@ -17,9 +18,23 @@ export interface TransmissionLimits {
   maxRequestBytes: number;
   /** Requests handled concurrently before the loop stops reading. */
   maxInFlight: number;
-  /** Bytes of READs and WRITE payloads in progress before the loop stops reading. */
+  /** Bytes of WRITE payloads held before the loop stops reading. */
   maxInFlightBytes: number;
 }
+
+/** Budgets for the data of read replies, from the device read until it has left the process. */
+export interface ReplyBudgets {
+  /** This connection's: bounds what one client makes the server hold, replies queued to it included. */
+  connection: ByteBudget;
+  /**
+   * Shared by all connections, for replies that must be read whole before they are sent (simple replies
+   * larger than a piece): bounds what clients that do not read can pin together.
+   */
+  whole: ByteBudget;
+}
+
+/** Reads are served in pieces of at most this size (aligned to it), each sent as soon as it is read. */
+export const READ_PIECE = 1024 * 1024;
 
 interface Request extends Cookie {
   flags: number;
@@ -56,6 +71,7 @@ export class Transmission {
     private readonly replies: Replies,
     private readonly negotiated: Negotiated,
     private readonly limits: TransmissionLimits,
+    private readonly budgets: ReplyBudgets,
     private readonly log: (msg: string) => void,
     /** A request failed in a way that leaves the stream unusable: drop the connection. */
     private readonly abort: () => void,
@@ -112,11 +128,6 @@ export class Transmission {
           if (!(await this.reserve(req.length))) return;
           const payload = await this.reader.read(req.length);
           this.dispatch(req, req.length, payload);
-          break;
-        }
-        case C.CMD_READ: {
-          if (!(await this.reserve(Math.min(req.length, maxRequestBytes)))) return;
-          this.dispatch(req, Math.min(req.length, maxRequestBytes));
           break;
         }
         default:
@@ -208,6 +219,7 @@ export class Transmission {
 
   private async cmdRead(req: Request): Promise<void> {
     const structured = this.replies.structured;
+    const df = (req.flags & C.CMD_FLAG_DF) !== 0;
     const bad = this.checkRequest(req, structured ? C.CMD_FLAG_DF : 0);
     if (bad) return this.replies.error(req, bad[0], bad[1]);
     if (req.length > this.limits.maxRequestBytes) {
@@ -215,53 +227,79 @@ export class Transmission {
       // simple replies a read over the advertised maximum is a client error: NBD_EINVAL.
       return this.replies.error(req, structured ? C.EOVERFLOW : C.EINVAL, `read larger than ${this.limits.maxRequestBytes} bytes`);
     }
-    const device = this.device;
-    if (!structured) {
-      let data: Buffer;
-      try {
-        data = await readExact(device, req.offset, req.length);
-      } catch (e) {
-        this.logReadError(req, req.offset, req.length, e);
-        return this.replies.error(req, errnoOf(e), messageForClient(e));
-      }
-      return this.replies.simpleData(req, data);
+    if (structured && !df && req.length >= MIN_PLANNED_READ) {
+      const segments = await this.readPlan(req.offset, req.length);
+      if (segments.length > 1 || segments[0].zero || req.length > READ_PIECE) return this.readInPieces(req, segments);
     }
 
-    if ((req.flags & C.CMD_FLAG_DF) !== 0 || req.length < MIN_PLANNED_READ) return this.readOneChunk(req);
-
-    // Structured: holes as OFFSET_HOLE chunks, data segments read concurrently, one DONE at the end.
-    const segments = await this.readPlan(req.offset, req.length);
-    const results = await Promise.allSettled(
-      segments.map((s) => (s.zero ? Promise.resolve(EMPTY) : readExact(device, s.offset, s.length))),
-    );
-    const bufs: Buffer[] = [];
-    for (let i = 0; i < segments.length; i++) {
-      const s = segments[i];
-      const r = results[i];
-      const flags = i === segments.length - 1 ? C.REPLY_FLAG_DONE : 0;
-      if (s.zero) {
-        bufs.push(...this.replies.holeChunk(req, flags, s.offset, s.length));
-      } else if (r.status === 'fulfilled') {
-        bufs.push(...this.replies.dataChunk(req, flags, s.offset, r.value));
-      } else {
-        this.logReadError(req, s.offset, s.length, r.reason);
-        bufs.push(...this.replies.errorOffsetChunk(req, flags, s.offset, s.length, r.reason));
-      }
-    }
-    await this.replies.send(bufs);
-  }
-
-  /** A structured read answered as one OFFSET_DATA chunk (or one error chunk): the small-read fast path. */
-  private async readOneChunk(req: Request): Promise<void> {
+    // One piece, or a reply whose data must come unbroken (simple replies, DF): read whole, then sent.
+    const { connection, whole } = this.budgets;
+    const big = req.length > READ_PIECE;
+    await connection.acquire(req.length);
+    if (big) await whole.acquire(req.length);
+    const release = once(() => {
+      connection.release(req.length);
+      if (big) whole.release(req.length);
+    });
+    if (!this.replies.usable) return release(); // the client is gone: nothing to read for
     let data: Buffer;
     try {
       data = await readExact(this.device, req.offset, req.length);
     } catch (e) {
+      release();
       this.logReadError(req, req.offset, req.length, e);
-      await this.replies.send(this.replies.errorOffsetChunk(req, C.REPLY_FLAG_DONE, req.offset, req.length, e));
+      if (structured) return void (await this.replies.send(this.replies.errorOffsetChunk(req, C.REPLY_FLAG_DONE, req.offset, req.length, e)));
+      return this.replies.error(req, errnoOf(e), messageForClient(e));
+    }
+    if (structured) await this.replies.send(this.replies.dataChunk(req, C.REPLY_FLAG_DONE, req.offset, data), release);
+    else await this.replies.simpleData(req, data, release);
+  }
+
+  /**
+   * A structured read with holes, or larger than a piece: holes as OFFSET_HOLE chunks; data in pieces, each
+   * read once the connection's budget allows and sent as its own OFFSET_DATA (or ERROR_OFFSET) chunk as soon
+   * as it is read; the last hole chunk (or an empty chunk) ends the reply. A client that stops reading holds
+   * at most its budget.
+   */
+  private async readInPieces(req: Request, segments: Extent[]): Promise<void> {
+    const budget = this.budgets.connection;
+    const jobs: Promise<unknown>[] = [];
+    // The last hole chunk is kept back to end the reply (DONE) once the data is out; without holes, an
+    // empty chunk ends it.
+    let lastHole: Extent | undefined;
+    for (const s of segments) {
+      if (s.zero) {
+        if (lastHole) jobs.push(this.replies.send(this.replies.holeChunk(req, 0, lastHole.offset, lastHole.length)));
+        lastHole = s;
+        continue;
+      }
+      for (let at = s.offset, end = s.offset + s.length; at < end;) {
+        const to = Math.min(end, (Math.floor(at / READ_PIECE) + 1) * READ_PIECE);
+        jobs.push(this.readPiece(req, at, to - at, budget));
+        at = to;
+      }
+    }
+    await Promise.all(jobs);
+    await this.replies.send(lastHole
+      ? this.replies.holeChunk(req, C.REPLY_FLAG_DONE, lastHole.offset, lastHole.length)
+      : this.replies.noneChunk(req, C.REPLY_FLAG_DONE));
+  }
+
+  /** One piece of a read in pieces: its budget, its device read, its chunk (data, or the error). */
+  private async readPiece(req: Request, offset: number, length: number, budget: ByteBudget): Promise<void> {
+    await budget.acquire(length);
+    const release = once(() => budget.release(length));
+    if (!this.replies.usable) return release(); // the client is gone: nothing to read for
+    let data: Buffer;
+    try {
+      data = await readExact(this.device, offset, length);
+    } catch (e) {
+      release();
+      this.logReadError(req, offset, length, e);
+      await this.replies.send(this.replies.errorOffsetChunk(req, 0, offset, length, e));
       return;
     }
-    await this.replies.send(this.replies.dataChunk(req, C.REPLY_FLAG_DONE, req.offset, data));
+    await this.replies.send(this.replies.dataChunk(req, 0, offset, data), release);
   }
 
   /** Splits a read into data and hole segments using the device's zero runs (small holes become data). */

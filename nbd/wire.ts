@@ -34,13 +34,39 @@ export class SocketReader {
   private discarded = false;
   private paused = false;
 
+  private readonly onDataBound = (chunk: Buffer): void => this.onData(chunk);
+  private readonly onEnd = (): void => this.fail(new ConnectionClosedError('connection closed by peer'), false);
+  private readonly onClose = (): void => this.fail(new ConnectionClosedError('connection closed'), false);
+
   constructor(
     private readonly socket: Socket,
     private readonly highWater = 256 * 1024,
   ) {
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('end', () => this.fail(new ConnectionClosedError('connection closed by peer'), false));
-    socket.on('close', () => this.fail(new ConnectionClosedError('connection closed'), false));
+    socket.on('data', this.onDataBound);
+    socket.on('end', this.onEnd);
+    socket.on('close', this.onClose);
+  }
+
+  /**
+   * Stops reading from the socket (before it is handed to TLS, say) and returns what was received but not
+   * consumed. Pending reads fail; the reader is unusable afterwards.
+   */
+  detach(): Buffer {
+    this.socket.off('data', this.onDataBound);
+    this.socket.off('end', this.onEnd);
+    this.socket.off('close', this.onClose);
+    const rest = this.discarded ? EMPTY : Buffer.concat(this.chunks).subarray(this.head);
+    this.discarded = true;
+    this.chunks.length = 0;
+    this.head = 0;
+    this.buffered = 0;
+    this.fail(new ConnectionClosedError('reader detached'), false);
+    // Whoever takes the socket over reads it: undo a pause of ours.
+    if (this.paused) {
+      this.paused = false;
+      this.socket.resume();
+    }
+    return rest;
   }
 
   get bufferedBytes(): number {
@@ -73,6 +99,20 @@ export class SocketReader {
       const k = Math.min(n, this.buffered);
       this.drop(k);
       n -= k;
+    }
+  }
+
+  /**
+   * Fills `dst` with the next `dst.length` bytes, copying each piece as it arrives: one copy, and nothing
+   * held back until the whole length is there (a client reading large replies into its own buffers).
+   */
+  async readInto(dst: Buffer): Promise<void> {
+    let at = 0;
+    while (at < dst.length) {
+      if (this.discarded || this.buffered === 0) await this.waitFor(1);
+      const k = Math.min(dst.length - at, this.buffered);
+      this.drop(k, dst, at);
+      at += k;
     }
   }
 
@@ -149,10 +189,15 @@ export class SocketReader {
     return out;
   }
 
-  private drop(n: number): void {
+  /** Consumes `n` buffered bytes; with `into`, copies them there (at `at`) first. */
+  private drop(n: number, into?: Buffer, at = 0): void {
     while (n > 0) {
       const c = this.chunks[0];
       const k = Math.min(c.length - this.head, n);
+      if (into) {
+        c.copy(into, at, this.head, this.head + k);
+        at += k;
+      }
       this.head += k;
       n -= k;
       this.buffered -= k;
@@ -181,30 +226,88 @@ export class SocketWriter {
   private closed = false;
   private waiters: Array<() => void> = [];
 
-  constructor(private readonly socket: Socket) {
-    socket.on('drain', () => this.release());
-    socket.on('close', () => {
-      this.closed = true;
-      this.release();
-    });
+  private readonly onDrain = (): void => {
+    this.clearStall();
+    this.release();
+  };
+  private readonly onClose = (): void => {
+    this.closed = true;
+    this.clearStall();
+    this.release();
+  };
+
+  private clearStall(): void {
+    if (this.stallTimer) clearTimeout(this.stallTimer);
+    this.stallTimer = null;
+  }
+
+  private watchStall(): void {
+    const stall = this.opts.stall;
+    if (!stall || this.stallTimer || !this.socket.writableNeedDrain) return;
+    const { timeoutMs, onStall } = stall;
+    this.stallTimer = setTimeout(() => {
+      this.stallTimer = null;
+      if (!this.closed && this.socket.writableNeedDrain) onStall();
+    }, timeoutMs);
+    this.stallTimer.unref();
+  }
+
+  private stallTimer: NodeJS.Timeout | null = null;
+
+  /**
+   * `stall`: when written data waits longer than `timeoutMs` for the peer to read it (the socket does not
+   * drain), `onStall` is called (a server drops such a client instead of holding its replies forever).
+   */
+  constructor(
+    private readonly socket: Socket,
+    private readonly opts: {
+      stall?: { timeoutMs: number; onStall: () => void };
+      /**
+       * A buffer that will wait in the socket's queue (the peer reads slowly) is copied when it is a small view
+       * of a much larger one (a block of a cache): queued, it would keep the whole block alive after eviction.
+       */
+      unpinQueued?: boolean;
+    } = {},
+  ) {
+    socket.on('drain', this.onDrain);
+    socket.on('close', this.onClose);
+  }
+
+  /** Stops writing to the socket (before it is handed to TLS); later writes are dropped. */
+  detach(): void {
+    this.socket.off('drain', this.onDrain);
+    this.socket.off('close', this.onClose);
+    this.onClose();
   }
 
   get usable(): boolean {
     return !this.closed && !this.socket.destroyed && this.socket.writable;
   }
 
-  async write(bufs: readonly Buffer[]): Promise<boolean> {
+  /**
+   * Writes one message. `flushed` is called once its bytes have left this process (handed to the kernel),
+   * or at once when the message is dropped; a socket destroyed meanwhile calls it too.
+   */
+  async write(bufs: readonly Buffer[], flushed?: () => void): Promise<boolean> {
     while (this.usable && this.socket.writableNeedDrain) {
       await new Promise<void>((resolve) => this.waiters.push(resolve));
     }
-    if (!this.usable) return false;
+    if (!this.usable) {
+      flushed?.();
+      return false;
+    }
+    const cb = flushed ? () => flushed() : undefined;
+    if (this.opts.unpinQueued && this.socket.writableLength > 0) bufs = bufs.map(unpin);
     if (bufs.length === 1) {
-      this.socket.write(bufs[0]);
+      this.socket.write(bufs[0], cb);
     } else {
       this.socket.cork();
-      for (const b of bufs) if (b.length > 0) this.socket.write(b);
+      let last = bufs.length - 1;
+      while (last > 0 && bufs[last].length === 0) last--;
+      for (let i = 0; i <= last; i++) if (bufs[i].length > 0 || i === last) this.socket.write(bufs[i], i === last ? cb : undefined);
       this.socket.uncork();
     }
+    this.watchStall();
     return true;
   }
 
@@ -213,6 +316,11 @@ export class SocketWriter {
     this.waiters = [];
     for (const w of ws) w();
   }
+}
+
+/** A copy of `b` when it is a view of a buffer more than twice its size, else `b`. */
+function unpin(b: Buffer): Buffer {
+  return b.length > 0 && b.buffer.byteLength > 2 * b.length ? Buffer.from(b) : b;
 }
 
 /** Truncates a string to at most `maxBytes` of UTF-8 without splitting a character. */

@@ -86,7 +86,8 @@ describe('backy2 repositories imported in place', () => {
     // The blobs were not copied: storage holds backy2's six blob files and the metadata objects, nothing else.
     const files = [...treeHashes(b2.data).keys()];
     assert.equal(files.filter((f) => f.endsWith('.blob')).length, 6);
-    assert.deepEqual(files.filter((f) => !f.endsWith('.blob') && !f.startsWith('meta/blobs/')).sort(), ['meta/repository', ...R1.map((v) => `meta/versions/${v.uid}`)].sort());
+    assert.deepEqual(files.filter((f) => !f.endsWith('.blob') && !f.startsWith('meta/blobs/')).sort(),
+      ['backy-repository.json', 'meta/keys/1', 'meta/repository', ...R1.map((v) => `meta/versions/${v.uid}`)].sort());
     assert.equal(files.filter((f) => f.startsWith('meta/blobs/')).length, 2, 'a pack of blob details for each version that brought new blobs');
     const again = await repo.ok(['-m', 'import-backy2', b2.cfg]);
     assert.deepEqual(rows(again).map((r) => r.result), ['skipped', 'skipped']);

@@ -272,7 +272,11 @@ describe('kill -9 and continue', () => {
     const img = path.join(repo.dir, 'kill.img');
     writeImage(img, 24 * BS + 999, 'random');
     const child = spawn(process.execPath, [BACKY, '-c', repo.cfg, 'backup', `file://${img}`, 'kill'], { stdio: 'ignore' });
-    await new Promise((res) => setTimeout(res, 2500));
+    // Kill once some blocks are stored (not after a fixed time: a loaded machine may not have started yet),
+    // and while most are still to do (16 MiB/s: about 6 of 25 blocks per second).
+    const blobs = () => countFiles(path.join(repo.dir, 'data'));
+    for (let i = 0; i < 600 && blobs() < 3; i++) await new Promise((res) => setTimeout(res, 50));
+    assert.ok(blobs() >= 3 && blobs() < 20, `killed mid-backup (${blobs()} blobs stored)`);
     child.kill('SIGKILL');
     await new Promise((res) => child.on('close', res));
     const v = JSON.parse((await repo.ok(['--json', 'ls', 'kill'])).stdout)[0];
@@ -339,3 +343,12 @@ describe('interrupting a backup', () => {
     assert.equal(sha256File(out), sha256File(img));
   });
 });
+
+/** Regular files below `dir` whose names look like blobs (not temporary files, not the marker). */
+function countFiles(dir: string): number {
+  let n = 0;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile() && /^[0-9a-f]{32}$/.test(e.name)) n++;
+  }
+  return n;
+}

@@ -124,7 +124,7 @@ describe('backup and restore round trips', () => {
     await repo.ok(['expire', uid, '2001-02-03']);
     await repo.ok(['protect', uid]);
     const row = JSON.parse((await repo.ok(['--json', 'ls', 'tagged'])).stdout)[0];
-    assert.equal(row.tags, 'b');
+    assert.equal(row.tags, 'b,b_daily,b_monthly,b_weekly', 'b besides the automatic tags of a first backup');
     assert.equal(row.protected, true);
     assert.equal(row.expire, '2001-02-03T00:00:00.000Z');
     assert.equal(JSON.parse((await repo.ok(['--json', 'ls', '-e'])).stdout).length, 1, 'listed as expired');

@@ -143,15 +143,18 @@ describe('backy mount', () => {
 
     // Info files follow the database: a tag added while mounted shows up despite the kernel's page cache.
     const tagsFile = path.join(dir, 'by_version_uid', odd.uid, 'tags');
-    assert.equal((await run('cat', [tagsFile])).stdout.toString(), '\n');
+    // The backup gave the version automatic tags (b_daily ...): the file lists them, sorted.
+    const autoTags: string[] = JSON.parse((await repo.ok(['--json', 'ls', '-f', 'uid,tags'])).stdout).find((v: { uid: string }) => v.uid === odd.uid).tags.split(',').filter(Boolean);
+    const tagLine = (extra: string[]) => `${[...autoTags, ...extra].sort().join(',')}\n`;
+    assert.equal((await run('cat', [tagsFile])).stdout.toString(), tagLine([]));
     await repo.ok(['add-tag', odd.uid, 'weekly,keep']);
-    const tagged = await waitFor(async () => (await run('cat', [tagsFile])).stdout.toString() === 'keep,weekly\n', 5000);
+    const tagged = await waitFor(async () => (await run('cat', [tagsFile])).stdout.toString() === tagLine(['keep', 'weekly']), 5000);
     assert.ok(tagged, `tags file: ${JSON.stringify((await run('cat', [tagsFile])).stdout.toString())}`);
     // Same size, new content: only the changed mtime tells the kernel its cached page is stale.
     await repo.ok(['remove-tag', odd.uid, 'weekly']);
     await repo.ok(['add-tag', odd.uid, 'yearly']);
     // (Without the new mtime the kernel kept serving the old page for about 4 s here.)
-    const retagged = await waitFor(async () => (await run('cat', [tagsFile])).stdout.toString() === 'keep,yearly\n', 2000);
+    const retagged = await waitFor(async () => (await run('cat', [tagsFile])).stdout.toString() === tagLine(['keep', 'yearly']), 2000);
     assert.ok(retagged, `tags file: ${JSON.stringify((await run('cat', [tagsFile])).stdout.toString())}`);
 
     // A version added while mounted appears; one removed disappears (within about a second).
@@ -164,22 +167,23 @@ describe('backy mount', () => {
     const extraImg = path.join(dir, 'by_version_uid', extra, 'added%2Flater.img');
     assert.equal(await sha256sum(extraImg), fileHash(extraFile));
 
-    // An image open while its version is removed: reads go on (data still in storage) or fail with EIO.
+    // An open image holds its version: rm is refused until it is closed; then the version disappears.
     const fh = await fsp.open(extraImg, 'r');
     try {
-      await repo.ok(['rm', '-f', extra]);
-      const gone = await waitFor(async () => !(await fsp.readdir(path.join(dir, 'by_version_uid'))).includes(extra), 5000);
-      assert.ok(gone, 'removed version no longer listed');
+      const refused = await repo.run(['rm', '-f', extra]);
+      assert.equal(refused.code, 100, refused.stderr);
+      assert.match(refused.stderr, new RegExp(`open image of ${extra} holds it \\(pid ${m.pid} `));
       const buf = Buffer.alloc(MiB);
-      try {
-        const { bytesRead } = await fh.read(buf, 0, MiB, 2 * MiB);
-        assert.equal(sha256(buf.subarray(0, bytesRead)), sha256(fs.readFileSync(extraFile).subarray(2 * MiB, 2 * MiB + bytesRead)));
-      } catch (e) {
-        assert.equal((e as NodeJS.ErrnoException).code, 'EIO');
-      }
+      const { bytesRead } = await fh.read(buf, 0, MiB, 2 * MiB);
+      assert.equal(sha256(buf.subarray(0, bytesRead)), sha256(fs.readFileSync(extraFile).subarray(2 * MiB, 2 * MiB + bytesRead)));
     } finally {
       await fh.close();
     }
+    // The release reaches the mount asynchronously.
+    const removed = await waitFor(async () => (await repo.run(['rm', '-f', extra])).code === 0, 10_000, 200);
+    assert.ok(removed, 'rm works once the image is closed');
+    const gone = await waitFor(async () => !(await fsp.readdir(path.join(dir, 'by_version_uid'))).includes(extra), 5000);
+    assert.ok(gone, 'removed version no longer listed');
     // The mount is unharmed.
     assert.equal(await sha256sum(byName), odd.hash);
     await stopCleanly(m, 'SIGTERM');
@@ -250,7 +254,7 @@ describe('backy mount', () => {
       const data = fs.readFileSync(file);
       const uid = (await bad.ok(['backup', `file://${file}`, 'four'])).stdout.trim();
       const blobs = (await fsp.readdir(path.join(bad.dir, 'data'), { recursive: true, withFileTypes: true }))
-        .filter((d) => d.isFile()).map((d) => path.join(d.parentPath, d.name)).sort();
+        .filter((d) => d.isFile() && d.name !== 'backy-repository.json').map((d) => path.join(d.parentPath, d.name)).sort();
       assert.equal(blobs.length, 4);
       fs.rmSync(blobs[0]);
       const fd = fs.openSync(blobs[1], 'r+');

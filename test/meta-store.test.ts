@@ -9,11 +9,14 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { HOLE, MAP_CHUNK, PENDING, blockCount, chunkCount } from '../src/meta/block-map';
+import { Worker } from 'node:worker_threads';
+import { HOLE, MAP_CHUNK, PENDING, blockCount, chunkCount, decodeChunk as decodeChunkOf } from '../src/meta/block-map';
 import { createMetaStore } from '../src/meta/open';
-import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, VersionRow } from '../src/meta/types';
-import { DatabaseError } from '../src/util/errors';
+import { chunkDigest } from '../src/meta/map-summary';
 import { SCHEMA_VERSION } from '../src/meta/schema';
+import Database from 'better-sqlite3';
+import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, ProtectedError, VersionRow } from '../src/meta/types';
+import { DatabaseError } from '../src/util/errors';
 import { processStart } from '../src/util/process-info';
 import { startPostgres, TestPostgres } from './helpers/postgres';
 
@@ -45,6 +48,45 @@ async function fullMap(store: MetaStore, v: VersionRow): Promise<number[]> {
   const blocks = blockCount(v.size, v.blockSize);
   for (let c = 0; c < chunkCount(blocks); c++) out.push(...(await store.readMapChunk(v.id, c)));
   return out;
+}
+
+/**
+ * Two threads with a connection each: per round, one tries to hold version `v<round>`, the other to remove it,
+ * released from a barrier at the same moment (a real race on either engine: SQLite's driver is synchronous,
+ * so two stores of one thread could never overlap). Returns what happened to each attempt.
+ */
+async function raceHoldsAndRemovals(url: string, rounds: number): Promise<{ hold: string; removal: string }[]> {
+  const barrier = new Int32Array(new SharedArrayBuffer(4 * (rounds + 1)));
+  const code = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const { createMetaStore } = require(workerData.open);
+    (async () => {
+      const store = createMetaStore(workerData.url);
+      await store.open();
+      const out = [];
+      for (let round = 0; round < workerData.rounds; round++) {
+        const info = { session: workerData.role + '-' + round, host: require('node:os').hostname(), pid: process.pid, pidStart: '', what: workerData.role };
+        Atomics.add(workerData.barrier, round, 1);
+        while (Atomics.load(workerData.barrier, round) < 2) Atomics.wait(workerData.barrier, round, 1, 5);
+        const uid = 'v' + round;
+        const holder = workerData.role === 'hold'
+          ? await store.tryLock('hold:' + uid + ':' + info.session, info, ['remove:' + uid])
+          : await store.tryLock('remove:' + uid, info, ['hold:' + uid + ':*']);
+        out.push(holder ? 'refused by ' + holder.what : 'taken');
+      }
+      // Closing releases this side's locks: only once the other side is done too.
+      Atomics.add(workerData.barrier, workerData.rounds, 1);
+      while (Atomics.load(workerData.barrier, workerData.rounds) < 2) await new Promise((r) => setTimeout(r, 5));
+      await store.close();
+      parentPort.postMessage(out);
+    })().catch((e) => parentPort.postMessage({ error: e.message }));`;
+  const run = (role: string) => new Promise<string[]>((resolve, reject) => {
+    const w = new Worker(code, { eval: true, workerData: { url, rounds, role, barrier, open: path.resolve(__dirname, '../src/meta/open.js') } });
+    w.once('message', (m) => (Array.isArray(m) ? resolve(m) : reject(new Error(m.error))));
+    w.once('error', reject);
+  });
+  const [holds, removals] = await Promise.all([run('hold'), run('removal')]);
+  return holds.map((hold, k) => ({ hold, removal: removals[k] }));
 }
 
 interface Engine {
@@ -283,6 +325,38 @@ for (const engine of engines) {
       assert.equal((await store.listVersions()).length, 0);
     });
 
+    test('removal refuses a protected version in its own transaction; updates of a removed version say so', async () => {
+      const { store, another } = await fresh();
+      const other = await another();
+      const v = await store.createVersion(newVersion(BS));
+      // Another process protects the version after this one has read it unprotected.
+      assert.equal((await store.getVersion(v.uid))!.protected, false);
+      assert.equal(await other.updateVersion(v.id, { protected: true }), true);
+      await assert.rejects(store.removeVersion(v.id), (e: Error) => e instanceof ProtectedError && /is protected/.test(e.message));
+      assert.ok(await store.getVersion(v.uid));
+      assert.equal(await other.updateVersion(v.id, { protected: false }), true);
+      assert.equal(await store.removeVersion(v.id), true);
+      assert.equal(await other.updateVersion(v.id, { protected: true }), false);
+      assert.equal(await other.updateVersion(v.id, {}), false);
+      assert.equal(await store.removeVersion(v.id), false);
+    });
+
+    test('a hold and a removal of one version, started at the same moment: exactly one of them wins', async () => {
+      const { url, store } = await fresh();
+      await store.close(); // the two racing connections are the workers'
+      const rounds = 60;
+      const outcome = await raceHoldsAndRemovals(url, rounds);
+      const wins = { hold: 0, removal: 0 };
+      for (let round = 0; round < rounds; round++) {
+        const { hold, removal } = outcome[round];
+        assert.ok((hold === 'taken') !== (removal === 'taken'), `round ${round}: hold ${hold}, removal ${removal}`);
+        if (hold === 'taken') wins.hold++;
+        else wins.removal++;
+      }
+      // Both orders happened: the attempts really overlapped.
+      assert.ok(wins.hold > 0 && wins.removal > 0, `holds won ${wins.hold} times, removals ${wins.removal} times`);
+    });
+
     test('cleanup with grace: removal stamps, blobs wait, then are deleted; referenced blobs are never marked', async () => {
       const { store } = await fresh();
       const keep = await store.createVersion(newVersion(4 * BS));
@@ -515,6 +589,103 @@ for (const engine of engines) {
       assert.equal(list[5].size, 4 * 1024 ** 3);
       assert.ok(ms < 1000, `listVersions took ${ms.toFixed(0)} ms`);
       console.log(`# ${engine.name}: created 10,000 versions in ${created} ms, listed in ${ms.toFixed(0)} ms`);
+    });
+
+    /** Runs SQL directly on the store's database (to look behind the interface). */
+    async function sql(url: string, statement: string): Promise<Record<string, unknown>[]> {
+      if (engine.name === 'postgresql') return pg!.query(statement, [], url.split('/').pop());
+      const db = new Database(url.slice('sqlite:///'.length));
+      try {
+        const st = db.prepare(statement);
+        return st.reader ? (st.all() as Record<string, unknown>[]) : (st.run(), []);
+      } finally {
+        db.close();
+      }
+    }
+
+    test('mapUsage: versions as counts of distinct chunks, kept for complete versions, blob sizes; schema 1 migrates', async () => {
+      const { url, store } = await fresh();
+      const n = 3 * MAP_CHUNK + 7;
+      // v1: chunk 0 all holes, chunk 1 the same 4 blocks over and over, chunks 2 and 3 distinct blocks.
+      const v1 = await store.createVersion(newVersion(n * BS - 100));
+      const entries: BlockEntry[] = [];
+      for (let i = 0; i < n; i++) entries.push(i < MAP_CHUNK ? { index: i, zero: true } : i < 2 * MAP_CHUNK ? data(i, `r${i % 4}`) : data(i, `u${i}`, i === n - 1 ? BS - 100 : BS));
+      const r1 = await store.recordBlocks(v1.id, 's1', entries);
+      await store.markUploaded([...new Set(r1.map((r) => r.blobId))].map((id) => ({ id, storedSize: 100 + id })));
+      await store.updateVersion(v1.id, { complete: true, valid: true });
+      // v2: a copy of v1 with one block of chunk 2 changed; v3: running, a hole and a pending rest.
+      const v2 = await store.createVersion(newVersion(n * BS - 100), { versionId: v1.id, pending: [2 * MAP_CHUNK + 5] });
+      const r2 = await store.recordBlocks(v2.id, 's2', [data(2 * MAP_CHUNK + 5, 'changed')]);
+      await store.markUploaded([{ id: r2[0].blobId, storedSize: 7 }]);
+      await store.updateVersion(v2.id, { complete: true, valid: true });
+      const v3 = await store.createVersion(newVersion(10 * BS));
+      await store.recordBlocks(v3.id, 's3', [{ index: 0, zero: true }, data(1, 'r1')]);
+
+      /** The summary and contents agree with every chunk read one by one. */
+      async function check(usage: Awaited<ReturnType<MetaStore['mapUsage']>>, v: VersionRow): Promise<void> {
+        const s = usage.summaries.get(v.id)!;
+        assert.ok(s, `summary of ${v.uid}`);
+        const fromChunks = new Map<string, number>();
+        for (let c = 0; c < chunkCount(blockCount(v.size, v.blockSize)); c++) {
+          const k = JSON.stringify([...(await store.readMapChunk(v.id, c))]);
+          fromChunks.set(k, (fromChunks.get(k) ?? 0) + 1);
+        }
+        const fromSummary = new Map<string, number>();
+        for (const ch of s.chunks) {
+          const raw = usage.contents.get(ch.digest)!;
+          assert.equal(chunkDigest(raw), ch.digest);
+          const k = JSON.stringify([...(await store.readMapChunk(v.id, ch.chunk))]);
+          assert.equal(k, JSON.stringify([...decodeChunkOf(raw)]), 'the first chunk named has that content');
+          fromSummary.set(k, ch.count);
+        }
+        assert.deepEqual(fromSummary, fromChunks);
+        const lastChunk = chunkCount(blockCount(v.size, v.blockSize)) - 1;
+        assert.equal(JSON.stringify([...decodeChunkOf(usage.contents.get(s.last)!)]), JSON.stringify([...(await store.readMapChunk(v.id, lastChunk))]));
+      }
+      const usage = await store.mapUsage();
+      assert.deepEqual([...usage.summaries.keys()].sort(), [v1.id, v2.id, v3.id].sort());
+      for (const v of [v1, v2, v3]) await check(usage, v);
+      const s1 = usage.summaries.get(v1.id)!;
+      const s2 = usage.summaries.get(v2.id)!;
+      assert.equal(s1.chunks.length, 4);
+      assert.deepEqual(s2.chunks.map((c) => c.digest).filter((d) => !s1.chunks.some((x) => x.digest === d)).length, 1, 'v2 shares 3 of its 4 chunks with v1');
+      assert.equal(usage.contents.size, 4 + 1 + 1, 'v1: 4, v2: 1 more, v3: its one chunk');
+      const sizes = new Map([...usage.blobs.ids].map((id, k) => [id, [usage.blobs.sizes[k], usage.blobs.stored[k]]]));
+      assert.equal(sizes.size, 4 + (n - 2 * MAP_CHUNK) + 1);
+      assert.deepEqual(sizes.get(r2[0].blobId), [BS, 7]);
+      assert.deepEqual(sizes.get(r1[r1.length - 1].blobId), [BS - 100, 100 + r1[r1.length - 1].blobId]);
+
+      // Complete versions have their summary stored; the running one not.
+      const stored = async () => (await sql(url, 'SELECT version_id FROM map_summaries ORDER BY version_id')).map((r) => Number(r.version_id));
+      assert.deepEqual(await stored(), [v1.id, v2.id]);
+      // Lost summaries (a database migrated from schema 1) are computed on first use, then kept.
+      await sql(url, 'DELETE FROM map_summaries');
+      const again = await store.mapUsage();
+      for (const v of [v1, v2, v3]) await check(again, v);
+      assert.deepEqual(await stored(), [v1.id, v2.id]);
+      // The running version completes: its summary follows its final map.
+      await store.recordBlocks(v3.id, 's3', Array.from({ length: 8 }, (_, k) => data(k + 2, `r${k % 4}`)));
+      await store.updateVersion(v3.id, { complete: true, valid: true });
+      await check(await store.mapUsage(), (await store.getVersion(v3.uid))!);
+      assert.deepEqual(await stored(), [v1.id, v2.id, v3.id]);
+      // Removing v1 (read through its summary: 4 of its chunks) stamps every blob it used and removes its
+      // summary; v2's chunks are still found (through v2).
+      await store.removeVersion(v1.id);
+      const stamped = new Set((await sql(url, 'SELECT id FROM blobs WHERE unref_since IS NOT NULL')).map((r) => Number(r.id)));
+      assert.deepEqual([...new Set(r1.map((r) => r.blobId))].filter((id) => !stamped.has(id)), [], 'every blob of v1 is stamped');
+      const after = await store.mapUsage();
+      assert.deepEqual(await stored(), [v2.id, v3.id]);
+      await check(after, v2);
+
+      // A database of schema 1 (no map_summaries) is migrated on open.
+      await sql(url, 'DROP TABLE map_summaries');
+      await sql(url, `UPDATE settings SET value = '1' WHERE key = 'schema_version'`);
+      const reopened = createMetaStore(url);
+      opened.push(reopened);
+      await reopened.open();
+      assert.equal(await reopened.getSetting('schema_version'), String(SCHEMA_VERSION));
+      await check(await reopened.mapUsage(), v2);
+      assert.deepEqual(await stored(), [v2.id, v3.id]);
     });
   });
 }

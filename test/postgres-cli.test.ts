@@ -65,7 +65,7 @@ function blockImage(file: string, blocks: number, content: (i: number) => string
   }
 }
 
-/** Blob objects under the data directory (temporary files and metadata objects under meta/ excluded). */
+/** Blob objects under the data directory (temporary files, the repository marker and metadata objects under meta/ excluded). */
 function storedObjects(repo: TestRepo): number {
   let n = 0;
   const root = path.join(repo.dir, 'data');
@@ -73,7 +73,7 @@ function storedObjects(repo: TestRepo): number {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       if (e.isDirectory() && d === root && e.name === 'meta') continue;
       if (e.isDirectory()) walk(path.join(d, e.name));
-      else if (!e.name.startsWith('.tmp.')) n++;
+      else if (!e.name.startsWith('.tmp.') && e.name !== 'backy-repository.json') n++;
     }
   };
   walk(root);

@@ -1,12 +1,15 @@
 import { randomUUID } from 'node:crypto';
 import { allocBlock } from '../codec/codec';
 import { encodedCapacity } from '../codec/blob-format';
-import { openSource, Source } from '../io/file';
+import { openSource } from '../io/registry';
+import type { ChangeSupplier, Source, TlsFiles } from '../io/types';
+import { ZeroBlocks } from '../io/zero-blocks';
 import { blockCount, chunkCount, HOLE, MAP_CHUNK, PENDING } from '../meta/block-map';
 import { BlobState, BlockEntry, ResolvedBlock, StatsRow, VersionRow } from '../meta/types';
 import { blobKey } from '../storage/types';
 import { BackyError, ExitCode, IoError, NotFoundError, SanityError } from '../util/errors';
 import { Coalescer } from '../util/coalescer';
+import { Semaphore } from '../util/semaphore';
 import { log } from '../util/log';
 import { sessionId } from '../util/process-info';
 import { Progress } from '../util/progress';
@@ -14,8 +17,10 @@ import { JobRunner } from '../util/job-runner';
 import { randomSample } from '../util/random';
 import { readChunkWithBlobs } from '../meta/map-reader';
 import { formatBytes } from '../config/size';
-import { Hint, hintedBlocks } from './hints';
+import { bitmapChanges, Hint, hintChanges, hintedBlocks } from './hints';
 import { LOCKS, Repository } from './repository';
+import { autoTags, tagsForLog } from './lifecycle/auto-tags';
+import { now } from '../util/clock';
 
 export interface BackupOptions {
   source: string;
@@ -27,9 +32,22 @@ export interface BackupOptions {
   baseUid?: string;
   /** -r: only these ranges changed since the base */
   hints?: Hint[];
+  /** --bitmap: the source's dirty bitmap says what changed since the base */
+  bitmap?: string;
+  /** any other supplier of changed ranges (instead of hints or bitmap) */
+  changes?: ChangeSupplier;
+  /** credentials for nbds:// sources */
+  tls?: TlsFiles;
   /** -c: continue this interrupted version */
   continueUid?: string;
   quiet?: boolean;
+  /** Reads from this source instead of opening `source` as a URL (which then only names it in messages). */
+  openSource?: () => Promise<Source>;
+  /**
+   * The changed ranges are exact by construction (an overlay's own map of what was written): no sample of
+   * unchanged blocks is compared with the base, so nothing but the changed blocks is read.
+   */
+  exactChanges?: boolean;
 }
 
 export interface BackupResult {
@@ -52,7 +70,9 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const session = sessionId();
   void repo.codec; // start the worker threads now: they boot while the version is prepared
   await repo.lock(LOCKS.backup(session), `backup of ${opts.name}`, [LOCKS.fullCleanup]);
-  const source = await openSource(opts.source);
+  if (opts.hints && opts.bitmap) throw new BackyError('hints (-r) and --bitmap exclude each other: give one of them');
+  if (opts.bitmap && !opts.baseUid && !opts.continueUid) throw new BackyError('--bitmap needs a base version (-f): the bitmap says what changed since then');
+  const source = opts.openSource ? await opts.openSource() : await openSource(opts.source, { bitmap: opts.continueUid ? undefined : opts.bitmap, tls: opts.tls });
   try {
     const { version, todo } = await prepareVersion(repo, source, opts);
     log.info(`backup of ${source.url} (${formatBytes(source.size)}) into version ${version.uid}` +
@@ -86,6 +106,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
       `${formatBytes(row.bytesRead)} read, ${formatBytes(row.bytesWritten)} stored in ${row.blocksWritten} new blobs, ` +
       `${row.blocksDedup} blocks deduplicated, ${row.blocksSparse} sparse, ${secs.toFixed(1)} s, ` +
       `${formatBytes(version.size / secs)}/s`);
+    log.info(`New ${valid ? '' : 'invalid '}version: ${version.uid} (Tags: [${tagsForLog(version.tags)}])`);
     return { uid: version.uid, stats: row };
   } finally {
     await source.close().catch(() => undefined);
@@ -113,22 +134,27 @@ async function prepareVersion(repo: Repository, source: Source, opts: BackupOpti
   }
   const blocks = blockCount(source.size, blockSize);
   let pending: number[] | undefined;
-  if (base && opts.hints) {
+  const changes = opts.changes ?? (opts.hints ? hintChanges(opts.hints) : opts.bitmap ? bitmapChanges(opts.bitmap) : undefined);
+  if (base && changes) {
     const baseBlocks = blockCount(base.size, base.blockSize);
-    const hinted = hintedBlocks(opts.hints, blockSize, blocks);
+    const hinted = hintedBlocks(await changes.ranges(source), blockSize, blocks);
     for (let i = baseBlocks; i < blocks; i++) hinted.add(i);
     // The last block of the base may be shorter than a full block: if the image grew, it changed too.
     if (base.size !== source.size && baseBlocks > 0) hinted.add(baseBlocks - 1);
-    await sanityCheck(repo, source, base, hinted, blocks);
+    if (!opts.exactChanges) await sanityCheck(repo, source, base, hinted, blocks, changes.describe);
     pending = [...hinted].filter((i) => i < blocks).sort((a, b) => a - b);
+    log.info(`${changes.describe}: ${pending.length} of ${blocks} blocks changed since base ${base.uid}`);
   } else if (opts.hints) {
     throw new BackyError('hints (-r) need a base version (-f)');
   }
 
   const uid = randomUUID();
+  const date = now();
+  // No -t: backy2's automatic tags (b_daily, b_weekly, b_monthly).
+  const tags = opts.tags.length ? opts.tags : autoTags(await meta.listVersions(), opts.name, date);
   const version = await meta.createVersion({
-    uid, name: opts.name, snapshotName: opts.snapshotName, date: Date.now(), size: source.size, blockSize,
-    expire: opts.expire, baseUid: base?.uid ?? null, tags: opts.tags,
+    uid, name: opts.name, snapshotName: opts.snapshotName, date, size: source.size, blockSize,
+    expire: opts.expire, baseUid: base?.uid ?? null, tags,
   }, base && pending ? { versionId: base.id, pending } : undefined);
   await repo.lock(LOCKS.version(uid), `backup of ${uid}`);
   const todo = pending ?? Array.from({ length: blocks }, (_, i) => i);
@@ -160,7 +186,7 @@ async function unfinishedBlocks(repo: Repository, v: VersionRow): Promise<number
 }
 
 /** Compares unhinted blocks of the source with the base: if any differs, the hints are wrong (exit 5). */
-async function sanityCheck(repo: Repository, source: Source, base: VersionRow, hinted: Set<number>, blocks: number): Promise<void> {
+async function sanityCheck(repo: Repository, source: Source, base: VersionRow, hinted: Set<number>, blocks: number, what: string): Promise<void> {
   const baseBlocks = blockCount(base.size, base.blockSize);
   const candidates: number[] = [];
   for (let i = 0; i < Math.min(blocks, baseBlocks); i++) if (!hinted.has(i)) candidates.push(i);
@@ -175,10 +201,10 @@ async function sanityCheck(repo: Repository, source: Source, base: VersionRow, h
     const slot = await dev.slot(i);
     const same = s.zero ? slot.kind === 'hole' : slot.kind === 'data' && slot.ref.checksum.equals(s.sum!);
     if (!same) {
-      throw new SanityError(`differential backup stopped: block at offset ${i * base.blockSize} differs from base ${base.uid} although the hints say it did not change`);
+      throw new SanityError(`differential backup stopped: block at offset ${i * base.blockSize} differs from base ${base.uid} although ${what} ${what === 'the hints' ? 'say' : 'says'} it did not change`);
     }
   }
-  log.info(`sanity check: ${sample.length} unhinted blocks match base ${base.uid}`);
+  log.info(`sanity check: ${sample.length} unchanged blocks match base ${base.uid}`);
 }
 
 type Counters = Omit<StatsRow, 'date' | 'versionUid' | 'versionName' | 'versionSizeBytes' | 'versionSizeBlocks' | 'durationSeconds'>;
@@ -208,6 +234,16 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
   // allocation, so memory stays at `inflight` blocks however long the image.
   const free: Buffer[] = [];
   const freeOut: Buffer[] = [];
+  // A source that knows its holes (NBD base:allocation): blocks that are all hole are recorded without reading.
+  const holes = source.extents ? new ZeroBlocks(source as Source & Required<Pick<Source, 'extents'>>, bs) : undefined;
+  // A network source answers faster with several reads in flight; a local file reads best in order, one at a
+  // time, ahead of the workers.
+  const reads = source.parallelReads > 1 ? new Semaphore(source.parallelReads) : undefined;
+  const recordHole = async (index: number, len: number) => {
+    await recorder.push({ index, zero: true });
+    c.blocksSparse++;
+    c.bytesSparse += len;
+  };
 
   const processBlock = async (index: number, buf: Buffer, len: number): Promise<void> => {
     const scan = await codec.scan(buf, len);
@@ -249,7 +285,27 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
         break;
       }
       const len = lenOf(index);
+      let hole = false;
+      try {
+        hole = !!holes && (await holes.isZero(index));
+      } catch (e) {
+        jobs.release();
+        throw e;
+      }
+      if (hole) {
+        jobs.start(() => recordHole(index, len), () => progress.add(len));
+        continue;
+      }
       const buf = free.pop() ?? allocBlock(bs);
+      if (reads) {
+        jobs.start(async () => {
+          await reads.use(() => source.read(buf, index * bs, len));
+          c.bytesRead += len;
+          c.blocksRead++;
+          await processBlock(index, buf, len);
+        }, () => progress.add(len));
+        continue;
+      }
       try {
         await source.read(buf, index * bs, len);
       } catch (e) {

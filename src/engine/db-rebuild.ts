@@ -9,7 +9,9 @@ import { BackyError, ConfigError, errorLine, StorageError, WrongKeyError } from 
 import { JobRunner } from '../util/job-runner';
 import { log } from '../util/log';
 import { Progress } from '../util/progress';
+import { randomUUID } from 'node:crypto';
 import { kekSetting, keyCheckValue, LOCKS, Repository } from './repository';
+import { initialSettings, MARKER_NAME, SETTING } from './repository-settings';
 import { MetadataObjectError, RepositoryInfo, StorageMeta } from './storage-meta';
 
 export interface RebuildResult {
@@ -26,11 +28,21 @@ export interface RebuildResult {
  * empty database is filled; the records written back count as up to date.
  */
 export async function rebuildDatabase(cfg: Config, opts: { quiet?: boolean } = {}): Promise<RebuildResult> {
-  await checkStorageSettings(cfg);
+  const info = await checkStorageSettings(cfg);
   const meta = createMetaStore(cfg.metaEngine);
   const store = createBlobStore(cfg);
   try {
-    if (!(await meta.initdb())) {
+    // The settings fixed when the repository was created, its id above all: its data directory's marker names it.
+    const marker = await store.readMarker?.();
+    let markerId: string | undefined;
+    try {
+      markerId = marker ? String((JSON.parse(marker) as { repository?: unknown }).repository ?? '') || undefined : undefined;
+    } catch {
+      markerId = undefined;
+    }
+    const settings = initialSettings(cfg, info?.repositoryId ?? markerId ?? randomUUID());
+    if (marker !== undefined) settings[SETTING.dataMarker] = MARKER_NAME;
+    if (!(await meta.initdb(settings))) {
       await meta.open();
       if (!(await meta.isEmpty())) {
         throw new BackyError(`database ${meta.description} is not empty: db-rebuild only fills an empty database (move this one away or point [MetaBackend] engine at a new one)`);
@@ -52,7 +64,7 @@ export async function rebuildDatabase(cfg: Config, opts: { quiet?: boolean } = {
 }
 
 /** Refuses a configuration that disagrees with the repository object in storage (hash, encryption, key). */
-export async function checkStorageSettings(cfg: Config): Promise<void> {
+export async function checkStorageSettings(cfg: Config): Promise<RepositoryInfo | undefined> {
   const store = createBlobStore(cfg);
   try {
     await store.check();
@@ -65,11 +77,12 @@ export async function checkStorageSettings(cfg: Config): Promise<void> {
     }
     if (!info) {
       log.warn('storage holds no repository object (a repository never used after its initdb?): using the configuration\'s settings');
-      return;
+      return undefined;
     }
     if (info.hashFunction !== cfg.hashFunction) throw new ConfigError(`the repository in storage uses hash_function ${info.hashFunction}, the configuration says ${cfg.hashFunction}`);
     if (info.encryption !== cfg.encryption) throw new ConfigError(`the repository in storage uses encryption ${info.encryption}, the configuration says ${cfg.encryption}`);
     if (info.keyCheck && cfg.encryptionKey && info.keyCheck !== keyCheckValue(cfg.encryptionKey)) throw new WrongKeyError();
+    return info;
   } finally {
     await store.close();
   }

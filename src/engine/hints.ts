@@ -1,12 +1,9 @@
 import * as fs from 'node:fs';
+import type { ChangedRange, ChangeSupplier } from '../io/types';
 import { IoError } from '../util/errors';
 
-export interface Hint {
-  offset: number;
-  length: number;
-  /** false: the range was discarded (reads as zeroes now); it changed all the same */
-  exists: boolean;
-}
+/** A range rbd diff reports as changed. */
+export type Hint = ChangedRange;
 
 /**
  * Parses the output of `rbd diff --format=json`: an array of {offset, length, exists} with exists as a
@@ -42,8 +39,24 @@ export function readHints(file: string): Hint[] {
   return parseHints(text, file);
 }
 
-/** Block indices touched by the hints. */
-export function hintedBlocks(hints: Hint[], blockSize: number, blocks: number): Set<number> {
+/** rbd diff output as a supplier of changed ranges. */
+export function hintChanges(hints: Hint[]): ChangeSupplier {
+  return { describe: 'the hints', ranges: async () => hints };
+}
+
+/** The source's own dirty bitmap (a QEMU bitmap over NBD) as a supplier of changed ranges. */
+export function bitmapChanges(name: string): ChangeSupplier {
+  return {
+    describe: `dirty bitmap ${name}`,
+    async ranges(source) {
+      if (!source.changedRanges) throw new IoError(`${source.url} has no dirty bitmap ${name}`);
+      return source.changedRanges();
+    },
+  };
+}
+
+/** Block indices touched by changed ranges. */
+export function hintedBlocks(hints: ChangedRange[], blockSize: number, blocks: number): Set<number> {
   const out = new Set<number>();
   for (const h of hints) {
     if (h.length === 0) continue;

@@ -1,29 +1,37 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { NbdAddress, NbdListenOptions, NbdServer } from '../../nbd/server';
+import type { NbdTlsOptions } from '../../nbd/tls';
 import { formatBytes } from '../config/size';
+import { FailureLog } from '../device/failure-log';
 import { PassThroughDevice } from '../device/pass-through';
 import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
 import { ConfigError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { VersionCatalogue } from './catalogue';
+import { OverlayCatalogue, useOverlays } from './writable-exports';
 import type { Repository } from './repository';
 
 export interface NbdServiceOptions {
   listen: NbdListenOptions;
-  /**
-   * -r was given. Only read-only serving exists so far; without -r the exports are read-only all the same,
-   * and the log says so (a later writable mode will give the flag its meaning).
-   */
+  /** -r was given: every export read-only (cannot be combined with `writable`). */
   readOnly: boolean;
+  /** -w: writable exports, each `UID[:OVERLAY_NAME]` or the name of an existing overlay (see overlays.ts). */
+  writable?: string[];
   /** How long a stop waits for requests in flight before it drops connections. */
   stopTimeoutMs?: number;
+  /** TLS offered or required (STARTTLS). */
+  tls?: NbdTlsOptions;
+  maxConnections?: number;
+  handshakeTimeoutMs?: number;
+  replyTimeoutMs?: number;
 }
 
-/** `nbd://host:port` or `nbd+unix:///?socket=path`: what to tell the user to connect to. */
-export function describeAddress(a: NbdAddress): string {
-  if ('path' in a) return `nbd+unix:///?socket=${a.path}`;
-  return `nbd://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+/** `nbd://host:port` or `nbd+unix:///?socket=path` (nbds... with TLS): what to tell the user to connect to. */
+export function describeAddress(a: NbdAddress, tls = false): string {
+  const s = tls ? 's' : '';
+  if ('path' in a) return `nbd${s}+unix:///?socket=${a.path}`;
+  return `nbd${s}://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
 }
 
 /**
@@ -39,16 +47,29 @@ export class NbdService {
   ) {}
 
   static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
-    const catalogue = new LoggingCatalogue(new VersionCatalogue(repo));
+    const overlays = opts.writable?.length ? await useOverlays(repo, opts.writable, 'a writable NBD export') : [];
+    const versions = new VersionCatalogue(repo);
+    const catalogue = new LoggingCatalogue(overlays.length ? new OverlayCatalogue(versions, overlays) : versions);
     let starting = true;
-    const server = new NbdServer({
-      catalogue,
-      readOnly: true,
-      // A failed listen is reported once, by the error thrown below, not also as a server error line.
-      log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
-      debug: (line) => log.debug(line),
-      closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
-    });
+    let server: NbdServer;
+    try {
+      server = new NbdServer({
+        catalogue,
+        // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
+        readOnly: overlays.length === 0,
+        tls: opts.tls,
+        maxConnections: opts.maxConnections,
+        handshakeTimeoutMs: opts.handshakeTimeoutMs,
+        replyTimeoutMs: opts.replyTimeoutMs,
+        // A failed listen is reported once, by the error thrown below, not also as a server error line.
+        log: (line) => (starting && /^nbd: server error:/.test(line) ? undefined : serverLog(line)),
+        debug: (line) => log.debug(line),
+        closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
+      });
+    } catch (e) {
+      // An unusable certificate or key (OpenSSL says why).
+      throw new ConfigError(`cannot set up TLS: ${errorLine(e)}`);
+    }
     if ('path' in opts.listen) await removeStaleSocket(opts.listen.path);
     let address: NbdAddress;
     try {
@@ -60,10 +81,11 @@ export class NbdService {
     } finally {
       starting = false;
     }
-    if (!opts.readOnly) log.info('writable exports are not available yet: serving every version read-only');
-    const versions = (await repo.meta.listVersions()).length;
-    log.info(`serving ${versions} version${versions === 1 ? '' : 's'} read-only on ${describeAddress(address)} ` +
-      `(block cache ${formatBytes(repo.cfg.cacheSize)}); stop with SIGTERM or Ctrl-C`);
+    const count = (await repo.meta.listVersions()).length;
+    const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
+    const tlsNote = opts.tls ? (opts.tls.mode === 'require' ? ', TLS required' : ', TLS offered') : '';
+    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
+      `(block cache ${formatBytes(repo.cfg.cacheSize)}${tlsNote}); stop with SIGTERM or Ctrl-C`);
     return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
   }
 
@@ -114,9 +136,16 @@ function forceExit(): void {
  * so the server's own line about the same request only goes to the debug log; bad clients are warnings.
  */
 function serverLog(line: string): void {
-  if (/: (READ \d+\+\d+: device read|CACHE \d+\+\d+: prefetch failed)/.test(line)) log.debug(line);
-  else log.warn(line);
+  // A client that reconnects in a loop to send garbage, or reads a bad block again and again, must not flood
+  // the log: lines that differ only in the peer's address and in numbers are repeated once per interval,
+  // with a count.
+  const key = line.replace(/^nbd \S+/, 'nbd').replace(/\d+/g, '#');
+  if (/: (READ \d+\+\d+: device read|CACHE \d+\+\d+: prefetch failed)/.test(line)) serverDebug.report(key, line);
+  else serverWarnings.report(key, line);
 }
+
+const serverWarnings = new FailureLog((line) => log.warn(line));
+const serverDebug = new FailureLog((line) => log.debug(line));
 
 /** "address already in use (EADDRINUSE)" rather than Node's "listen EADDRINUSE: address already in use ::1:80". */
 function listenError(e: unknown): string {
@@ -150,7 +179,7 @@ async function removeStaleSocket(file: string): Promise<void> {
 class LoggingCatalogue implements ExportCatalogue {
   private seq = 0;
 
-  constructor(private readonly inner: VersionCatalogue) {}
+  constructor(private readonly inner: ExportCatalogue & Required<Pick<ExportCatalogue, 'exists'>>) {}
 
   list(): Promise<ExportInfo[]> {
     return this.inner.list();

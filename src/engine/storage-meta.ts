@@ -57,6 +57,8 @@ export interface RepositoryInfo {
   /** keyCheckValue of the key (encrypted repositories) */
   keyCheck?: string;
   created: number;
+  /** the repository's id (its data directory's marker names it) */
+  repositoryId?: string;
 }
 
 export class MetadataObjectError extends StorageError {}
@@ -220,7 +222,7 @@ export function versionObjectOf(record: VersionRecord, refs: { metaPack: string 
 export interface SyncContext {
   meta: MetaStore;
   storageMeta: StorageMeta;
-  repositoryInfo(): RepositoryInfo;
+  repositoryInfo(): Promise<RepositoryInfo>;
 }
 
 /** Puts the details of blobs that have no pack yet into new packs (and says so in the database). */
@@ -259,7 +261,7 @@ export async function syncStorageMeta(ctx: SyncContext): Promise<{ written: numb
   if (await meta.tryLock(SYNC_LOCK, info)) return done; // someone else is at it
   try {
     if (!hasRepoObject) {
-      await storageMeta.putRepository(ctx.repositoryInfo());
+      await storageMeta.putRepository(await ctx.repositoryInfo());
       await meta.setSettingIfAbsent(SYNCED_SETTING, String(Date.now()));
     }
     for (;;) {

@@ -1,10 +1,13 @@
 import { access, constants, readdir, realpath, stat } from 'node:fs/promises';
 import * as path from 'node:path';
 import { VersionCatalogue } from '../engine/catalogue';
+import { Overlay, resolveOverlaySpec } from '../engine/overlays';
+import { PassThroughDevice } from '../device/pass-through';
+import type { BlockDevice } from '../device/types';
 import type { Repository } from '../engine/repository';
 import { BackyError, errorLine, ExitCode, IoError } from '../util/errors';
 import { log } from '../util/log';
-import { FailureLog } from './failure-log';
+import { FailureLog } from '../device/failure-log';
 import { imageFileName } from './info-files';
 import { createFuse, FuseHandle } from './native';
 import { OpenImages } from './open-images';
@@ -30,6 +33,13 @@ export interface MountOptions {
   allowOther?: boolean;
   /** progress lines (stderr) */
   say?: (line: string) => void;
+  /** A read storage does not answer within this time fails with ETIMEDOUT (default 120 s). */
+  readTimeoutMs?: number;
+  /**
+   * `-w UID[:OVERLAY]` (or an existing overlay's name): the image is writable, its writes go to that
+   * copy-on-write overlay (see engine/overlays.ts), shared by every open of the image.
+   */
+  writable?: string;
 }
 
 /** Refuses a mount point that is missing, not a directory, already mounted on, or not empty. Returns its real path. */
@@ -104,6 +114,25 @@ function stopConditions(real: string): { stopped: Promise<string>; watch(): void
 }
 
 /**
+ * The overlay of a writable mount and its device, opened once: every open of the image shares it (what one
+ * writer wrote, all read); closing an open image does not close it.
+ */
+async function openWritableImage(repo: Repository, spec: string): Promise<{ overlay: Overlay; device: BlockDevice; close(): Promise<void> }> {
+  const { name, uid } = await resolveOverlaySpec(repo, spec);
+  const overlay = await Overlay.use(repo, name, 'a writable mount', uid);
+  const cow = await overlay.open(new VersionCatalogue(repo).device(overlay.base)).catch(async (e) => {
+    await overlay.release();
+    throw e;
+  });
+  const device = new (class extends PassThroughDevice {
+    override close(): Promise<void> {
+      return Promise.resolve();
+    }
+  })(cow);
+  return { overlay, device, close: () => cow.close() };
+}
+
+/**
  * `backy mount`: serves one version (`DIR/<name>.img` and info files) or all versions (`by_version_uid/`,
  * `by_name/`) read-only until SIGINT/SIGTERM/SIGHUP or until the mount is unmounted from outside, then
  * undoes everything (partition mounts, loop device, FUSE mount) and resolves.
@@ -114,30 +143,39 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   if (o.partitions && process.geteuid?.() !== 0) {
     throw new BackyError('--partitions needs root (loop devices and mount); without root, mount the version and run "losetup -r -P" and "mount -o ro" yourself');
   }
+  if (o.writable && o.uid) throw new BackyError('-w names the version to mount writable: give no other uid', ExitCode.USAGE);
   const dir = path.resolve(o.dir);
-  const version = o.uid ? await repo.version(o.uid) : undefined;
-  const real = await checkMountPoint(dir);
+  const writable = o.writable ? await openWritableImage(repo, o.writable) : undefined;
+  // A mounted version is held while mounted: rm of it is refused meanwhile.
+  const version = writable ? writable.overlay.base : o.uid ? (await repo.holdVersion(o.uid, `FUSE mount of ${o.uid}`)).version : undefined;
+  const real = await checkMountPoint(dir).catch(async (e) => {
+    await writable?.close();
+    throw e;
+  });
   await checkFuseDevice();
 
   const list = new VersionList(repo.meta, { only: version?.uid });
   const tree: Tree = version ? new SingleVersionTree(list, version) : new AllVersionsTree(list);
   const catalogue = new VersionCatalogue(repo);
-  const images = new OpenImages((v) => catalogue.device(v));
+  const images = new OpenImages((v) => writable?.device ?? catalogue.device(v));
   const failures = new FailureLog((line) => log.error(line));
   const ops = createOperations({
     tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,
     logFailure: (key, line) => failures.report(key, line),
+    readTimeoutMs: o.readTimeoutMs,
+    writable: !!writable,
   });
   const options = [
-    'ro', `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
+    // Writable: writes of up to 128 KiB per request (libfuse 2 sends 4 KiB pieces without big_writes).
+    ...(writable ? ['big_writes', `max_write=${MAX_READ}`] : ['ro']),
+    `fsname=backy${version ? `:${version.uid}` : ''}`, 'subtype=backy', 'default_permissions',
     // Images never change and keep their size and mtime, so their cached pages survive reopening; info
     // files get a new mtime when their content changes (VersionList.changed), which drops stale pages.
     'auto_cache',
     `max_read=${MAX_READ}`,
     ...(o.allowOther ? ['allow_other'] : []),
   ];
-  // Replies that take longer are answered ETIMEDOUT by fuse-native rather than hanging the reader forever.
-  const fuse = createFuse(dir, ops, options, { default: 30_000, read: 120_000 });
+  const fuse = createFuse(dir, ops, options);
 
   const stop = stopConditions(real);
   let attachment: LoopAttachment | undefined;
@@ -146,6 +184,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     await mountFuse(fuse, dir);
     stop.watch();
     say(version ? `mounted version ${version.uid} (${version.name}) at ${dir}: ${path.join(dir, imageFileName(version))}` : `mounted all versions at ${dir}`);
+    if (writable) say(`the image is writable: writes go to overlay ${writable.overlay.name} (kept until "backy overlay rm ${writable.overlay.name}"; "backy fixate ${writable.overlay.name}" makes a version of it)`);
     if (o.partitions && version) {
       const single = tree as SingleVersionTree;
       attachment = await LoopAttachment.attach(path.join(dir, imageFileName(version)), dir, {
@@ -162,6 +201,8 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     if (attachment) problems.push(...(await attachment.detach()));
     const stillMounted = (await readMounts().catch(() => [])).some((m) => m.mountPoint === real && m.fsType === FUSE_TYPE);
     if (stillMounted) await unmountFuse(fuse).catch((e) => problems.push(`cannot unmount ${dir}: ${errorLine(e)}`));
+    // After the unmount: nothing can write any more, and what was written is flushed into the overlay.
+    if (writable) await writable.close().catch((e) => problems.push(`cannot flush overlay ${writable.overlay.name}: ${errorLine(e)}`));
     stop.dispose();
   }
   if (problems.length) throw new BackyError(problems.join('; '));

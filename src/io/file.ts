@@ -2,7 +2,9 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { execFile } from 'node:child_process';
 import { IoError } from '../util/errors';
-import { parseIoUrl } from './url';
+import { log } from '../util/log';
+import { zeroes } from '../device/version-device';
+import type { Source, Target, TargetOptions } from './types';
 
 /** Size of a regular file or block device (block devices report 0 in stat; sysfs knows). */
 async function sizeOf(p: string, st: fs.Stats): Promise<number> {
@@ -21,16 +23,9 @@ async function sizeOf(p: string, st: fs.Stats): Promise<number> {
   throw new IoError(`${p} is neither a regular file nor a block device`);
 }
 
-export interface Source {
-  readonly url: string;
-  readonly size: number;
-  /** Reads exactly `length` bytes at `offset` into `buf`; a short read (source shrank) is an IoError. */
-  read(buf: Buffer, offset: number, length: number): Promise<void>;
-  close(): Promise<void>;
-}
+const errCode = (e: unknown) => (e as NodeJS.ErrnoException).code ?? (e as Error).message;
 
-export async function openSource(url: string): Promise<Source> {
-  const { path: p } = parseIoUrl(url);
+export async function openFileSource(p: string, url: string): Promise<Source> {
   let fh: fsp.FileHandle;
   try {
     fh = await fsp.open(p, 'r');
@@ -39,9 +34,15 @@ export async function openSource(url: string): Promise<Source> {
   }
   try {
     const size = await sizeOf(p, await fh.stat());
+    let bytesRead = 0;
     return {
       url,
       size,
+      // One reader: the kernel's readahead keeps a sequential file or device busy.
+      parallelReads: 1,
+      get bytesRead() {
+        return bytesRead;
+      },
       async read(buf, offset, length) {
         let done = 0;
         while (done < length) {
@@ -49,10 +50,11 @@ export async function openSource(url: string): Promise<Source> {
           try {
             ({ bytesRead: n } = await fh.read(buf, done, length - done, offset + done));
           } catch (e) {
-            throw new IoError(`cannot read source ${p} at offset ${offset + done}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+            throw new IoError(`cannot read source ${p} at offset ${offset + done}: ${errCode(e)}`);
           }
           if (n === 0) throw new IoError(`source ${p} ended at offset ${offset + done}, expected ${size} bytes (truncated while reading?)`);
           done += n;
+          bytesRead += n;
         }
       },
       close: () => fh.close(),
@@ -70,24 +72,13 @@ function preallocate(p: string, size: number): Promise<boolean> {
   });
 }
 
-export interface Target {
-  readonly url: string;
-  /** true for a regular file we created or truncated: unwritten ranges read as zeroes */
-  readonly zeroed: boolean;
-  /** true when holes need no write: a sparse file, or a file whose space was preallocated */
-  readonly holesDone: boolean;
-  write(buf: Buffer, offset: number): Promise<void>;
-  /** Reads back what was written (restore copies a repeated block from its first copy). */
-  read(buf: Buffer, offset: number): Promise<void>;
-  close(): Promise<void>;
-}
-
 /**
  * Opens a restore target. An existing file or device is refused unless `force`; a regular file is created
- * (or truncated) at exactly `size` bytes, so skipped holes stay holes; a block device must be large enough.
+ * (or truncated) at exactly `size` bytes, so skipped holes stay holes; a block device must be large enough,
+ * and is opened exclusively: a device with a mounted filesystem (or held by another program) is refused.
  */
-export async function openTarget(url: string, size: number, force: boolean, sparse = false, sync = true): Promise<Target> {
-  const { path: p } = parseIoUrl(url);
+export async function openFileTarget(p: string, url: string, opts: TargetOptions): Promise<Target> {
+  const { size, force, sparse } = opts;
   let st: fs.Stats | undefined;
   try {
     st = await fsp.stat(p);
@@ -97,56 +88,75 @@ export async function openTarget(url: string, size: number, force: boolean, spar
   if (st && !force) throw new IoError(`target ${p} already exists; use -f to overwrite it`);
   let fh: fsp.FileHandle;
   let zeroed = false;
-  let holesDone = false;
+  let available = size;
   try {
     if (st?.isBlockDevice()) {
-      const devSize = await sizeOf(p, st);
-      if (devSize < size) throw new IoError(`target device ${p} has ${devSize} bytes, the version needs ${size}`);
-      fh = await fsp.open(p, 'r+');
+      available = await sizeOf(p, st);
+      if (available < size) throw new IoError(`target device ${p} has ${available} bytes, the version needs ${size}`);
+      try {
+        // O_EXCL on a block device (Linux): fails with EBUSY while a filesystem on it is mounted or another
+        // program holds it exclusively. Writing under a mounted filesystem would corrupt both.
+        fh = await fsp.open(p, fs.constants.O_RDWR | fs.constants.O_EXCL);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EBUSY') {
+          throw new IoError(`target device ${p} is in use (a mounted filesystem, or held by another program): refusing to overwrite it`);
+        }
+        throw e;
+      }
+      if (sparse) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
     } else {
       if (st && !st.isFile()) throw new IoError(`target ${p} is neither a regular file nor a block device`);
       fh = await fsp.open(p, st ? 'w+' : 'wx+', 0o600);
       await fh.truncate(size);
-      zeroed = true;
       // Not sparse: the file gets all its space. fallocate does that without writing gigabytes of zeroes;
-      // where the filesystem cannot, the zeroes are written.
-      holesDone = sparse || (size > 0 && (await preallocate(p, size)));
-      if (size === 0) holesDone = true;
+      // where the filesystem cannot, the zeroes are written (zeroed stays false).
+      zeroed = size === 0 || sparse || (await preallocate(p, size));
     }
   } catch (e) {
     if (e instanceof IoError) throw e;
-    throw new IoError(`cannot open target ${p}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    throw new IoError(`cannot open target ${p}: ${errCode(e)}`);
   }
+  const write = async (buf: Buffer, offset: number) => {
+    let done = 0;
+    while (done < buf.length) {
+      try {
+        const { bytesWritten } = await fh.write(buf, done, buf.length - done, offset + done);
+        done += bytesWritten;
+      } catch (e) {
+        throw new IoError(`cannot write target ${p} at offset ${offset + done}: ${errCode(e)}`);
+      }
+    }
+  };
   return {
     url,
+    size: available,
     zeroed,
-    holesDone,
-    async write(buf, offset) {
-      let done = 0;
-      while (done < buf.length) {
-        try {
-          const { bytesWritten } = await fh.write(buf, done, buf.length - done, offset + done);
-          done += bytesWritten;
-        } catch (e) {
-          throw new IoError(`cannot write target ${p} at offset ${offset + done}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-        }
-      }
-    },
+    parallelWrites: 64,
+    write,
     async read(buf, offset) {
       let done = 0;
       while (done < buf.length) {
-        const { bytesRead } = await fh.read(buf, done, buf.length - done, offset + done);
-        if (!bytesRead) throw new IoError(`target ${p} is shorter than expected at offset ${offset + done}`);
-        done += bytesRead;
+        let n: number;
+        try {
+          ({ bytesRead: n } = await fh.read(buf, done, buf.length - done, offset + done));
+        } catch (e) {
+          throw new IoError(`cannot read target ${p} at offset ${offset + done}: ${errCode(e)}`);
+        }
+        if (!n) throw new IoError(`target ${p} is shorter than expected at offset ${offset + done}`);
+        done += n;
       }
     },
-    async close() {
+    async zero(offset, length) {
+      const step = 4 * 1024 * 1024;
+      for (let o = offset; o < offset + length; o += step) await write(zeroes(Math.min(step, offset + length - o)), o);
+    },
+    async flush() {
       try {
-        // A restore reports success only once the data is on disk (unless the caller chose otherwise).
-        if (sync) await fh.sync();
-      } finally {
-        await fh.close();
+        await fh.sync();
+      } catch (e) {
+        throw new IoError(`cannot flush target ${p}: ${errCode(e)}`);
       }
     },
+    close: () => fh.close(),
   };
 }

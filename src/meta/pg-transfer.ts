@@ -19,6 +19,7 @@ export const COPIED_TABLES: { name: string; order: string }[] = [
   { name: 'tags', order: 'version_id, name' },
   { name: 'block_maps', order: 'version_id, chunk' },
   { name: 'block_dates', order: 'version_id' },
+  { name: 'map_summaries', order: 'version_id' },
   { name: 'blobs', order: 'id' },
   { name: 'stats', order: 'id' },
   { name: 'meta_removed', order: 'uid' },

@@ -1,13 +1,14 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
+import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
 import { batches, blobRefFromRow, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
   BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
-  RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
+  ProtectedError, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, any>;
@@ -40,7 +41,7 @@ export const pgTypeParsers = {
   },
 };
 
-export const PG_DDL = fullSchema('postgres');
+export const PG_DDL = fullSchema('postgresql');
 
 /**
  * The metadata store on PostgreSQL, for several hosts sharing one repository. Same schema and semantics as
@@ -172,12 +173,14 @@ export class PostgresMetaStore implements MetaStore {
 
   // ---- schema
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     return this.tx(async (c) => {
       await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
       if ((await c.query(`SELECT to_regclass('settings') IS NOT NULL AS e`)).rows[0].e) return false;
       for (const s of PG_DDL) await c.query(s);
       await c.query(`INSERT INTO settings (key, value) VALUES ('schema_version', $1)`, [String(SCHEMA_VERSION)]);
+      const keys = Object.keys(settings);
+      if (keys.length) await c.query(`INSERT INTO settings (key, value) SELECT * FROM unnest($1::text[], $2::text[])`, [keys, keys.map((k) => settings[k])]);
       return true;
     });
   }
@@ -200,7 +203,7 @@ export class PostgresMetaStore implements MetaStore {
       await this.tx(async (c) => {
         await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
         const now = await version(c); // another process may have migrated while we waited
-        if (now < SCHEMA_VERSION) for (const s of migrationsFrom(now, 'postgres')) await c.query(s);
+        if (now < SCHEMA_VERSION) for (const s of migrationsFrom(now, 'postgresql')) await c.query(s);
         if (now < SCHEMA_VERSION) await c.query(`UPDATE settings SET value = $1 WHERE key = 'schema_version'`, [String(SCHEMA_VERSION)]);
       });
     }
@@ -276,7 +279,7 @@ export class PostgresMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, r.tag_list));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     const set = (col: string, value: unknown) => { args.push(value); sets.push(`${col} = $${args.length}`); };
@@ -284,9 +287,16 @@ export class PostgresMetaStore implements MetaStore {
     if (f.complete !== undefined) set('complete', f.complete ? 1 : 0);
     if (f.protected !== undefined) set('protected', f.protected ? 1 : 0);
     if (f.expire !== undefined) set('expire', f.expire);
-    if (!sets.length) return;
+    if (!sets.length) return (await this.q(`SELECT 1 FROM versions WHERE id = $1`, [id])).length > 0;
     args.push(id);
-    await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length}`, args);
+    if (!f.complete) {
+      return (await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).length > 0;
+    }
+    return this.tx(async (c) => {
+      if (!(await c.query(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).rows.length) return false;
+      await this.storeSummaries(c, [[id, await this.summarize(c, id)]]);
+      return true;
+    });
   }
 
   async addTags(id: number, tags: string[]): Promise<void> {
@@ -300,19 +310,27 @@ export class PostgresMetaStore implements MetaStore {
     await this.q(`DELETE FROM tags WHERE version_id = $1 AND name = ANY($2::text[])`, [id, tags]);
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const now = Date.now();
-    await this.tx(async (c) => {
+    const removed = await this.tx(async (c) => {
       await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
-      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first.
-      if (!(await c.query(`SELECT 1 FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows.length) return;
-      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1`, [id])).rows.map((r) => r.data as Buffer);
+      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first, and for
+      // a `protect` updating the row: `protected` is read as it is once the row is ours.
+      const v = (await c.query(`SELECT uid, protected FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows[0];
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid);
+      // Each distinct chunk once: through the summary (3 of a 1 TiB version's 256 chunks, say), or all chunks.
+      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1 AND (
+          NOT EXISTS (SELECT 1 FROM map_summaries WHERE version_id = $1) OR chunk = ANY($2::int[]))`,
+      [id, await this.summaryChunks(c, id)])).rows.map((r) => r.data as Buffer);
       for (const ids of batches(idsOfChunks(chunks), ID_BATCH)) {
         await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, ids]);
       }
       await c.query(`DELETE FROM versions WHERE id = $1`, [id]);
+      return true;
     });
     this.forgetChunks(id);
+    return removed;
   }
 
   async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
@@ -657,6 +675,66 @@ export class PostgresMetaStore implements MetaStore {
     const r = (await this.q(`SELECT (SELECT COUNT(*) FROM versions) AS v, COUNT(*) AS n,
       COALESCE(SUM(stored_size), 0)::bigint AS s, COALESCE(SUM(size), 0)::bigint AS p FROM blobs WHERE state <> 3`))[0];
     return { versions: Number(r.v), blobs: Number(r.n), storedBytes: Number(r.s), plainBytes: Number(r.p) };
+  }
+
+  /** The first chunk number of each distinct content of a version's map, from its summary ([] without one). */
+  private async summaryChunks(c: PoolClient, versionId: number): Promise<number[]> {
+    const r = (await c.query(`SELECT data FROM map_summaries WHERE version_id = $1`, [versionId])).rows[0];
+    return r ? decodeSummary(r.data).chunks.map((x) => x.chunk) : [];
+  }
+
+  private async summarize(c: PoolClient, versionId: number, keep?: (digest: string, data: Uint8Array) => void): Promise<MapSummary> {
+    const rows: { chunk: number; data: Buffer }[] = [];
+    for await (const page of this.cursor(c, `SELECT chunk, data FROM block_maps WHERE version_id = $1`, [versionId])) rows.push(...(page as typeof rows));
+    return summarizeChunks(rows, keep);
+  }
+
+  private async storeSummaries(c: PoolClient, summaries: [number, MapSummary][]): Promise<void> {
+    for (const part of batches(summaries, 1000)) {
+      await c.query(`INSERT INTO map_summaries (version_id, data)
+        SELECT u.id, u.data FROM unnest($1::bigint[], $2::bytea[]) AS u(id, data) WHERE EXISTS (SELECT 1 FROM versions v WHERE v.id = u.id)
+        ON CONFLICT (version_id) DO UPDATE SET data = excluded.data`, [part.map((x) => x[0]), part.map((x) => encodeSummary(x[1]))]);
+    }
+  }
+
+  async mapUsage(): Promise<MapUsage> {
+    const computed: [number, MapSummary][] = [];
+    const usage = await this.tx(async (c): Promise<MapUsage> => {
+      const summaries = new Map<number, MapSummary>();
+      const contents = new Map<string, Uint8Array>();
+      const keep = (digest: string, data: Uint8Array) => { if (!contents.has(digest)) contents.set(digest, data); };
+      const missing: { id: number; complete: boolean }[] = [];
+      for await (const rows of this.cursor(c, `SELECT v.id, v.complete, s.data FROM versions v LEFT JOIN map_summaries s ON s.version_id = v.id`)) {
+        for (const r of rows) {
+          if (r.data) summaries.set(Number(r.id), decodeSummary(r.data));
+          else missing.push({ id: Number(r.id), complete: !!r.complete });
+        }
+      }
+      for (const m of missing) {
+        const summary = await this.summarize(c, m.id, keep);
+        summaries.set(m.id, summary);
+        if (m.complete) computed.push([m.id, summary]);
+      }
+      // One representative chunk per distinct content, fetched in batches.
+      const wanted = new Map<string, [number, number]>();
+      for (const [id, summary] of summaries) for (const ch of summary.chunks) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
+      const byPlace = new Map<string, string>([...wanted].map(([digest, [id, chunk]]) => [`${id}:${chunk}`, digest]));
+      for (const part of batches([...wanted.values()], ID_BATCH)) {
+        const rows = (await c.query(`SELECT m.version_id, m.chunk, m.data FROM block_maps m
+          JOIN unnest($1::bigint[], $2::int[]) AS u(version_id, chunk) ON m.version_id = u.version_id AND m.chunk = u.chunk`,
+        [part.map((p) => p[0]), part.map((p) => p[1])])).rows;
+        for (const r of rows) contents.set(byPlace.get(`${r.version_id}:${r.chunk}`)!, r.data);
+      }
+      for (const digest of wanted.keys()) if (!contents.has(digest)) throw new DatabaseError(`block map chunk ${wanted.get(digest)!.join('/')} is missing`);
+      // Every blob's id, size and stored size in one string: far cheaper than a row per blob.
+      const b = (await c.query(`SELECT string_agg(id || ',' || size || ',' || stored_size, ',') AS t FROM blobs WHERE state <> 3`)).rows[0];
+      return { summaries, contents, blobs: blobSizesFromTriples(b.t ?? '') };
+    }, { isolation: 'REPEATABLE READ READ ONLY' });
+    if (computed.length) {
+      // A cache: losing a race with a removal is harmless.
+      await this.tx((c) => this.storeSummaries(c, computed)).catch((e) => { if (!/foreign key/i.test(String((e as Error).message))) throw e; });
+    }
+    return usage;
   }
 
   // ---- stats

@@ -76,11 +76,16 @@ export const SCHEMA_V1 = [
 ];
 
 /** A migration statement: the same SQL for both engines, or statements per engine (triggers differ). */
-export type MigrationStep = string | { sqlite: string[]; postgres: string[] };
+export type MigrationStep = string | { sqlite: string[]; postgresql: string[] };
 
 /** Later schema versions: MIGRATIONS[n] takes the schema from version n+1 to n+2. */
 export const MIGRATIONS: MigrationStep[][] = [
-  // 1 -> 2: blobs in foreign formats (backy2's, read in place after an import), several of which may hold the
+  // 2: each complete version's block map as counts of distinct chunk contents (map-summary.ts), for du.
+  [`CREATE TABLE map_summaries (
+    version_id BIGINT PRIMARY KEY REFERENCES versions (id) ON DELETE CASCADE,
+    data {blob} NOT NULL
+  )`],
+  // 3: blobs in foreign formats (backy2's, read in place after an import), several of which may hold the
   // same content (backy2's writers raced); backy2's per-block dates of imported versions (for byte-exact
   // exports); and what the metadata in storage needs: a generation per version, bumped by triggers whenever
   // anything its object holds changes, the uids of removed versions whose objects must go, and the pack
@@ -117,7 +122,7 @@ export const MIGRATIONS: MigrationStep[][] = [
         `CREATE TRIGGER versions_removed AFTER DELETE ON versions
           BEGIN INSERT OR IGNORE INTO meta_removed (uid) VALUES (OLD.uid); END`,
       ],
-      postgres: [
+      postgresql: [
         `CREATE FUNCTION backy_version_changed() RETURNS trigger LANGUAGE plpgsql AS $$
           BEGIN NEW.meta_gen := OLD.meta_gen + 1; RETURN NEW; END $$`,
         `CREATE TRIGGER versions_meta_changed BEFORE UPDATE ON versions FOR EACH ROW
@@ -143,20 +148,24 @@ export const MIGRATIONS: MigrationStep[][] = [
 
 export const SCHEMA_VERSION = 1 + MIGRATIONS.length;
 
-/** The SQL of a schema step for one engine, placeholders replaced. */
-export function engineSql(step: MigrationStep, engine: 'sqlite' | 'postgres'): string[] {
-  const list = typeof step === 'string' ? [step] : step[engine];
-  return list.map((sql) => (engine === 'sqlite'
-    ? sql.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB')
-    : sql.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA')));
+/** A statement of SCHEMA_V1 or MIGRATIONS with the engine's types in place of `{autoid}` and `{blob}`. */
+export function engineDdl(statement: string, engine: 'sqlite' | 'postgresql'): string {
+  return engine === 'sqlite'
+    ? statement.replace(/\{autoid\}/g, 'INTEGER PRIMARY KEY AUTOINCREMENT').replace(/\{blob\}/g, 'BLOB')
+    : statement.replace(/\{autoid\}/g, 'BIGSERIAL PRIMARY KEY').replace(/\{blob\}/g, 'BYTEA');
 }
 
-/** Every statement that creates the current schema in an empty database. */
-export function fullSchema(engine: 'sqlite' | 'postgres'): string[] {
+/** The statements of a schema step for one engine, types in place. */
+export function engineSql(step: MigrationStep, engine: 'sqlite' | 'postgresql'): string[] {
+  return (typeof step === 'string' ? [step] : step[engine]).map((sql) => engineDdl(sql, engine));
+}
+
+/** What initdb creates: the first schema and every migration, in order. */
+export function fullSchema(engine: 'sqlite' | 'postgresql'): string[] {
   return [...SCHEMA_V1, ...MIGRATIONS.flat()].flatMap((s) => engineSql(s, engine));
 }
 
 /** The statements taking a database from schema version `from` to SCHEMA_VERSION. */
-export function migrationsFrom(from: number, engine: 'sqlite' | 'postgres'): string[] {
+export function migrationsFrom(from: number, engine: 'sqlite' | 'postgresql'): string[] {
   return MIGRATIONS.slice(Math.max(0, from - 1)).flat().flatMap((s) => engineSql(s, engine));
 }

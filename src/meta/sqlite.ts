@@ -4,11 +4,12 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
+import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
 import { blobRefFromRow, CleanupTally, knownBlobId, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
   BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
-  RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
+  ProtectedError, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, unknown>;
@@ -69,7 +70,7 @@ export class SqliteMetaStore implements MetaStore {
     return !!db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'`).get();
   }
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     const db = this.connect(true);
     this.db = db;
     if (this.hasSchema(db)) return false;
@@ -77,6 +78,8 @@ export class SqliteMetaStore implements MetaStore {
     db.transaction(() => {
       for (const s of ddl) db.exec(s);
       db.prepare(`INSERT INTO settings (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
+      const put = db.prepare(`INSERT INTO settings (key, value) VALUES (?, ?)`);
+      for (const [k, v] of Object.entries(settings)) put.run(k, v);
     }).immediate();
     return true;
   }
@@ -170,15 +173,19 @@ export class SqliteMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, tags.get(Number(r.id)) ?? []));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     if (f.valid !== undefined) { sets.push('valid = ?'); args.push(f.valid ? 1 : 0); }
     if (f.complete !== undefined) { sets.push('complete = ?'); args.push(f.complete ? 1 : 0); }
     if (f.protected !== undefined) { sets.push('protected = ?'); args.push(f.protected ? 1 : 0); }
     if (f.expire !== undefined) { sets.push('expire = ?'); args.push(f.expire); }
-    if (!sets.length) return;
-    this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
+    if (!sets.length) return !!this.st(`SELECT 1 FROM versions WHERE id = ?`).get(id);
+    return this.d.transaction(() => {
+      if (this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id).changes === 0) return false;
+      if (f.complete) this.storeSummary(id, this.summarize(id));
+      return true;
+    }).immediate();
   }
 
   async addTags(id: number, tags: string[]): Promise<void> {
@@ -191,15 +198,19 @@ export class SqliteMetaStore implements MetaStore {
     this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const db = this.d;
     const now = Date.now();
-    db.transaction(() => {
-      const chunks = (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
-      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(chunks)));
+    const removed = db.transaction(() => {
+      const v = this.st(`SELECT uid, protected FROM versions WHERE id = ?`).get(id) as Row | undefined;
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid as string);
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(this.distinctChunks(id))));
       this.st(`DELETE FROM versions WHERE id = ?`).run(id);
+      return true;
     }).immediate();
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
+    return removed;
   }
 
   async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
@@ -474,6 +485,65 @@ export class SqliteMetaStore implements MetaStore {
     const v = this.st(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
     const b = this.st(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
     return { versions: Number(v.n), blobs: Number(b.n), storedBytes: Number(b.s), plainBytes: Number(b.p) };
+  }
+
+  /**
+   * Each distinct chunk of a version's map once: through its summary (3 of a 1 TiB version's 256 chunks, say),
+   * or all chunks when it has none.
+   */
+  private distinctChunks(versionId: number): Buffer[] {
+    const s = this.st(`SELECT data FROM map_summaries WHERE version_id = ?`).get(versionId) as Row | undefined;
+    if (!s) return (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(versionId) as Row[]).map((r) => r.data as Buffer);
+    const chunks = decodeSummary(s.data as Buffer).chunks.map((c) => c.chunk);
+    return (this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify(chunks)) as Row[]).map((r) => r.data as Buffer);
+  }
+
+  private summarize(versionId: number, keep?: (digest: string, data: Uint8Array) => void): MapSummary {
+    const rows = this.st(`SELECT chunk, data FROM block_maps WHERE version_id = ?`).iterate(versionId) as Iterable<{ chunk: number; data: Buffer }>;
+    return summarizeChunks(rows, keep);
+  }
+
+  private storeSummary(versionId: number, summary: MapSummary): void {
+    this.st(`INSERT INTO map_summaries (version_id, data) SELECT id, ? FROM versions WHERE id = ?
+      ON CONFLICT (version_id) DO UPDATE SET data = excluded.data`).run(encodeSummary(summary), versionId);
+  }
+
+  async mapUsage(): Promise<MapUsage> {
+    const db = this.d;
+    const computed: [number, MapSummary][] = [];
+    // A deferred transaction: one WAL snapshot for all reads, no writer waits.
+    const usage = db.transaction((): MapUsage => {
+      const summaries = new Map<number, MapSummary>();
+      const contents = new Map<string, Uint8Array>();
+      const keep = (digest: string, data: Uint8Array) => { if (!contents.has(digest)) contents.set(digest, data); };
+      for (const r of this.st(`SELECT v.id, v.complete, s.data FROM versions v LEFT JOIN map_summaries s ON s.version_id = v.id`).all() as Row[]) {
+        const id = Number(r.id);
+        if (r.data) summaries.set(id, decodeSummary(r.data as Buffer));
+        else {
+          const summary = this.summarize(id, keep);
+          summaries.set(id, summary);
+          if (r.complete) computed.push([id, summary]);
+        }
+      }
+      // One representative chunk per distinct content, all in one statement.
+      const wanted = new Map<string, [number, number]>();
+      for (const [id, summary] of summaries) for (const c of summary.chunks) if (!contents.has(c.digest) && !wanted.has(c.digest)) wanted.set(c.digest, [id, c.chunk]);
+      const places = [...wanted.values()];
+      const rows = this.st(`SELECT j.key AS k, m.data FROM json_each(?) j JOIN block_maps m ON m.version_id = j.value ->> 0 AND m.chunk = j.value ->> 1`)
+        .all(JSON.stringify(places)) as Row[];
+      const digests = [...wanted.keys()];
+      for (const r of rows) contents.set(digests[Number(r.k)], r.data as Buffer);
+      if (rows.length !== places.length) throw new DatabaseError('a block map chunk of the summaries is missing');
+      // Every blob's id, size and stored size in one string: far cheaper than a row per blob. NOT INDEXED: the
+      // partial checksum index matches "state <> 3" but would visit the rows in random order.
+      const b = this.st(`SELECT group_concat(id || ',' || size || ',' || stored_size) AS t FROM blobs NOT INDEXED WHERE state <> 3`).get() as Row;
+      return { summaries, contents, blobs: blobSizesFromTriples((b.t as string | null) ?? '') };
+    })();
+    if (computed.length) {
+      // A cache: a version removed meanwhile simply gets no row.
+      db.transaction(() => { for (const [id, s] of computed) this.storeSummary(id, s); }).immediate();
+    }
+    return usage;
   }
 
   // ---- stats

@@ -1,8 +1,18 @@
+import { BackyError } from '../util/errors';
+import type { MapUsage } from './map-summary';
+
 /**
  * The metadata of a repository: versions, their block maps, the blobs in storage, statistics and locks.
  * Implementations: sqlite.ts (embedded default) and postgres.ts (several hosts). Every method that changes
  * more than one row does so in one transaction; callers never see half of an operation.
  */
+
+/** `rm` of a protected version (exit 100). */
+export class ProtectedError extends BackyError {
+  constructor(uid: string) {
+    super(`version ${uid} is protected; unprotect it first`);
+  }
+}
 
 export interface VersionRow {
   id: number;
@@ -172,8 +182,8 @@ export interface MetaStore {
   /** Engine description without credentials. */
   readonly description: string;
 
-  /** Creates the schema. false when it already existed (nothing is changed then). */
-  initdb(): Promise<boolean>;
+  /** Creates the schema, with `settings`. false when it already existed (nothing is changed then). */
+  initdb(settings?: Record<string, string>): Promise<boolean>;
   /** Connects and checks the schema (migrating it if older). Throws DatabaseError when there is none. */
   open(): Promise<void>;
   close(): Promise<void>;
@@ -189,11 +199,16 @@ export interface MetaStore {
   createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow>;
   getVersion(uid: string): Promise<VersionRow | undefined>;
   listVersions(): Promise<VersionRow[]>;
-  updateVersion(id: number, fields: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void>;
+  /** false when the version does not exist (any more). */
+  updateVersion(id: number, fields: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean>;
   addTags(id: number, tags: string[]): Promise<void>;
   removeTags(id: number, tags: string[]): Promise<void>;
-  /** Removes the version, its map and tags; its blobs start their grace period. */
-  removeVersion(id: number): Promise<void>;
+  /**
+   * Removes the version, its map and tags; its blobs start their grace period. A protected version is
+   * refused (ProtectedError), checked in the same transaction, so a concurrent `protect` either comes first
+   * and wins, or finds the version gone. false when the version does not exist (any more).
+   */
+  removeVersion(id: number): Promise<boolean>;
 
   /**
    * Adds a finished version with its map in one transaction (import, db-rebuild). `entries` are its block
@@ -253,6 +268,12 @@ export interface MetaStore {
   /** Every blob uid in the repository, page by page (cleanup --full checks storage has them). */
   blobUidPages(pageSize: number): AsyncIterable<{ id: number; uid: string; state: BlobState }[]>;
   repositoryStats(): Promise<RepositoryStats>;
+  /**
+   * For du: every version's block map as counts of distinct chunk contents, each distinct chunk's bytes once,
+   * and the sizes of all blobs, in one consistent read. A complete version's map never changes: its summary
+   * is stored when it becomes complete (updateVersion), or here on first use.
+   */
+  mapUsage(): Promise<MapUsage>;
 
   addStats(row: StatsRow): Promise<void>;
   listStats(versionUid?: string, limit?: number): Promise<StatsRow[]>;

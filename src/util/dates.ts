@@ -17,3 +17,10 @@ export function parseTags(text: string | undefined): string[] {
   if (!text) return [];
   return [...new Set(text.split(',').map((t) => t.trim()).filter(Boolean))];
 }
+
+/** backy2's date format, in UTC: "yyyy-mm-dd HH:MM:SS". */
+export function fmtDate(d: Date | number | null | undefined): string {
+  if (d === null || d === undefined) return '';
+  const dt = typeof d === 'number' ? new Date(d) : d;
+  return dt.toISOString().replace('T', ' ').slice(0, 19);
+}

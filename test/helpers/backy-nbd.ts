@@ -54,7 +54,7 @@ export async function startBackyNbd(cfg: string, args: string[] = [], opts: { ve
     };
     child.stderr!.on('data', (d: Buffer) => {
       err += d.toString();
-      const m = /nbd:\/\/127\.0\.0\.1:(\d+)/.exec(err);
+      const m = /nbds?:\/\/127\.0\.0\.1:(\d+)/.exec(err);
       if (m) {
         clearTimeout(timer);
         resolve(Number(m[1]));

@@ -22,8 +22,16 @@ import { register as dbRebuild } from './db-rebuild';
 import { register as importBacky2 } from './import-backy2';
 import { register as exportCmd } from './export';
 import { register as importCmd } from './import';
+import { register as overlay } from './overlay';
+import { register as fixate } from './fixate';
+import { register as due } from './due';
+import { register as sla } from './sla';
+import { register as enforce } from './enforce';
+import { register as du } from './du';
+import { register as diffMeta } from './diff-meta';
 
 export type Register = (program: Command, wrap: (fn: Action) => (...args: unknown[]) => Promise<void>) => void;
 
 /** Every command, in the order `backy --help` lists them. */
-export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, dbMigrate, dbRebuild, importBacky2, exportCmd, importCmd];
+export const commands: Register[] = [init, initdb, backup, restore, ls, scrub, rm, protect, unprotect, cleanup, stats, addTag, removeTag, expire, nbd, mount, umount, overlay, fixate, dbMigrate,
+  due, sla, enforce, du, diffMeta, dbRebuild, importBacky2, exportCmd, importCmd];

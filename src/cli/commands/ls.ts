@@ -2,6 +2,7 @@ import type { Register } from './index';
 import { blockCount } from '../../meta/block-map';
 import { ExitCode } from '../../util/errors';
 import { parseFields, printRows } from '../output';
+import { now as clock } from '../../util/clock';
 
 const FIELDS = ['date', 'name', 'snapshot_name', 'size', 'size_bytes', 'uid', 'valid', 'protected', 'tags', 'expire'];
 
@@ -31,7 +32,7 @@ export const register: Register = (program, wrap) => {
         const repo = await ctx.repository();
         all = await repo.meta.listVersions();
       }
-      const now = Date.now();
+      const now = clock();
       const versions = all.filter((v) =>
         (!name || v.name === name) && (o.snapshotName === undefined || v.snapshotName === o.snapshotName) &&
         (!o.tag || v.tags.includes(o.tag)) && (!o.expired || (v.expire !== null && v.expire < now)));
