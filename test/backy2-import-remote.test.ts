@@ -15,6 +15,7 @@ import { startS3Server, S3Server, S3RVER_KEY, S3RVER_SECRET } from './helpers/s3
 import { startPostgres, TestPostgres } from './helpers/postgres';
 import { copyBacky2, expected, FIXTURES, Backy2Copy } from './helpers/backy2-fixture';
 import type { S3Store } from '../src/storage/s3';
+import { StorageMeta, VERSIONS_PREFIX } from '../src/engine/storage-meta';
 
 const exp = expected();
 const R1 = exp.repositories.R1.versions;
@@ -122,4 +123,23 @@ test('in place on the same bucket: restore, scrub, export; rm + cleanup and clea
   await repo.ok(['cleanup', '--dangerous-force']);
   assert.deepEqual((await keys()).filter((k) => !k.startsWith('meta/')), blobKeys.filter((k) => !['f2a4587b85QP8mGoJ6QYZzabSPToYBwP', '8f4f61f89cmPbqUcpHUNshoVzeauoPVH'].includes(k)));
   assert.equal(await restoreHash(repo, R1[0].uid), R1[0].expected_sha256);
+});
+
+test('metadata objects are listed page by page on S3 (more than one ListObjectsV2 page)', async () => {
+  const prefix = 'paging/';
+  const store = s3.store(prefix);
+  try {
+    const sm = new StorageMeta(store, undefined);
+    const uids = Array.from({ length: 1030 }, (_, i) => `v-${String(i).padStart(5, '0')}`);
+    const gate = new Array(16).fill(0);
+    for (let i = 0; i < uids.length; i += gate.length) {
+      await Promise.all(uids.slice(i, i + gate.length).map((u) => store.put(`${VERSIONS_PREFIX}${u}`, Buffer.from('x'))));
+    }
+    const pages: string[][] = [];
+    for await (const page of sm.versionUids()) pages.push(page);
+    assert.ok(pages.length >= 2, `${pages.length} pages`);
+    assert.deepEqual(pages.flat().sort(), uids);
+  } finally {
+    await store.close();
+  }
 });

@@ -87,8 +87,8 @@ describe('backy2 repositories imported in place', () => {
     const files = [...treeHashes(b2.data).keys()];
     assert.equal(files.filter((f) => f.endsWith('.blob')).length, 6);
     assert.deepEqual(files.filter((f) => !f.endsWith('.blob') && !f.startsWith('meta/blobs/')).sort(),
-      ['backy-repository.json', 'meta/keys/1', 'meta/repository', ...R1.map((v) => `meta/versions/${v.uid}`)].sort());
-    assert.equal(files.filter((f) => f.startsWith('meta/blobs/')).length, 2, 'a pack of blob details for each version that brought new blobs');
+      ['backy-repository.json', 'meta/repository', ...R1.map((v) => `meta/versions/${v.uid}`)].sort());
+    assert.equal(files.filter((f) => f.startsWith('meta/blobs/')).length, 1, 'one pack of blob details for the batch of versions');
     const again = await repo.ok(['-m', 'import-backy2', b2.cfg]);
     assert.deepEqual(rows(again).map((r) => r.result), ['skipped', 'skipped']);
     assert.equal((await repo.ok(['-m', 'ls'])).stdout, ls.stdout, 'nothing changed by the second import');
@@ -199,6 +199,27 @@ describe('backy2 repositories imported in place', () => {
     assert.deepEqual(ls.map((x) => x.valid), ['0', '0'], 'both versions use the missing blob: both invalid');
     const s2 = await repo.run(['scrub', v2.uid]);
     assert.equal(s2.code, 20);
+  });
+
+  test('versions backy2 marked invalid, or with a block backy2 found bad, are imported invalid; the rest stays valid', async () => {
+    const [v1, v2] = R0;
+    const { repo, result } = await importedInPlace('R0', {
+      prepare: (c) => {
+        const db = new Database(c.sqlite);
+        db.prepare('UPDATE versions SET valid = 0 WHERE uid = ?').run(v1.uid);
+        // A block row found bad: v2's block 2 (its own blob) read row by row, not in one scan.
+        db.prepare('UPDATE blocks SET valid = 0 WHERE version_uid = ? AND id = 2').run(v2.uid);
+        db.close();
+      },
+    });
+    assert.deepEqual(rows(result).map((r) => [r.uid, r.result]), [[v1.uid, 'imported-invalid'], [v2.uid, 'imported-invalid']]);
+    assert.deepEqual(rows(await repo.ok(['-m', 'ls'])).map((x) => x.valid), ['0', '0']);
+    // The blocks are fine: both restore, and a scrub that finds nothing wrong makes them valid again.
+    for (const v of R0) {
+      assert.equal(await restoreHash(repo, v.uid), v.expected_sha256);
+      await repo.ok(['scrub', v.uid]);
+    }
+    assert.deepEqual(rows(await repo.ok(['-m', 'ls'])).map((x) => x.valid), ['1', '1']);
   });
 
   test('a wrong or missing key is refused before anything is imported (exit 1)', async () => {
@@ -342,7 +363,7 @@ describe('import-backy2 --copy', () => {
       await repo.ok(['scrub', v.uid]);
     }
     // Every block is in backy's format in backy's storage: six distinct contents, six blobs.
-    const mine = [...treeHashes(path.join(path.dirname(b2.dir), `${path.basename(b2.dir)}-backy`)).keys()].filter((f) => !f.startsWith('meta/'));
+    const mine = [...treeHashes(path.join(path.dirname(b2.dir), `${path.basename(b2.dir)}-backy`)).keys()].filter((f) => !f.startsWith('meta/') && f !== 'backy-repository.json');
     assert.equal(mine.length, 6);
     assert.ok(mine.every((f) => /^[0-9a-f]{2}\/[0-9a-f]{2}\/[0-9a-f]{32}$/.test(f)), mine.join(' '));
     // Nothing of backy2's repository changed (database, blobs, exports).

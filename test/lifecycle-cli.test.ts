@@ -38,6 +38,7 @@ function dataFiles(repo: TestRepo): Map<string, number> {
   const walk = (d: string) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       const p = path.join(d, e.name);
+      if (e.isDirectory() && p === path.join(repo.dir, 'data', 'meta')) continue; // metadata objects, not blobs
       if (e.isDirectory()) walk(p);
       else if (e.isFile() && e.name !== 'backy-repository.json') out.set(path.relative(path.join(repo.dir, 'data'), p), fs.statSync(p).size);
     }

@@ -193,6 +193,7 @@ for (const engine of engines) {
       await store.updateVersion(v.id, { complete: true, valid: true });
       assert.deepEqual(await stale(), [v.uid]);
       await store.removeVersion(v.id);
+      await store.updateVersion(imp.version.id, { protected: false });
       await store.removeVersion(imp.version.id);
       assert.deepEqual(await stale(), []);
       assert.deepEqual((await store.removedStorageMeta(10)).sort(), [uid, v.uid].sort());
