@@ -213,11 +213,12 @@ async function benchImage(label: string, img: string): Promise<void> {
   line('backup vs restic backup', x('backy backup, hash_function = sha512', 'restic backup'), { atLeast: 2 });
   line('restore vs restic restore', x('backy restore, hash_function = sha512', 'restic restore'), { atLeast: 2 });
   for (const k of [...written.keys()]) {
-    console.log(`- ${k}: ${written.get(k)} blobs written (${verdict(written.get(k)!, { atLeast: unique.uniqueBlocks, atMost: unique.uniqueBlocks })}), ` +
-      `stored ${mib(stored.get(k)!)} (${verdict(stored.get(k)! / MiB, { atMost: Number(((unique.uniqueBytes + 64 * unique.uniqueBlocks + 65536) / MiB).toFixed(1)) })} MiB: the distinct blocks plus 64 bytes each)`);
+    const limit = Number(((unique.uniqueBytes + 64 * unique.uniqueBlocks + 65536) / MiB).toFixed(1));
+    console.log(`- ${k}: blobs written ${written.get(k)} (${verdict(written.get(k)!, { atLeast: unique.uniqueBlocks, atMost: unique.uniqueBlocks })}); ` +
+      `MiB stored ${(stored.get(k)! / MiB).toFixed(1)} (${verdict(stored.get(k)! / MiB, { atMost: limit })}: the distinct blocks plus 64 bytes each)`);
   }
-  for (const k of [...best.keys()].filter((n) => n.startsWith('backy'))) {
-    console.log(`- peak RSS of ${k}: ${mib(best.get(k)!.rss)} (${verdict(best.get(k)!.rss / MiB, { atMost: 300 })} MiB)`);
+  for (const k of [...best.keys()].filter((n) => n.startsWith('backy') && !n.endsWith(': reference'))) {
+    console.log(`- MiB peak RSS of ${k}: ${(best.get(k)!.rss / MiB).toFixed(0)} (${verdict(best.get(k)!.rss / MiB, { atMost: 300 })})`);
   }
   console.log(`\nissue 14 (new repository: hash_function = ${defaultHash}):`);
   line('backup (sha512) vs sha512sum', x('backy backup, hash_function = sha512', sha), { atLeast: 2 });
