@@ -146,7 +146,8 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   if (o.writable && o.uid) throw new BackyError('-w names the version to mount writable: give no other uid', ExitCode.USAGE);
   const dir = path.resolve(o.dir);
   const writable = o.writable ? await openWritableImage(repo, o.writable) : undefined;
-  const version = writable ? writable.overlay.base : o.uid ? await repo.version(o.uid) : undefined;
+  // A mounted version is held while mounted: rm of it is refused meanwhile.
+  const version = writable ? writable.overlay.base : o.uid ? (await repo.holdVersion(o.uid, `FUSE mount of ${o.uid}`)).version : undefined;
   const real = await checkMountPoint(dir).catch(async (e) => {
     await writable?.close();
     throw e;
