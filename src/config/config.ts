@@ -3,6 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { getHashes } from 'node:crypto';
 import { ConfigError } from '../util/errors';
+import { maskEngineUrl } from '../util/secrets';
 import { IniData, mergeIni, parseIni } from './ini';
 import { parseSize } from './size';
 
@@ -147,7 +148,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   const get = (section: string, key: string): string | undefined => ini.get(section)?.get(key);
   const where = (section: string, key: string) => `[${section === 'defaults' ? 'DEFAULTS' : section === 'metabackend' ? 'MetaBackend' : section === 'databackend' ? 'DataBackend' : section}] ${key}`;
   const bad = (section: string, key: string, allowed: string): never => {
-    throw new ConfigError(`invalid ${where(section, key)} = "${get(section, key)}": ${allowed}`);
+    throw new ConfigError(`invalid ${where(section, key)} = "${maskEngineUrl(get(section, key) ?? '')}": ${allowed}`);
   };
   const int = (section: string, key: string, min: number, max: number): number => {
     const v = get(section, key)?.trim() ?? '';
@@ -172,8 +173,9 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
     return bad(section, key, `allowed: ${allowed.join(', ')}`);
   };
   const pathOf = (section: string, key: string): string => {
-    const v = (get(section, key) ?? '').trim();
-    if (!v) bad(section, key, 'expected a path');
+    // Not trimmed: the parser already did, except inside quotes, where spaces are part of the path.
+    const v = get(section, key) ?? '';
+    if (!v.trim()) bad(section, key, 'expected a path');
     return path.resolve(baseOf(section, key), v.replace(/^~(?=\/|$)/, os.homedir()));
   };
   // Simultaneous reads/writes: backy2 had them under [DataBackend]; the brief lists [DEFAULTS]. Both work.
@@ -203,7 +205,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   }
 
   const logfileText = (get('defaults', 'logfile') ?? '').trim();
-  const engine = (get('metabackend', 'engine') ?? '').trim();
+  const engine = get('metabackend', 'engine') ?? ''; // as written (see pathOf)
   const dataType = oneOf('databackend', 'type', ['file', 's3'] as const, {
     'backy2.data_backends.file': 'file', 'backy2.data_backends.s3': 's3',
   });
