@@ -24,6 +24,12 @@ export interface NbdServiceOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   replyTimeoutMs?: number;
+  /**
+   * Serve these exports instead of the repository's versions (a live restore serves its target); `describe`
+   * says what they are in the start line.
+   */
+  catalogue?: ExportCatalogue & Required<Pick<ExportCatalogue, 'exists'>>;
+  describe?: string;
 }
 
 /** `nbd://host:port` or `nbd+unix:///?socket=path` (nbds... with TLS): what to tell the user to connect to. */
@@ -48,14 +54,14 @@ export class NbdService {
   static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
     const overlays = opts.writable?.length ? await useOverlays(repo, opts.writable, 'a writable NBD export') : [];
     const versions = new VersionCatalogue(repo);
-    const catalogue = new LoggingCatalogue(overlays.length ? new OverlayCatalogue(versions, overlays) : versions);
+    const catalogue = new LoggingCatalogue(opts.catalogue ?? (overlays.length ? new OverlayCatalogue(versions, overlays) : versions));
     let starting = true;
     let server: NbdServer;
     try {
       server = new NbdServer({
         catalogue,
         // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
-        readOnly: overlays.length === 0,
+        readOnly: !opts.catalogue && overlays.length === 0,
         tls: opts.tls,
         maxConnections: opts.maxConnections,
         handshakeTimeoutMs: opts.handshakeTimeoutMs,
@@ -80,11 +86,16 @@ export class NbdService {
     } finally {
       starting = false;
     }
-    const count = (await repo.meta.listVersions()).length;
-    const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
     const tlsNote = opts.tls ? (opts.tls.mode === 'require' ? ', TLS required' : ', TLS offered') : '';
-    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
-      `(block cache ${formatBytes(repo.cfg.cacheSize)}${tlsNote}); stop with SIGTERM or Ctrl-C`);
+    let what = opts.describe ?? '';
+    if (!opts.catalogue) {
+      const count = (await repo.meta.listVersions()).length;
+      const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
+      what = `${count} version${count === 1 ? '' : 's'} read-only${writable}`;
+    }
+    const notes = [...(opts.catalogue ? [] : [`block cache ${formatBytes(repo.cfg.cacheSize)}`]), ...(tlsNote ? [tlsNote.slice(2)] : [])];
+    log.info(`serving ${what} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
+      `${notes.length ? `(${notes.join(', ')})` : ''}; stop with SIGTERM or Ctrl-C`);
     return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
   }
 

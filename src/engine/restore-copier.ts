@@ -206,7 +206,7 @@ export class BlockCopier {
     if (step.kind === 'data') {
       const earlier = this.firstCopy.get(step.ref.id);
       if (earlier) source = earlier.index;
-      work = earlier ? this.copyRepeat(step.index, earlier) : this.copyFirst(step.index, step.ref);
+      work = earlier ? this.copyRepeat(step.index, step.ref, earlier) : this.copyFirst(step.index, step.ref);
     } else if (step.kind === 'hole') {
       work = this.zeroRun(step.index, step.count);
     } else {
@@ -287,9 +287,14 @@ export class BlockCopier {
     }
   }
 
-  private async copyRepeat(index: number, earlier: { index: number; done: Promise<boolean> }): Promise<boolean> {
+  private async copyRepeat(index: number, ref: BlobRef, earlier: { index: number; done: Promise<boolean> }): Promise<boolean> {
     const offset = index * this.bs;
     const len = this.blockLength(index);
+    // A delta restore checks every block, repeats too: an unchanged one is not written.
+    if (await this.opts.hooks?.unchanged?.(index, ref, len)) {
+      this.stats.blocksUnchanged++;
+      return true;
+    }
     if (!(await earlier.done)) {
       this.errors.push({ offset, message: `same data as offset ${earlier.index * this.bs}, which could not be restored` });
       return false;
