@@ -43,7 +43,7 @@ export type LiveEvent =
   | { event: 'serving'; address: string; export: string; total_bytes: number; done_bytes: number; state: string }
   | { event: 'progress'; done_bytes: number; total_bytes: number; percent: number }
   | { event: 'complete'; seconds: number; errors: number }
-  | { event: 'stopped'; complete: boolean; done_bytes: number; total_bytes: number };
+  | { event: 'stopped'; complete: boolean; done_bytes: number; total_bytes: number; copied_bytes: number };
 
 export interface LiveRestoreResult {
   complete: boolean;
@@ -227,7 +227,9 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
   } finally {
     await target.close().catch((e) => (finalFailure ??= e));
   }
-  opts.onEvent?.({ event: 'stopped', complete, done_bytes: doneBytes, total_bytes: v.size });
+  // What the background copy wrote in this run (a continued restore does not copy what was done before).
+  const copied = copier.stats.bytesWritten + copier.stats.blocksZeroed * bs;
+  opts.onEvent?.({ event: 'stopped', complete, done_bytes: doneBytes, total_bytes: v.size, copied_bytes: copied });
   if (finalFailure) throw finalFailure;
   const seconds = (Date.now() - started) / 1000;
   for (const e of copier.errors) log.error(`offset ${e.offset}: ${e.message}`);

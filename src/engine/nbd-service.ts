@@ -94,8 +94,8 @@ export class NbdService {
       what = `${count} version${count === 1 ? '' : 's'} read-only${writable}`;
     }
     const notes = [...(opts.catalogue ? [] : [`block cache ${formatBytes(repo.cfg.cacheSize)}`]), ...(tlsNote ? [tlsNote.slice(2)] : [])];
-    log.info(`serving ${what} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
-      `${notes.length ? `(${notes.join(', ')})` : ''}; stop with SIGTERM or Ctrl-C`);
+    log.info(`serving ${what} on ${describeAddress(address, opts.tls?.mode === 'require')}` +
+      `${notes.length ? ` (${notes.join(', ')})` : ''}; stop with SIGTERM or Ctrl-C`);
     return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
   }
 

@@ -104,6 +104,7 @@ export class BlockCopier {
         // A run of holes is split where blocks are done or busy already (a client got there first).
         for (const part of this.split(step)) {
           await this.jobs.acquire();
+          while (this.urgent > 0 && !this.jobs.failed) await new Promise<void>((r) => this.urgentDone.push(r));
           if (this.jobs.failed || !this.claimable(part)) {
             this.jobs.release();
             if (this.jobs.failed) break;
@@ -127,6 +128,20 @@ export class BlockCopier {
    * again); rejects when the target fails.
    */
   async now(index: number): Promise<boolean> {
+    // While a client waits, the background pass starts nothing new: storage reads (and their bandwidth
+    // limit, which serves in order) go to what the client asked for.
+    this.urgent++;
+    try {
+      return await this.nowInner(index);
+    } finally {
+      if (--this.urgent === 0) for (const wake of this.urgentDone.splice(0)) wake();
+    }
+  }
+
+  private urgent = 0;
+  private urgentDone: (() => void)[] = [];
+
+  private async nowInner(index: number): Promise<boolean> {
     let tries = 0;
     for (;;) {
       if (this.state[index] === DONE) return true;
@@ -320,8 +335,9 @@ export class BlockCopier {
       if (i < index + count) {
         todo = !this.target.zeroed;
         if (this.opts.hooks?.unchanged) {
-          if (await this.opts.hooks.unchanged(i, undefined, this.blockLength(i))) this.stats.blocksUnchanged++;
-          else todo = true;
+          // Unchanged: nothing to write, whatever the target is.
+          todo = !(await this.opts.hooks.unchanged(i, undefined, this.blockLength(i)));
+          if (!todo) this.stats.blocksUnchanged++;
         }
       }
       if (todo && start < 0) start = i;
