@@ -5,7 +5,7 @@
  */
 import type * as net from 'node:net';
 import type * as tls from 'node:tls';
-import { oneLine } from './errors';
+import { oneLine, quoteName } from './errors';
 import type { OpenExport, SharedExports } from './exports';
 import { Handshake, HandshakeTls, Wire } from './handshake';
 import { Replies } from './replies';
@@ -112,7 +112,7 @@ export class NbdConnection {
   }
 
   private log(msg: string, to = this.logLine): void {
-    const exp = this.current ? ` export "${this.current.name}"` : '';
+    const exp = this.current ? ` export ${quoteName(this.current.name)}` : '';
     try {
       // Names and messages can come from the client: keep the line one line, free of control characters.
       to(`nbd ${this.peer}${exp}: ${msg}`.replace(/[\x00-\x1f\x7f]+/g, ' '));

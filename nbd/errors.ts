@@ -44,3 +44,12 @@ export function oneLine(e: unknown): string {
 export function messageForClient(e: unknown): string {
   return isDeviceError(e) ? oneLine(e) : 'internal server error';
 }
+
+/** Longest part of a client-chosen name (an export name) repeated in a log line. */
+export const MAX_LOGGED_NAME = 64;
+
+/** A client-chosen name for a log line: quoted, control characters escaped, cut to MAX_LOGGED_NAME. */
+export function quoteName(name: string): string {
+  const cut = name.length > MAX_LOGGED_NAME ? `${name.slice(0, MAX_LOGGED_NAME)}…` : name;
+  return `"${cut.replace(/[\x00-\x1f\x7f"\\]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)}"${name.length > MAX_LOGGED_NAME ? ` (${Buffer.byteLength(name)} bytes)` : ''}`;
+}

@@ -4,6 +4,7 @@
  * own) exists once. The device is closed when its last connection lets go; a connection arriving meanwhile
  * waits for that close and opens it afresh.
  */
+import { oneLine, quoteName } from './errors';
 import { ReadOnlyDevice } from '../src/device/read-only';
 import type { BlockDevice, ExportCatalogue, ExportInfo } from '../src/device/types';
 
@@ -78,7 +79,7 @@ export class SharedExports {
     if (--e.refs > 0) return;
     this.open.delete(x.name);
     if (!x.device.close) return;
-    const closed = x.device.close().catch((err: unknown) => this.log(`closing export "${x.name}" failed: ${err instanceof Error ? err.message : String(err)}`));
+    const closed = x.device.close().catch((err: unknown) => this.log(`closing export ${quoteName(x.name)} failed: ${oneLine(err)}`));
     this.closing.set(x.name, closed);
     try {
       await closed;

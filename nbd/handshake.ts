@@ -4,7 +4,7 @@
  */
 import { capabilitiesOf } from '../src/device/types';
 import * as C from './constants';
-import { MAX_CLIENT_MESSAGE, oneLine } from './errors';
+import { MAX_CLIENT_MESSAGE, oneLine, quoteName } from './errors';
 import type { OpenExport, SharedExports } from './exports';
 import { tlsErrorLine } from './tls';
 import { EMPTY, ProtocolError, SocketReader, SocketWriter, utf8Truncate, writeU64 } from './wire';
@@ -235,10 +235,10 @@ export class Handshake {
     try {
       e = await this.openExport(name);
     } catch (err) {
-      throw new ProtocolError(`NBD_OPT_EXPORT_NAME "${name}": cannot open export: ${oneLine(err)}`);
+      throw new ProtocolError(`NBD_OPT_EXPORT_NAME ${quoteName(name)}: cannot open export: ${oneLine(err)}`);
     }
     // NBD_OPT_EXPORT_NAME cannot fail gracefully: the spec requires terminating the session.
-    if (!e) throw new ProtocolError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+    if (!e) throw new ProtocolError(`NBD_OPT_EXPORT_NAME for unknown export ${quoteName(name)}`);
     this.enter(e);
     const reply = Buffer.alloc(this.clientNoZeroes ? 10 : 10 + 124);
     writeU64(reply, e.device.size, 0);
@@ -289,7 +289,7 @@ export class Handshake {
     try {
       e = await this.openExport(name);
     } catch (err) {
-      this.log(`opening export "${name}" failed: ${oneLine(err)}`);
+      this.log(`opening export ${quoteName(name)} failed: ${oneLine(err)}`);
       return this.sendOptionError(option, C.REP_ERR_UNKNOWN, `export "${name}" is not available`);
     }
     if (!e) return this.sendOptionError(option, C.REP_ERR_UNKNOWN, `unknown export "${name}"`);

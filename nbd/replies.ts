@@ -24,6 +24,11 @@ export class Replies {
     readonly structured: boolean,
   ) {}
 
+  /** False once the connection can no longer take replies. */
+  get usable(): boolean {
+    return this.writer.usable;
+  }
+
   /**
    * Writes one whole message; false when the socket is gone (the reply is dropped). `flushed` is called once
    * its bytes have left the process (or were dropped).

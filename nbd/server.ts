@@ -78,7 +78,8 @@ export class NbdServer {
   private readonly limits: ConnectionLimits;
   private readonly tls?: ServerTls;
   private readonly server: net.Server;
-  private readonly connections = new Set<NbdConnection>();
+  /** Open connections, each with the promise of its end (the connection forgotten). */
+  private readonly connections = new Map<NbdConnection, Promise<void>>();
   private closing: Promise<void> | null = null;
   private listened = false;
   private readonly maxConnections: number;
@@ -189,7 +190,17 @@ export class NbdServer {
           if (this.server.listening) this.server.close(() => resolve());
           else resolve();
         });
-        await Promise.all([...this.connections].map((c) => c.shutdown()));
+        const open = [...this.connections];
+        await Promise.all(open.map(([c]) => c.shutdown()));
+        // Shutdown resolves once a connection's socket is gone even if a device call hangs; its own end (the
+        // export released, the connection forgotten) follows at once unless something hangs: wait for it a
+        // little, so close() leaves nothing behind in the normal case.
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          Promise.all(open.map(([, ended]) => ended)),
+          new Promise<void>((resolve) => (timer = setTimeout(resolve, this.limits.closeTimeoutMs))),
+        ]);
+        clearTimeout(timer);
         await stopped;
       })();
     }
@@ -215,11 +226,11 @@ export class NbdServer {
     socket.setNoDelay(true);
     socket.setKeepAlive(true, 60_000);
     const conn = new NbdConnection(socket, this.exports, this.log, this.limits, this.debug, this.tls);
-    this.connections.add(conn);
-    conn
+    const ended = conn
       .run()
       .catch((e) => this.log(`nbd: connection handler failed: ${oneLine(e)}`))
       .finally(() => this.connections.delete(conn));
+    this.connections.set(conn, ended);
   }
 }
 

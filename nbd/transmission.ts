@@ -241,6 +241,7 @@ export class Transmission {
       connection.release(req.length);
       if (big) whole.release(req.length);
     });
+    if (!this.replies.usable) return release(); // the client is gone: nothing to read for
     let data: Buffer;
     try {
       data = await readExact(this.device, req.offset, req.length);
@@ -288,6 +289,7 @@ export class Transmission {
   private async readPiece(req: Request, offset: number, length: number, budget: ByteBudget): Promise<void> {
     await budget.acquire(length);
     const release = once(() => budget.release(length));
+    if (!this.replies.usable) return release(); // the client is gone: nothing to read for
     let data: Buffer;
     try {
       data = await readExact(this.device, offset, length);

@@ -102,6 +102,20 @@ export class SocketReader {
     }
   }
 
+  /**
+   * Fills `dst` with the next `dst.length` bytes, copying each piece as it arrives: one copy, and nothing
+   * held back until the whole length is there (a client reading large replies into its own buffers).
+   */
+  async readInto(dst: Buffer): Promise<void> {
+    let at = 0;
+    while (at < dst.length) {
+      if (this.discarded || this.buffered === 0) await this.waitFor(1);
+      const k = Math.min(dst.length - at, this.buffered);
+      this.drop(k, dst, at);
+      at += k;
+    }
+  }
+
   private waitFor(n: number): Promise<void> {
     if (this.failure && (this.discarded || this.buffered < n)) return Promise.reject(this.failure);
     if (this.waiter) return Promise.reject(new Error('SocketReader: concurrent reads are not supported'));
@@ -175,10 +189,15 @@ export class SocketReader {
     return out;
   }
 
-  private drop(n: number): void {
+  /** Consumes `n` buffered bytes; with `into`, copies them there (at `at`) first. */
+  private drop(n: number, into?: Buffer, at = 0): void {
     while (n > 0) {
       const c = this.chunks[0];
       const k = Math.min(c.length - this.head, n);
+      if (into) {
+        c.copy(into, at, this.head, this.head + k);
+        at += k;
+      }
       this.head += k;
       n -= k;
       this.buffered -= k;

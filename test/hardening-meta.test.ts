@@ -6,9 +6,10 @@ import { after, describe, test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import Database from 'better-sqlite3';
-import { BACKY, makeTestRepo, TestRepo, writeImage } from './helpers/cli';
+import { BACKY, makeTestRepo, restoredHash, TestRepo, writeImage } from './helpers/cli';
+import { sha256File } from './helpers/images';
 
 const MiB = 1024 * 1024;
 const hasStrace = spawnSync('strace', ['-V']).status === 0;
@@ -50,5 +51,62 @@ describe('cleanup on SQLite', () => {
     assert.ok(walSync > lastWalWrite,
       `the WAL holding the marks was not synced before the first delete:\n${lines.slice(0, firstDelete + 1).filter((l) => /sqlite-wal|unlink/.test(l)).join('\n')}`);
     assert.equal(fs.readdirSync(dataDir, { recursive: true }).filter((f) => /[0-9a-f]{32}$/.test(String(f))).length, 0);
+  });
+});
+
+/** The state letter of a process (field 3 of /proc/PID/stat), or '' when it is gone. */
+function processState(pid: number): string {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+  } catch {
+    return '';
+  }
+}
+
+async function waitFor(what: string, cond: () => boolean | Promise<boolean>, ms = 60_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe('a dead lock holder', () => {
+  const repo = makeTestRepo('[DataBackend]\nbandwidth_write = 4M\n', { blockSize: MiB });
+  after(() => repo.cleanup());
+
+  test('a killed backup whose parent has not reaped it (a zombie) holds nothing: backup -c continues at once', async () => {
+    await repo.ok(['initdb']);
+    const img = path.join(repo.dir, 'img');
+    writeImage(img, 32 * MiB, 'random');
+    // A parent that starts the backup and never waits for it, as a shell script stuck elsewhere would.
+    const parent = spawn('python3', ['-c', [
+      'import os, sys, time',
+      'pid = os.fork()',
+      'if pid == 0:',
+      '    fd = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT, 0o600); os.dup2(fd, 1); os.dup2(fd, 2)',
+      '    os.execv(sys.argv[1], [sys.argv[1], sys.argv[2], "-c", sys.argv[4], "backup", "file://" + sys.argv[5], "zombie"])',
+      'print(pid, flush=True)',
+      'time.sleep(600)',
+    ].join('\n'), process.execPath, BACKY, path.join(repo.dir, 'zombie.out'), repo.cfg, img], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const pid = await new Promise<number>((resolve) => parent.stdout.once('data', (d) => resolve(Number(String(d).trim()))));
+      let uid = '';
+      await waitFor('the backup to start storing blocks', () => {
+        const out = path.join(repo.dir, 'zombie.out');
+        uid = fs.existsSync(out) ? /into version ([0-9a-f-]{36})/.exec(fs.readFileSync(out, 'utf8'))?.[1] ?? '' : '';
+        return !!uid;
+      });
+      process.kill(pid, 'SIGKILL');
+      await waitFor('the killed backup to become a zombie', () => processState(pid) === 'Z');
+      const r = await repo.run(['backup', '-c', uid, `file://${img}`, 'zombie']);
+      assert.equal(processState(pid), 'Z', 'the holder was still a zombie during the continued backup');
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout.trim(), uid);
+      assert.equal(await restoredHash(repo, uid), sha256File(img));
+    } finally {
+      parent.kill('SIGKILL');
+    }
   });
 });

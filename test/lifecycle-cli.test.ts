@@ -39,7 +39,7 @@ function dataFiles(repo: TestRepo): Map<string, number> {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       const p = path.join(d, e.name);
       if (e.isDirectory()) walk(p);
-      else if (e.isFile()) out.set(path.relative(path.join(repo.dir, 'data'), p), fs.statSync(p).size);
+      else if (e.isFile() && e.name !== 'backy-repository.json') out.set(path.relative(path.join(repo.dir, 'data'), p), fs.statSync(p).size);
     }
   };
   walk(path.join(repo.dir, 'data'));

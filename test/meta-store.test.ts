@@ -9,12 +9,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
+import { Worker } from 'node:worker_threads';
 import { HOLE, MAP_CHUNK, PENDING, blockCount, chunkCount, decodeChunk as decodeChunkOf } from '../src/meta/block-map';
 import { createMetaStore } from '../src/meta/open';
 import { chunkDigest } from '../src/meta/map-summary';
 import { SCHEMA_VERSION } from '../src/meta/schema';
 import Database from 'better-sqlite3';
-import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, VersionRow } from '../src/meta/types';
+import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, ProtectedError, VersionRow } from '../src/meta/types';
 import { DatabaseError } from '../src/util/errors';
 import { processStart } from '../src/util/process-info';
 import { startPostgres, TestPostgres } from './helpers/postgres';
@@ -47,6 +48,45 @@ async function fullMap(store: MetaStore, v: VersionRow): Promise<number[]> {
   const blocks = blockCount(v.size, v.blockSize);
   for (let c = 0; c < chunkCount(blocks); c++) out.push(...(await store.readMapChunk(v.id, c)));
   return out;
+}
+
+/**
+ * Two threads with a connection each: per round, one tries to hold version `v<round>`, the other to remove it,
+ * released from a barrier at the same moment (a real race on either engine: SQLite's driver is synchronous,
+ * so two stores of one thread could never overlap). Returns what happened to each attempt.
+ */
+async function raceHoldsAndRemovals(url: string, rounds: number): Promise<{ hold: string; removal: string }[]> {
+  const barrier = new Int32Array(new SharedArrayBuffer(4 * (rounds + 1)));
+  const code = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const { createMetaStore } = require(workerData.open);
+    (async () => {
+      const store = createMetaStore(workerData.url);
+      await store.open();
+      const out = [];
+      for (let round = 0; round < workerData.rounds; round++) {
+        const info = { session: workerData.role + '-' + round, host: require('node:os').hostname(), pid: process.pid, pidStart: '', what: workerData.role };
+        Atomics.add(workerData.barrier, round, 1);
+        while (Atomics.load(workerData.barrier, round) < 2) Atomics.wait(workerData.barrier, round, 1, 5);
+        const uid = 'v' + round;
+        const holder = workerData.role === 'hold'
+          ? await store.tryLock('hold:' + uid + ':' + info.session, info, ['remove:' + uid])
+          : await store.tryLock('remove:' + uid, info, ['hold:' + uid + ':*']);
+        out.push(holder ? 'refused by ' + holder.what : 'taken');
+      }
+      // Closing releases this side's locks: only once the other side is done too.
+      Atomics.add(workerData.barrier, workerData.rounds, 1);
+      while (Atomics.load(workerData.barrier, workerData.rounds) < 2) await new Promise((r) => setTimeout(r, 5));
+      await store.close();
+      parentPort.postMessage(out);
+    })().catch((e) => parentPort.postMessage({ error: e.message }));`;
+  const run = (role: string) => new Promise<string[]>((resolve, reject) => {
+    const w = new Worker(code, { eval: true, workerData: { url, rounds, role, barrier, open: path.resolve(__dirname, '../src/meta/open.js') } });
+    w.once('message', (m) => (Array.isArray(m) ? resolve(m) : reject(new Error(m.error))));
+    w.once('error', reject);
+  });
+  const [holds, removals] = await Promise.all([run('hold'), run('removal')]);
+  return holds.map((hold, k) => ({ hold, removal: removals[k] }));
 }
 
 interface Engine {
@@ -283,6 +323,38 @@ for (const engine of engines) {
       await store.removeVersion(v.id);
       assert.equal(await store.getVersion(v.uid), undefined);
       assert.equal((await store.listVersions()).length, 0);
+    });
+
+    test('removal refuses a protected version in its own transaction; updates of a removed version say so', async () => {
+      const { store, another } = await fresh();
+      const other = await another();
+      const v = await store.createVersion(newVersion(BS));
+      // Another process protects the version after this one has read it unprotected.
+      assert.equal((await store.getVersion(v.uid))!.protected, false);
+      assert.equal(await other.updateVersion(v.id, { protected: true }), true);
+      await assert.rejects(store.removeVersion(v.id), (e: Error) => e instanceof ProtectedError && /is protected/.test(e.message));
+      assert.ok(await store.getVersion(v.uid));
+      assert.equal(await other.updateVersion(v.id, { protected: false }), true);
+      assert.equal(await store.removeVersion(v.id), true);
+      assert.equal(await other.updateVersion(v.id, { protected: true }), false);
+      assert.equal(await other.updateVersion(v.id, {}), false);
+      assert.equal(await store.removeVersion(v.id), false);
+    });
+
+    test('a hold and a removal of one version, started at the same moment: exactly one of them wins', async () => {
+      const { url, store } = await fresh();
+      await store.close(); // the two racing connections are the workers'
+      const rounds = 60;
+      const outcome = await raceHoldsAndRemovals(url, rounds);
+      const wins = { hold: 0, removal: 0 };
+      for (let round = 0; round < rounds; round++) {
+        const { hold, removal } = outcome[round];
+        assert.ok((hold === 'taken') !== (removal === 'taken'), `round ${round}: hold ${hold}, removal ${removal}`);
+        if (hold === 'taken') wins.hold++;
+        else wins.removal++;
+      }
+      // Both orders happened: the attempts really overlapped.
+      assert.ok(wins.hold > 0 && wins.removal > 0, `holds won ${wins.hold} times, removals ${wins.removal} times`);
     });
 
     test('cleanup with grace: removal stamps, blobs wait, then are deleted; referenced blobs are never marked', async () => {
@@ -596,8 +668,11 @@ for (const engine of engines) {
       await store.updateVersion(v3.id, { complete: true, valid: true });
       await check(await store.mapUsage(), (await store.getVersion(v3.uid))!);
       assert.deepEqual(await stored(), [v1.id, v2.id, v3.id]);
-      // Removing v1 removes its summary; v2's chunks are still found (through v2).
+      // Removing v1 (read through its summary: 4 of its chunks) stamps every blob it used and removes its
+      // summary; v2's chunks are still found (through v2).
       await store.removeVersion(v1.id);
+      const stamped = new Set((await sql(url, 'SELECT id FROM blobs WHERE unref_since IS NOT NULL')).map((r) => Number(r.id)));
+      assert.deepEqual([...new Set(r1.map((r) => r.blobId))].filter((id) => !stamped.has(id)), [], 'every blob of v1 is stamped');
       const after = await store.mapUsage();
       assert.deepEqual(await stored(), [v2.id, v3.id]);
       await check(after, v2);

@@ -246,7 +246,7 @@ describe('backy nbd with TLS options', () => {
   let uid: string;
   let file: string;
   before(async () => {
-    repo = makeTestRepo('cache_size = 64M\n');
+    repo = makeTestRepo('[DEFAULTS]\ncache_size = 64M\n');
     await repo.ok(['initdb']);
     file = path.join(repo.dir, 'vm.img');
     fs.writeFileSync(file, img.data);

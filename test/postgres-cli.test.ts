@@ -65,13 +65,13 @@ function blockImage(file: string, blocks: number, content: (i: number) => string
   }
 }
 
-/** Stored objects under the data directory (temporary files excluded). */
+/** Stored objects under the data directory (temporary files and the repository marker excluded). */
 function storedObjects(repo: TestRepo): number {
   let n = 0;
   const walk = (d: string) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       if (e.isDirectory()) walk(path.join(d, e.name));
-      else if (!e.name.startsWith('.tmp.')) n++;
+      else if (!e.name.startsWith('.tmp.') && e.name !== 'backy-repository.json') n++;
     }
   };
   walk(path.join(repo.dir, 'data'));

@@ -1,5 +1,6 @@
 import { Config, loadConfig } from '../config/config';
 import type { Repository } from '../engine/repository';
+import { enginePasswords } from '../meta/pg-errors';
 import { log } from '../util/log';
 import type { OutputMode } from './output';
 
@@ -34,8 +35,7 @@ export class Context {
       this.cfg = loadConfig(this.opts.configfile);
       log.addSecret(this.cfg.encryptionKey?.toString('hex'));
       log.addSecret(this.cfg.data.s3.secretAccessKey);
-      const pw = /^postgresql:\/\/[^:/@]*:([^@]*)@/.exec(this.cfg.metaEngine)?.[1];
-      log.addSecret(pw ? decodeURIComponent(pw) : undefined);
+      for (const pw of enginePasswords(this.cfg.metaEngine)) log.addSecret(pw);
       log.setLogfile(this.cfg.logfile);
       if (this.opts.verbose) log.fileLevel = 'debug';
     }

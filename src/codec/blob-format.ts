@@ -1,5 +1,8 @@
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
-import { compress, decompress } from 'zstd-napi';
+import { compress } from 'zstd-napi';
+// The low-level context: decompresses into a buffer we size, never one sized by the frame's own header.
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { DCtx } = require('zstd-napi/binding') as typeof import('zstd-napi/binding');
 
 /**
  * How one block is stored. Layout (version 1):
@@ -109,6 +112,56 @@ export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions, out?: 
 export class BlobFormatError extends Error {}
 
 /**
+ * What a stored blob is. The one place that tells formats apart (and decides which a repository accepts):
+ * foreign formats (backy2's v0 plain and v1 blobs, read in place after an import) are added here, each with
+ * its decoder below.
+ */
+export interface BlobFormat {
+  name: 'backy-v1';
+  encrypted: boolean;
+  compressed: boolean;
+}
+
+/** The format of a blob from its header; BlobFormatError when it is none this backy reads. */
+export function identifyBlob(blob: Buffer): BlobFormat {
+  if (blob.length < HEADER_PLAIN || !blob.subarray(0, 4).equals(MAGIC)) throw new BlobFormatError('not a backy blob (bad magic)');
+  const flags = blob.readUInt32LE(4);
+  if (flags & ~(FLAG_AES | FLAG_ZSTD)) throw new BlobFormatError(`unknown flags ${flags}`);
+  return { name: 'backy-v1', encrypted: (flags & FLAG_AES) !== 0, compressed: (flags & FLAG_ZSTD) !== 0 };
+}
+
+/**
+ * Whether a repository with these options reads a blob of format `f`. An encrypted repository reads only
+ * encrypted blobs: a plaintext blob in it was not written by backy with this repository's settings (a
+ * configuration that switched encryption off, or a planted object) and is refused, never served.
+ */
+function refusal(f: BlobFormat, opts: CodecOptions): string | undefined {
+  if (f.encrypted && !opts.key) return 'blob is encrypted but encryption is off in the configuration';
+  if (!f.encrypted && opts.key) return 'blob is not encrypted, but this repository is: refused';
+  return undefined;
+}
+
+let dctx: InstanceType<typeof DCtx> | undefined;
+
+/**
+ * zstd-decompresses `payload`, which must yield exactly `size` bytes, into `out` when it is large enough.
+ * The output is bounded by `size`: a frame that claims or produces more fails, so a crafted blob cannot make
+ * this process allocate more than one block.
+ */
+function decompressBounded(payload: Buffer, size: number, out?: Buffer): Buffer {
+  const dst = out && out.length >= size ? out.subarray(0, size) : Buffer.allocUnsafe(size);
+  dctx ??= new DCtx();
+  let n: number;
+  try {
+    n = dctx.decompress(dst, payload);
+  } catch (e) {
+    throw new BlobFormatError(/too small/i.test((e as Error).message) ? `decompresses to more than ${size} bytes` : 'decompression failed');
+  }
+  if (n !== size) throw new BlobFormatError(`wrong size ${n}, expected ${size}`);
+  return dst;
+}
+
+/**
  * Decodes and verifies a stored blob. Throws BlobFormatError with a short reason (never garbage data):
  * not a backy blob, authentication failed (wrong key or tampered), decompression failed, wrong size,
  * checksum mismatch. With `recompute` false, an encrypted blob is verified by its GCM tag alone, which
@@ -116,15 +169,14 @@ export class BlobFormatError extends Error {}
  * checksummed.
  */
 export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecOptions, out?: Buffer, recompute = true): Buffer {
-  if (blob.length < HEADER_PLAIN || !blob.subarray(0, 4).equals(MAGIC)) throw new BlobFormatError('not a backy blob (bad magic)');
-  const flags = blob.readUInt32LE(4);
-  if (flags & ~(FLAG_AES | FLAG_ZSTD)) throw new BlobFormatError(`unknown flags ${flags}`);
-  const compressed = (flags & FLAG_ZSTD) !== 0;
+  const format = identifyBlob(blob);
+  const refused = refusal(format, opts);
+  if (refused) throw new BlobFormatError(refused);
+  const compressed = format.compressed;
   let payload: Buffer;
   // Set when the checksum was computed on the way (decrypted pieces hashed while still in the CPU cache).
   let hashed: Buffer | undefined;
-  if (flags & FLAG_AES) {
-    if (!opts.key) throw new BlobFormatError('blob is encrypted but encryption is off in the configuration');
+  if (format.encrypted && opts.key) {
     if (blob.length < HEADER_AES + TAG) throw new BlobFormatError('truncated');
     const decipher = createDecipheriv('aes-256-gcm', opts.key, blob.subarray(8, 20));
     decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER_AES), sum]));
@@ -143,8 +195,8 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
       }
       plain = dst.subarray(0, pos);
       hashed = hash.digest();
-    } else if (out && out.length >= body.length) {
-      // Into the caller's buffer (memory reuse).
+    } else if (!compressed && out && out.length >= body.length) {
+      // Into the caller's buffer (memory reuse); a compressed payload decompresses into it instead.
       plain = out.subarray(0, updateInto(decipher, body, out, 0));
     } else {
       plain = decipher.update(body); // one piece: the result is the plaintext itself, no copy
@@ -158,18 +210,9 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
   } else {
     payload = blob.subarray(HEADER_PLAIN);
   }
-  let data: Buffer;
-  if (compressed) {
-    try {
-      data = decompress(payload);
-    } catch {
-      throw new BlobFormatError('decompression failed');
-    }
-  } else {
-    data = payload;
-  }
+  const data = compressed ? decompressBounded(payload, size, out) : payload;
   if (data.length !== size) throw new BlobFormatError(`wrong size ${data.length}, expected ${size}`);
-  if (recompute || !(flags & FLAG_AES)) {
+  if (recompute || !format.encrypted) {
     if (!(hashed ?? checksum(opts.hashFunction, data)).equals(sum)) throw new BlobFormatError('checksum mismatch');
   }
   return data;

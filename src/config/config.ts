@@ -3,6 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { getHashes } from 'node:crypto';
 import { ConfigError } from '../util/errors';
+import { maskEngineUrl } from '../util/secrets';
 import { IniData, mergeIni, parseIni } from './ini';
 import { parseSize } from './size';
 
@@ -147,7 +148,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   const get = (section: string, key: string): string | undefined => ini.get(section)?.get(key);
   const where = (section: string, key: string) => `[${section === 'defaults' ? 'DEFAULTS' : section === 'metabackend' ? 'MetaBackend' : section === 'databackend' ? 'DataBackend' : section}] ${key}`;
   const bad = (section: string, key: string, allowed: string): never => {
-    throw new ConfigError(`invalid ${where(section, key)} = "${get(section, key)}": ${allowed}`);
+    throw new ConfigError(`invalid ${where(section, key)} = "${maskEngineUrl(get(section, key) ?? '')}": ${allowed}`);
   };
   const int = (section: string, key: string, min: number, max: number): number => {
     const v = get(section, key)?.trim() ?? '';

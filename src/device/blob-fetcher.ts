@@ -4,7 +4,8 @@ import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
 import { BlobCorruptError } from '../util/errors';
-import type { BlockCache } from './block-cache';
+import type { BlockCache, PrefetchOutcome } from './block-cache';
+import { spareBuffers } from './spare-buffers';
 
 /** Fetches a blob, decrypts and verifies it (on the worker pool), through the shared cache. */
 export class BlobFetcher {
@@ -22,8 +23,10 @@ export class BlobFetcher {
     return this.cache.has(BlobFetcher.cacheKey(ref));
   }
 
-  // Blob read buffers come back from the worker after decoding and are reused for the next read.
-  private spare: Buffer[] = [];
+  /** Loads the block into the cache when storage is idle (see BlockCache.prefetch); `source` is the asker. */
+  prefetch(ref: BlobRef, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
+    return this.cache.prefetch(BlobFetcher.cacheKey(ref), ref.size, () => this.load(ref), source);
+  }
 
   /**
    * Without the cache: scrub must read storage, not a cached copy. `recompute` forces (true) or skips the
@@ -39,7 +42,8 @@ export class BlobFetcher {
     const key = blobKey(ref.uid);
     let raw: Buffer;
     if (this.store.getInto) {
-      const into = this.spare.pop() ?? allocBlock(encodedCapacity(ref.size));
+      // Blob read buffers come back from the worker after decoding and are reused (one pool per process).
+      const into = spareBuffers.take(encodedCapacity(ref.size)) ?? allocBlock(encodedCapacity(ref.size));
       try {
         raw = await this.store.getInto(key, into);
       } catch (e) {
@@ -56,6 +60,6 @@ export class BlobFetcher {
   }
 
   private recycle(b: Buffer): void {
-    if (this.spare.length < 16 && b.length >= 64 * 1024) this.spare.push(b);
+    spareBuffers.give(b);
   }
 }

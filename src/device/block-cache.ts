@@ -1,18 +1,72 @@
 import { LRUCache } from 'lru-cache';
 
+export interface BlockCacheOptions {
+  /** Loads the store serves at once (simultaneous_reads): prefetching uses at most half, and only idle ones. */
+  concurrency?: number;
+  /** How long a failed load is remembered: reads of that block fail at once meanwhile (no fetch). */
+  failureTtlMs?: number;
+}
+
+/** Why a prefetch was not taken, when it was not. */
+export type PrefetchOutcome = 'cached' | 'queued' | 'full';
+
+interface Queued {
+  key: string;
+  size: number;
+  load: () => Promise<Buffer>;
+  source: object;
+  done: Promise<void>;
+  resolve: () => void;
+}
+
 /**
  * The process-wide cache of plaintext blocks, bounded in bytes. Keyed by block checksum, so equal blocks of
  * different versions (or of one version) share one entry; concurrent misses of one block share one fetch.
+ *
+ * Reads come first, prefetches (readahead, NBD_CMD_CACHE) take what is left:
+ * - a prefetch waits in a bounded queue and is loaded only while fewer than `concurrency` loads run (at most
+ *   half of them prefetches), so reads never queue behind a client's thousands of CACHE requests;
+ * - blocks prefetched and not read yet, plus those queued, may fill at most a quarter of the cache, so a
+ *   client cannot flush what everyone else reads; beyond that prefetches are dropped (they are hints);
+ * - sources (devices) are served in turn, each with at most half the queue;
+ * - a read of a queued block loads it at once.
+ *
+ * A failed load is remembered for `failureTtlMs`: reads of the block fail at once with the same error instead
+ * of asking storage again, so a missing object does not turn into a storm of GETs.
  */
 export class BlockCache {
   private lru: LRUCache<string, Buffer> | undefined;
   private inflight = new Map<string, Promise<Buffer>>();
+  private failed = new LRUCache<string, { error: unknown; at: number }>({ max: 4096 });
+  private readonly concurrency: number;
+  private readonly failureTtlMs: number;
   hits = 0;
   misses = 0;
 
-  constructor(readonly maxBytes: number) {
+  // Prefetching
+  private readonly queues = new Map<object, Queued[]>();
+  private readonly queued = new Map<string, Queued>();
+  private queuedBytes = 0;
+  /** Prefetched blocks not read since, by key: their bytes. */
+  private readonly unread = new Map<string, number>();
+  private unreadBytes = 0;
+  /** Blocks a read asked for while their load was running (a prefetch so joined counts as read). */
+  private readonly joined = new Set<string>();
+  private demandLoads = 0;
+  private prefetchLoads = 0;
+  /** Bytes of prefetches being loaded. */
+  private loadingBytes = 0;
+  readonly prefetchStats = { queued: 0, dropped: 0, loaded: 0, used: 0 };
+
+  constructor(readonly maxBytes: number, opts: BlockCacheOptions = {}) {
+    this.concurrency = Math.max(2, opts.concurrency ?? 8);
+    this.failureTtlMs = opts.failureTtlMs ?? 5000;
     if (maxBytes > 0) {
-      this.lru = new LRUCache<string, Buffer>({ maxSize: maxBytes, sizeCalculation: (b) => Math.max(1, b.length) });
+      this.lru = new LRUCache<string, Buffer>({
+        maxSize: maxBytes,
+        sizeCalculation: (b) => Math.max(1, b.length),
+        dispose: (_v, key) => this.forgetUnread(key),
+      });
     }
   }
 
@@ -25,24 +79,135 @@ export class BlockCache {
     const hit = this.lru?.get(key);
     if (hit) {
       this.hits++;
+      this.forgetUnread(key, true);
       return Promise.resolve(hit);
     }
     const pending = this.inflight.get(key);
-    if (pending) return pending;
+    if (pending) {
+      this.joined.add(key);
+      return pending;
+    }
+    const failure = this.failed.get(key);
+    if (failure && Date.now() - failure.at < this.failureTtlMs) return Promise.reject(failure.error);
     this.misses++;
+    const q = this.queued.get(key);
+    if (q) this.unqueue(q);
+    const p = this.start(key, load, false);
+    // A prefetch of this block that was still queued is answered by this load.
+    if (q) p.then(q.resolve, q.resolve);
+    return p;
+  }
+
+  /**
+   * Asks for `key` to be loaded when storage is idle. 'cached': there or on its way; 'queued': `done` resolves
+   * once loaded (or failed); 'full': dropped, the prefetch budget is used up (stop asking for more).
+   */
+  prefetch(key: string, size: number, load: () => Promise<Buffer>, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
+    if (!this.lru || this.has(key)) return { outcome: 'cached', done: Promise.resolve() };
+    const q = this.queued.get(key);
+    if (q) return { outcome: 'cached', done: q.done };
+    const failure = this.failed.get(key);
+    if (failure && Date.now() - failure.at < this.failureTtlMs) return { outcome: 'cached', done: Promise.resolve() };
+    const budget = this.maxBytes / 4;
+    const mine = this.queues.get(source) ?? [];
+    const mineBytes = mine.reduce((s, e) => s + e.size, 0);
+    if (this.unreadBytes + this.queuedBytes + this.loadingBytes + size > budget || mineBytes + size > budget / 2) {
+      this.prefetchStats.dropped++;
+      return { outcome: 'full', done: Promise.resolve() };
+    }
+    let resolve: () => void = () => undefined;
+    const done = new Promise<void>((r) => (resolve = r));
+    const e: Queued = { key, size, load, source, done, resolve };
+    mine.push(e);
+    this.queues.set(source, mine);
+    this.queued.set(key, e);
+    this.queuedBytes += size;
+    this.prefetchStats.queued++;
+    this.pump();
+    return { outcome: 'queued', done };
+  }
+
+  /** Prefetches queued, prefetched blocks not read yet (bytes), loads running: for tests and status. */
+  get prefetchState(): { queued: number; unreadBytes: number; demandLoads: number; prefetchLoads: number } {
+    return { queued: this.queued.size, unreadBytes: this.unreadBytes, demandLoads: this.demandLoads, prefetchLoads: this.prefetchLoads };
+  }
+
+  private start(key: string, load: () => Promise<Buffer>, prefetch: boolean): Promise<Buffer> {
+    if (prefetch) this.prefetchLoads++;
+    else this.demandLoads++;
     const p = load().then(
       (b) => {
         this.inflight.delete(key);
+        this.failed.delete(key);
         this.lru?.set(key, b);
+        const read = this.joined.delete(key);
+        if (prefetch) {
+          this.prefetchStats.loaded++;
+          if (read) this.prefetchStats.used++;
+          else if (this.lru?.has(key)) {
+            // Nobody has read it yet: it counts against the prefetch budget until read or evicted.
+            this.unread.set(key, b.length);
+            this.unreadBytes += b.length;
+          }
+        }
         return b;
       },
       (e) => {
         this.inflight.delete(key);
+        this.joined.delete(key);
+        if (this.failureTtlMs > 0) this.failed.set(key, { error: e, at: Date.now() });
         throw e;
       },
     );
     this.inflight.set(key, p);
+    const settled = (): void => {
+      if (prefetch) this.prefetchLoads--;
+      else this.demandLoads--;
+      this.pump();
+    };
+    p.then(settled, settled);
     return p;
+  }
+
+  /** Starts queued prefetches while storage has idle capacity, taking sources in turn. */
+  private pump(): void {
+    while (this.queued.size && this.prefetchLoads < this.concurrency / 2 && this.demandLoads + this.prefetchLoads < this.concurrency) {
+      const [source, list] = this.queues.entries().next().value as [object, Queued[]];
+      const e = list.shift()!;
+      // Round robin: the source goes to the back of the line.
+      this.queues.delete(source);
+      if (list.length) this.queues.set(source, list);
+      this.queued.delete(e.key);
+      this.queuedBytes -= e.size;
+      if (this.has(e.key)) {
+        e.resolve();
+        continue;
+      }
+      this.loadingBytes += e.size;
+      const loaded = (): void => {
+        this.loadingBytes -= e.size;
+        e.resolve();
+      };
+      this.start(e.key, e.load, true).then(loaded, loaded);
+    }
+  }
+
+  private unqueue(e: Queued): void {
+    this.queued.delete(e.key);
+    this.queuedBytes -= e.size;
+    const list = this.queues.get(e.source);
+    if (!list) return;
+    const i = list.indexOf(e);
+    if (i >= 0) list.splice(i, 1);
+    if (!list.length) this.queues.delete(e.source);
+  }
+
+  private forgetUnread(key: string, used = false): void {
+    const n = this.unread.get(key);
+    if (n === undefined) return;
+    this.unread.delete(key);
+    this.unreadBytes -= n;
+    if (used) this.prefetchStats.used++;
   }
 
   get size(): number {
@@ -51,5 +216,11 @@ export class BlockCache {
 
   clear(): void {
     this.lru?.clear();
+    this.failed.clear();
+  }
+
+  /** Forgets remembered failures (a repaired object is fetched again at once). */
+  forgetFailures(): void {
+    this.failed.clear();
   }
 }

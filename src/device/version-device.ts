@@ -4,16 +4,25 @@ import { ChunkWithBlobs, readChunkWithBlobs } from '../meta/map-reader';
 import type { BlobRef, MetaStore, VersionRow } from '../meta/types';
 import { errorLine } from '../util/errors';
 import type { BlobFetcher } from './blob-fetcher';
+import { FailureLog } from './failure-log';
 import { BlockDevice, DeviceError, Extent } from './types';
 
 /** What one block of a version is. */
 export type BlockSlot = { kind: 'hole' } | { kind: 'pending' } | { kind: 'data'; ref: BlobRef };
 
 /**
- * Errors already logged. Concurrent readers of one block share one fetch (and so one error object): the
- * failure is logged once, not once per waiting request.
+ * Failed reads of one block are logged once per interval with the number of repeats: concurrent readers share
+ * one fetch and a failed fetch is remembered for a while (BlockCache), but a client may ask again and again.
  */
-const logged = new WeakSet<object>();
+const blockFailures = new FailureLog(() => undefined);
+
+/** How long a block map chunk holding blocks not yet backed up is trusted before it is read again. */
+export const PENDING_RECHECK_MS = 1000;
+
+interface LoadedChunk {
+  chunk: Promise<ChunkWithBlobs>;
+  at: number;
+}
 
 let zeroBlock = Buffer.alloc(0);
 /** A shared all-zero buffer of at least `len` bytes. Callers must never write into it. */
@@ -31,7 +40,7 @@ export class VersionDevice implements BlockDevice {
   readonly size: number;
   readonly blockSize: number;
   readonly blocks: number;
-  private chunks: LRUCache<number, Promise<ChunkWithBlobs>>;
+  private chunks: LRUCache<number, LoadedChunk>;
 
   constructor(
     private readonly meta: MetaStore,
@@ -49,39 +58,59 @@ export class VersionDevice implements BlockDevice {
   private readonly log: (line: string) => void;
 
   private chunk(c: number): Promise<ChunkWithBlobs> {
-    let p = this.chunks.get(c);
-    if (!p) {
-      p = (async () => {
+    return this.chunkEntry(c).chunk;
+  }
+
+  private chunkEntry(c: number): LoadedChunk {
+    let e = this.chunks.get(c);
+    if (!e) {
+      const p = (async () => {
         // Any failure here (a version removed while open makes its map rows disappear; a lost database
         // connection) fails only the requests that need this chunk, as an I/O error: never the process.
         try {
           return await readChunkWithBlobs(this.meta, this.version, c);
-        } catch (e) {
-          throw new DeviceError(`version ${this.version.uid}: cannot read its block map: ${errorLine(e)}`, 'EIO', c * MAP_CHUNK * this.blockSize);
+        } catch (err) {
+          throw new DeviceError(`version ${this.version.uid}: cannot read its block map: ${errorLine(err)}`, 'EIO', c * MAP_CHUNK * this.blockSize);
         }
       })();
-      p.catch(() => this.chunks.delete(c));
-      this.chunks.set(c, p);
+      e = { chunk: p, at: Date.now() };
+      const entry = e;
+      p.catch(() => {
+        if (this.chunks.get(c) === entry) this.chunks.delete(c);
+      });
+      this.chunks.set(c, e);
     }
-    return p;
+    return e;
   }
 
   async slot(index: number): Promise<BlockSlot> {
-    const c = await this.chunk(Math.floor(index / MAP_CHUNK));
-    const e = c.entries[index % MAP_CHUNK];
+    const c = Math.floor(index / MAP_CHUNK);
+    const first = this.chunkEntry(c);
+    let chunk = await first.chunk;
+    let e = chunk.entries[index % MAP_CHUNK];
+    if (e === PENDING) {
+      // A backup still running (or continued later) records this block after we read the map: a chunk with
+      // pending blocks is read again once it is older than a moment, so they become readable when written.
+      // Another request may have done so meanwhile: then its newer chunk answers.
+      const current = this.chunks.get(c);
+      if (current && current !== first) {
+        chunk = await current.chunk;
+      } else if (Date.now() - first.at >= PENDING_RECHECK_MS) {
+        this.chunks.delete(c);
+        chunk = await this.chunk(c);
+      }
+      e = chunk.entries[index % MAP_CHUNK];
+    }
     if (e === HOLE) return { kind: 'hole' };
     if (e === PENDING) return { kind: 'pending' };
-    const ref = c.refs.get(e);
+    const ref = chunk.refs.get(e);
     if (!ref) throw new DeviceError(`block ${index} of version ${this.version.uid} refers to blob ${e}, which is not in the database`, 'EIO', index * this.blockSize);
     return { kind: 'data', ref };
   }
 
-  private logOnce(e: unknown, line: string): void {
-    if (typeof e === 'object' && e !== null) {
-      if (logged.has(e)) return;
-      logged.add(e);
-    }
-    this.log(line);
+  /** One line per block and cause per interval, however many requests fail on it. */
+  private logFailure(index: number, line: string): void {
+    blockFailures.report(`${this.version.uid}:${index}:${line}`, line, this.log);
   }
 
   blockLength(index: number): number {
@@ -96,20 +125,20 @@ export class VersionDevice implements BlockDevice {
       s = await this.slot(index);
     } catch (e) {
       const line = `cannot read block at offset ${at}: ${errorLine(e)}`;
-      this.logOnce(e, line);
+      this.logFailure(index, line);
       throw new DeviceError(line, 'EIO', at);
     }
     if (s.kind === 'hole') return undefined;
     if (s.kind === 'pending') {
       const line = `version ${this.version.uid}: block at offset ${at} was never backed up (incomplete version)`;
-      this.log(line);
+      this.logFailure(index, line);
       throw new DeviceError(line, 'EIO', at);
     }
     try {
       return await this.fetcher.fetch(s.ref);
     } catch (e) {
       const line = `version ${this.version.uid}: cannot read block at offset ${at}: ${errorLine(e)}`;
-      this.logOnce(e, line);
+      this.logFailure(index, line);
       throw new DeviceError(line, 'EIO', at);
     }
   }
@@ -158,17 +187,28 @@ export class VersionDevice implements BlockDevice {
   }
 
   /**
-   * Starts fetching the blocks of the range into the cache; resolves when they are there (errors ignored).
-   * At most half the cache is prefetched per call: more would evict what this call just fetched (a client's
-   * NBD_CMD_CACHE may name gigabytes).
+   * Asks for the data blocks of the range to be loaded into the cache while storage is idle; resolves when the
+   * ones taken are there (errors ignored). The cache bounds what is queued and kept unread (BlockCache), so
+   * the walk stops at the first block it refuses: a client's NBD_CMD_CACHE may name gigabytes.
    */
   async prefetch(offset: number, length: number): Promise<void> {
     if (this.fetcher.cache.maxBytes <= 0) return; // nowhere to keep what would be fetched
-    const end = Math.min(this.size, offset + length, offset + Math.max(this.blockSize, this.fetcher.cache.maxBytes / 2));
-    const jobs: Promise<unknown>[] = [];
+    // More than the prefetch budget (a quarter of the cache) could not be kept anyway; holes count too, so
+    // a hint over a terabyte of holes does not walk its whole block map.
+    const end = Math.min(this.size, offset + length, offset + Math.max(this.blockSize, this.fetcher.cache.maxBytes / 4));
+    const waits: Promise<void>[] = [];
     for (let i = Math.floor(offset / this.blockSize); i * this.blockSize < end; i++) {
-      jobs.push(this.slot(i).then((s) => (s.kind === 'data' && !this.fetcher.isCached(s.ref) ? this.fetcher.fetch(s.ref) : undefined)).catch(() => undefined));
+      let s: BlockSlot;
+      try {
+        s = await this.slot(i);
+      } catch {
+        break; // the block map cannot be read: the reads will say so
+      }
+      if (s.kind !== 'data') continue;
+      const r = this.fetcher.prefetch(s.ref, this);
+      if (r.outcome === 'full') break;
+      waits.push(r.done);
     }
-    await Promise.all(jobs);
+    await Promise.all(waits);
   }
 }

@@ -1,7 +1,10 @@
 import { fmtDate } from '../cli/output';
 import { ReadaheadDevice } from '../device/readahead';
-import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
+import { PassThroughDevice } from '../device/pass-through';
+import { BlockDevice, DeviceError, ExportCatalogue, ExportInfo, Extent } from '../device/types';
 import type { VersionRow } from '../meta/types';
+import { errorLine, LockedError, NotFoundError } from '../util/errors';
+import type { VersionHold } from './holds';
 import { Repository } from './repository';
 
 /** "name snapshot date" line describing a version to NBD and FUSE clients. */
@@ -23,22 +26,82 @@ export class VersionCatalogue implements ExportCatalogue {
     return versions.map((v) => ({ name: v.uid, description: describeVersion(v) }));
   }
 
+  /**
+   * Opens a version for an NBD client. The version is held until the device is closed (see
+   * Repository.holdVersion): `rm` of it is refused meanwhile. A version being removed is not offered.
+   */
   async open(name: string): Promise<{ device: BlockDevice; description: string; version: VersionRow } | undefined> {
-    const v = await this.repo.meta.getVersion(name);
-    if (!v) return undefined;
-    return { device: this.device(v), description: describeVersion(v), version: v };
+    if (!(await this.repo.meta.getVersion(name))) return undefined;
+    let hold: VersionHold;
+    try {
+      hold = await this.repo.holdVersion(name, `NBD export of ${name}`);
+    } catch (e) {
+      if (e instanceof NotFoundError || e instanceof LockedError) return undefined;
+      throw e;
+    }
+    const v = hold.version;
+    return { device: new HeldDevice(this.plainDevice(v), Promise.resolve(hold)), description: describeVersion(v), version: v };
   }
 
   async exists(name: string): Promise<boolean> {
     return !!(await this.repo.meta.getVersion(name));
   }
 
-  device(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
+  /**
+   * A version as a device for an image that is opened (a FUSE image file, the base of a writable overlay).
+   * The hold is taken at once, without waiting for it (FUSE opens synchronously); reads wait for it, and
+   * fail with EIO if the version is being removed. Closing the device releases it.
+   */
+  device(v: VersionRow, what = `open image of ${v.uid}`): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
+    return new HeldDevice(this.plainDevice(v), this.repo.holdVersion(v.uid, what));
+  }
+
+  private plainDevice(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
     const cache = this.repo.cache();
     const dev = this.repo.device(v, cache);
     // Read-ahead pays only while what it fetches stays in the cache until it is read: the window is kept to
     // an eighth of the cache (several streams share it), and a cache of fewer than 16 blocks gets none.
     const window = Math.min(this.opts.readaheadBlocks ?? 8, Math.floor(cache.maxBytes / v.blockSize / 8));
     return window >= 2 ? new ReadaheadDevice(dev, v.blockSize, window) : dev;
+  }
+}
+
+/**
+ * A device that holds its version: operations wait until the hold is taken (only the first ones ever
+ * wait), fail with EIO when it could not be, and close() releases it.
+ */
+class HeldDevice extends PassThroughDevice {
+  private ready = false;
+  private failure: DeviceError | undefined;
+
+  constructor(next: BlockDevice, private readonly hold: Promise<VersionHold>) {
+    super(next);
+    hold.then(() => { this.ready = true; }, (e) => { this.failure = new DeviceError(errorLine(e), 'EIO'); });
+  }
+
+  private held<T>(op: () => Promise<T>): Promise<T> {
+    if (this.ready) return op();
+    return this.hold.then(op, () => Promise.reject(this.failure ?? new DeviceError('the version could not be held', 'EIO')));
+  }
+
+  override read(offset: number, length: number): Promise<Buffer> {
+    return this.held(() => this.next.read(offset, length));
+  }
+
+  override extents(offset: number, length: number): Promise<Extent[]> {
+    return this.held(() => this.next.extents(offset, length));
+  }
+
+  override prefetch(offset: number, length: number): Promise<void> {
+    return this.held(() => super.prefetch(offset, length));
+  }
+
+  override async close(): Promise<void> {
+    try {
+      await super.close();
+    } finally {
+      const h = await this.hold.catch(() => undefined);
+      await h?.release();
+    }
   }
 }

@@ -3,6 +3,7 @@ import * as net from 'node:net';
 import { NbdAddress, NbdListenOptions, NbdServer } from '../../nbd/server';
 import type { NbdTlsOptions } from '../../nbd/tls';
 import { formatBytes } from '../config/size';
+import { FailureLog } from '../device/failure-log';
 import { PassThroughDevice } from '../device/pass-through';
 import type { BlockDevice, ExportCatalogue, ExportInfo } from '../device/types';
 import { ConfigError, errorLine } from '../util/errors';
@@ -146,9 +147,16 @@ function forceExit(): void {
  * so the server's own line about the same request only goes to the debug log; bad clients are warnings.
  */
 function serverLog(line: string): void {
-  if (/: (READ \d+\+\d+: device read|CACHE \d+\+\d+: prefetch failed)/.test(line)) log.debug(line);
-  else log.warn(line);
+  // A client that reconnects in a loop to send garbage, or reads a bad block again and again, must not flood
+  // the log: lines that differ only in the peer's address and in numbers are repeated once per interval,
+  // with a count.
+  const key = line.replace(/^nbd \S+/, 'nbd').replace(/\d+/g, '#');
+  if (/: (READ \d+\+\d+: device read|CACHE \d+\+\d+: prefetch failed)/.test(line)) serverDebug.report(key, line);
+  else serverWarnings.report(key, line);
 }
+
+const serverWarnings = new FailureLog((line) => log.warn(line));
+const serverDebug = new FailureLog((line) => log.debug(line));
 
 /** "address already in use (EADDRINUSE)" rather than Node's "listen EADDRINUSE: address already in use ::1:80". */
 function listenError(e: unknown): string {

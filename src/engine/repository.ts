@@ -1,4 +1,4 @@
-import { createHmac } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import type { Config } from '../config/config';
 import { Codec } from '../codec/codec';
 import { WorkerPool } from '../codec/pool';
@@ -6,17 +6,17 @@ import { BlobFetcher } from '../device/blob-fetcher';
 import { BlockCache } from '../device/block-cache';
 import { VersionDevice } from '../device/version-device';
 import { createMetaStore } from '../meta/open';
-import type { MetaStore, VersionRow } from '../meta/types';
+import type { LockInfo, MetaStore, VersionRow } from '../meta/types';
 import { createBlobStore } from '../storage/open';
 import type { BlobStore } from '../storage/types';
-import { ConfigError, LockedError, NotFoundError, WrongKeyError } from '../util/errors';
+import { LockedError, NotFoundError } from '../util/errors';
+import { FileStore } from '../storage/file';
 import { log } from '../util/log';
 import { lockInfo } from '../util/process-info';
+import { HOLD_LOCKS, VersionHold, VersionHolds } from './holds';
+import { checkDataMarker, checkFixedSettings, initialSettings, MARKER_NAME, markerContent, SETTING } from './repository-settings';
 
-/** A short, non-reversible fingerprint of the key, stored in the database to catch a wrong key at once. */
-export function keyCheckValue(key: Buffer): string {
-  return createHmac('sha256', key).update('backy key check v1').digest('hex').slice(0, 32);
-}
+export { keyCheckValue } from './repository-settings';
 
 /**
  * Everything one command works with: configuration, metadata, storage, the codec worker pool and the locks
@@ -27,17 +27,25 @@ export class Repository {
   private locks: string[] = [];
   private cacheInstance: BlockCache | undefined;
 
-  private constructor(readonly cfg: Config, readonly meta: MetaStore, readonly store: BlobStore) {}
+  private readonly holds: VersionHolds;
 
-  /** Opens metadata and storage and checks the key and hash function against the repository's. */
+  private constructor(readonly cfg: Config, readonly meta: MetaStore, readonly store: BlobStore) {
+    this.holds = new VersionHolds(meta);
+  }
+
+  /**
+   * Opens metadata and storage: checks storage is there (a `file` data directory carries this repository's
+   * marker) and the configuration agrees with the settings fixed at initdb (encryption, hash function, key).
+   */
   static async open(cfg: Config): Promise<Repository> {
     const meta = createMetaStore(cfg.metaEngine);
     await meta.open();
     const store = createBlobStore(cfg);
     const repo = new Repository(cfg, meta, store);
     try {
-      await repo.checkRepositorySettings();
       await store.check();
+      await checkDataMarker(meta, store);
+      await checkFixedSettings(meta, store, cfg);
     } catch (e) {
       await repo.close();
       throw e;
@@ -45,14 +53,24 @@ export class Repository {
     return repo;
   }
 
-  private async checkRepositorySettings(): Promise<void> {
-    const hash = await this.meta.setSettingIfAbsent('hash_function', this.cfg.hashFunction);
-    if (hash !== this.cfg.hashFunction) {
-      throw new ConfigError(`this repository uses hash_function ${hash}, the configuration says ${this.cfg.hashFunction}`);
-    }
-    if (this.cfg.encryptionKey) {
-      const kcv = await this.meta.setSettingIfAbsent('key_check', keyCheckValue(this.cfg.encryptionKey));
-      if (kcv !== keyCheckValue(this.cfg.encryptionKey)) throw new WrongKeyError();
+  /**
+   * Creates a repository (`initdb`): the schema with the settings fixed from now on, then the `file` data
+   * directory and its marker. false, and nothing changed, when the database is initialized already.
+   */
+  static async create(cfg: Config): Promise<{ created: boolean; description: string }> {
+    const meta = createMetaStore(cfg.metaEngine);
+    try {
+      const id = randomUUID();
+      if (!(await meta.initdb(initialSettings(cfg, id)))) return { created: false, description: meta.description };
+      if (cfg.data.type === 'file') {
+        const store = new FileStore(cfg.data.path, cfg.data.fsync);
+        await store.create();
+        await store.writeMarker(markerContent(id));
+        await meta.setSettingIfAbsent(SETTING.dataMarker, MARKER_NAME);
+      }
+      return { created: true, description: meta.description };
+    } finally {
+      await meta.close();
     }
   }
 
@@ -76,7 +94,7 @@ export class Repository {
 
   /** The process-wide block cache (created on first use with `cache_size`, or `bytes` if given first). */
   cache(bytes = this.cfg.cacheSize): BlockCache {
-    if (!this.cacheInstance) this.cacheInstance = new BlockCache(bytes);
+    if (!this.cacheInstance) this.cacheInstance = new BlockCache(bytes, { concurrency: this.cfg.data.simultaneousReads });
     return this.cacheInstance;
   }
 
@@ -94,14 +112,25 @@ export class Repository {
     return new VersionDevice(this.meta, v, this.fetcher(cache), { log: (l) => log.error(l) });
   }
 
-  /** Takes a lock or throws LockedError naming the holder. Released by close(). */
-  async lock(name: string, what: string, conflicts: string[] = []): Promise<void> {
+  /**
+   * Takes a lock or throws LockedError naming the holder (`refusal` words the message). Released by close().
+   */
+  async lock(name: string, what: string, conflicts: string[] = [], refusal?: (holder: LockInfo) => string): Promise<void> {
     const info = lockInfo(what);
     const holder = await this.meta.tryLock(name, info, conflicts);
     if (holder) {
-      throw new LockedError(`cannot ${what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
+      throw new LockedError(refusal?.(holder) ?? `cannot ${what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
     }
     this.locks.push(name);
+  }
+
+  /**
+   * A shared hold on a version this command reads (restore, scrub, an NBD export, a mounted image): while
+   * it lasts, `rm` of the version is refused, so its blocks stay. Returns the version as read after the
+   * hold was taken. Released by `release()` or close(), and by the process's death.
+   */
+  holdVersion(uid: string, what: string): Promise<VersionHold> {
+    return this.holds.hold(uid, what);
   }
 
   async unlock(name: string): Promise<void> {
@@ -112,6 +141,7 @@ export class Repository {
   }
 
   async close(): Promise<void> {
+    await this.holds.releaseAll().catch((e) => log.warn(`could not release holds: ${(e as Error).message}`));
     for (const name of this.locks.splice(0).reverse()) {
       try {
         await this.meta.unlock(name, lockInfo('').session);
@@ -131,4 +161,5 @@ export const LOCKS = {
   anyBackup: 'backup:*',
   cleanup: 'cleanup',
   fullCleanup: 'cleanup-full',
+  ...HOLD_LOCKS,
 };

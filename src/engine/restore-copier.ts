@@ -101,16 +101,19 @@ export class BlockCopier {
       for await (const step of planRestore(this.dev)) {
         if (signal?.aborted) this.jobs.fail(signal.reason ?? new Error('restore aborted'));
         if (this.jobs.failed) break;
-        // A run of holes is split where blocks are done or busy already (a client got there first).
-        for (const part of this.split(step)) {
+        // Only blocks still to do, looked at once a slot is free: a client may have got there first (a run of
+        // holes is then split around the blocks it took).
+        const queue = [step];
+        while (queue.length && !this.jobs.failed) {
           await this.jobs.acquire();
           while (this.urgent > 0 && !this.jobs.failed) await new Promise<void>((r) => this.urgentDone.push(r));
-          if (this.jobs.failed || !this.claimable(part)) {
+          const parts = this.jobs.failed ? [] : [...this.split(queue.shift()!)];
+          if (!parts.length) {
             this.jobs.release();
-            if (this.jobs.failed) break;
             continue;
           }
-          this.begin(part, (work) => this.jobs.start(() => work));
+          this.begin(parts[0], (work) => this.jobs.start(() => work));
+          queue.unshift(...parts.slice(1));
         }
       }
     } catch (e) {
@@ -176,9 +179,10 @@ export class BlockCopier {
 
   // ---- internals ----------------------------------------------------------------------------------------
 
+  /** The parts of a step whose blocks are still to do. */
   private *split(step: PlanStep): Generator<PlanStep> {
     if (step.kind !== 'hole') {
-      yield step;
+      if (this.state[step.index] === TODO) yield step;
       return;
     }
     let start = -1;
@@ -190,12 +194,6 @@ export class BlockCopier {
         start = -1;
       }
     }
-  }
-
-  private claimable(step: PlanStep): boolean {
-    const n = step.kind === 'hole' ? step.count : 1;
-    for (let i = step.index; i < step.index + n; i++) if (this.state[i] !== TODO) return false;
-    return true;
   }
 
   private blockLength(index: number, count = 1): number {
@@ -221,7 +219,7 @@ export class BlockCopier {
     if (step.kind === 'data') {
       const earlier = this.firstCopy.get(step.ref.id);
       if (earlier) source = earlier.index;
-      work = earlier ? this.copyRepeat(step.index, step.ref, earlier) : this.copyFirst(step.index, step.ref);
+      work = earlier ? this.copyRepeat(step.index, earlier, step.ref) : this.copyFirst(step.index, step.ref);
     } else if (step.kind === 'hole') {
       work = this.zeroRun(step.index, step.count);
     } else {
@@ -302,10 +300,9 @@ export class BlockCopier {
     }
   }
 
-  private async copyRepeat(index: number, ref: BlobRef, earlier: { index: number; done: Promise<boolean> }): Promise<boolean> {
+  private async copyRepeat(index: number, earlier: { index: number; done: Promise<boolean> }, ref: BlobRef): Promise<boolean> {
     const offset = index * this.bs;
     const len = this.blockLength(index);
-    // A delta restore checks every block, repeats too: an unchanged one is not written.
     if (await this.opts.hooks?.unchanged?.(index, ref, len)) {
       this.stats.blocksUnchanged++;
       return true;
@@ -333,12 +330,10 @@ export class BlockCopier {
     for (let i = index; i <= index + count; i++) {
       let todo = false;
       if (i < index + count) {
-        todo = !this.target.zeroed;
         if (this.opts.hooks?.unchanged) {
-          // Unchanged: nothing to write, whatever the target is.
           todo = !(await this.opts.hooks.unchanged(i, undefined, this.blockLength(i)));
           if (!todo) this.stats.blocksUnchanged++;
-        }
+        } else todo = !this.target.zeroed;
       }
       if (todo && start < 0) start = i;
       if (!todo && start >= 0) {

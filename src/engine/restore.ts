@@ -42,7 +42,8 @@ export interface RestoreResult {
  */
 export async function restore(repo: Repository, opts: RestoreOptions): Promise<RestoreResult> {
   void repo.codec; // start the worker threads now: they boot while the target is prepared
-  const v = await repo.version(opts.uid);
+  // Held until the command ends: `rm` of the version is refused meanwhile, so its blobs stay.
+  const v = (await repo.holdVersion(opts.uid, `restore of ${opts.uid}`)).version;
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
   const base = opts.delta?.fromVersion ? await repo.version(opts.delta.fromVersion) : undefined;

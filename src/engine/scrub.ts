@@ -32,7 +32,7 @@ export interface ScrubResult {
  * them invalid. A full scrub that finds nothing makes a complete version valid again.
  */
 export async function scrub(repo: Repository, opts: ScrubOptions): Promise<ScrubResult> {
-  const v = await repo.version(opts.uid);
+  const v = (await repo.holdVersion(opts.uid, `scrub of ${opts.uid}`)).version;
   await repo.lock(LOCKS.version(v.uid), `scrub of ${v.uid}`);
   const fresh = (await repo.version(v.uid)) as VersionRow;
   const source = opts.source ? await openSource(opts.source) : undefined;

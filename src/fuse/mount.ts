@@ -7,7 +7,7 @@ import type { BlockDevice } from '../device/types';
 import type { Repository } from '../engine/repository';
 import { BackyError, errorLine, ExitCode, IoError } from '../util/errors';
 import { log } from '../util/log';
-import { FailureLog } from './failure-log';
+import { FailureLog } from '../device/failure-log';
 import { imageFileName } from './info-files';
 import { createFuse, FuseHandle } from './native';
 import { OpenImages } from './open-images';
@@ -33,6 +33,8 @@ export interface MountOptions {
   allowOther?: boolean;
   /** progress lines (stderr) */
   say?: (line: string) => void;
+  /** A read storage does not answer within this time fails with ETIMEDOUT (default 120 s). */
+  readTimeoutMs?: number;
   /**
    * `-w UID[:OVERLAY]` (or an existing overlay's name): the image is writable, its writes go to that
    * copy-on-write overlay (see engine/overlays.ts), shared by every open of the image.
@@ -144,7 +146,8 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   if (o.writable && o.uid) throw new BackyError('-w names the version to mount writable: give no other uid', ExitCode.USAGE);
   const dir = path.resolve(o.dir);
   const writable = o.writable ? await openWritableImage(repo, o.writable) : undefined;
-  const version = writable ? writable.overlay.base : o.uid ? await repo.version(o.uid) : undefined;
+  // A mounted version is held while mounted: rm of it is refused meanwhile.
+  const version = writable ? writable.overlay.base : o.uid ? (await repo.holdVersion(o.uid, `FUSE mount of ${o.uid}`)).version : undefined;
   const real = await checkMountPoint(dir).catch(async (e) => {
     await writable?.close();
     throw e;
@@ -159,6 +162,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   const ops = createOperations({
     tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,
     logFailure: (key, line) => failures.report(key, line),
+    readTimeoutMs: o.readTimeoutMs,
     writable: !!writable,
   });
   const options = [
@@ -171,8 +175,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
     `max_read=${MAX_READ}`,
     ...(o.allowOther ? ['allow_other'] : []),
   ];
-  // Replies that take longer are answered ETIMEDOUT by fuse-native rather than hanging the reader forever.
-  const fuse = createFuse(dir, ops, options, { default: 30_000, read: 120_000 });
+  const fuse = createFuse(dir, ops, options);
 
   const stop = stopConditions(real);
   let attachment: LoopAttachment | undefined;

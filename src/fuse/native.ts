@@ -56,9 +56,11 @@ interface FuseClass {
 /**
  * Creates (does not mount) a filesystem with exactly these mount options. fuse-native builds its option
  * string from a fixed list that lacks `ro` and the read-size options, so the one method that produces it is
- * replaced; everything else (thread dispatch, buffers, timeouts) is the library's.
+ * replaced; everything else (thread dispatch, buffers) is the library's. Its timeouts are switched off: when
+ * one fires it answers the request and libfuse frees the read buffer, while our read still writes into it
+ * later. The operations time requests out themselves (createOperations) and never touch an answered buffer.
  */
-export function createFuse(mountPoint: string, ops: FuseOps, options: string[], timeouts: Record<string, number | false>): FuseHandle {
+export function createFuse(mountPoint: string, ops: FuseOps, options: string[]): FuseHandle {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const Base = require('fuse-native') as FuseClass;
   const optionString = options.length ? `-o${options.join(',')}` : '';
@@ -67,5 +69,5 @@ export function createFuse(mountPoint: string, ops: FuseOps, options: string[], 
       return optionString;
     }
   }
-  return new BackyFuse(mountPoint, ops, { timeout: timeouts });
+  return new BackyFuse(mountPoint, ops, { timeout: false });
 }

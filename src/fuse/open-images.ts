@@ -44,16 +44,17 @@ export class OpenImages {
  * Reads `len` bytes at `pos` of `device` (clipped at its end) straight into `buf`, the kernel request's
  * buffer. The range is split at block boundaries: a read within one block is a view of the cached block,
  * so each byte is copied once, from the cache into `buf`. Resolves only when no piece can touch `buf` any
- * more, since fuse-native hands the buffer back to libfuse as soon as the request is answered.
+ * more. `owned()` says whether `buf` is still ours: once the request has been answered (a timeout), libfuse
+ * frees it, so every copy checks, in the same tick as it writes.
  */
-export async function readInto(device: BlockDevice, blockSize: number, buf: Buffer, len: number, pos: number): Promise<number> {
+export async function readInto(device: BlockDevice, blockSize: number, buf: Buffer, len: number, pos: number, owned: () => boolean = () => true): Promise<number> {
   const n = Math.max(0, Math.min(len, device.size - pos));
   if (n === 0) return 0;
   const end = pos + n;
   const firstBlockEnd = (Math.floor(pos / blockSize) + 1) * blockSize;
   if (end <= firstBlockEnd) {
     const data = await device.read(pos, n);
-    data.copy(buf, 0, 0, n);
+    if (owned()) data.copy(buf, 0, 0, n);
     return n;
   }
   const pieces: Promise<void>[] = [];
@@ -61,7 +62,7 @@ export async function readInto(device: BlockDevice, blockSize: number, buf: Buff
     const to = Math.min(end, (Math.floor(from / blockSize) + 1) * blockSize);
     const at = from - pos;
     const n = to - from;
-    pieces.push(device.read(from, n).then((data) => void data.copy(buf, at, 0, n)));
+    pieces.push(device.read(from, n).then((data) => void (owned() && data.copy(buf, at, 0, n))));
     from = to;
   }
   const results = await Promise.allSettled(pieces);

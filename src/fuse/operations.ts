@@ -20,12 +20,22 @@ export interface OperationsOptions {
   /** One line about a request that failed; `key` groups failures of one cause (see FailureLog). */
   logFailure(key: string, line: string): void;
   /**
+   * A request not answered within this time is answered ETIMEDOUT (the reader gets an error instead of
+   * hanging on storage forever). Reads have their own, longer limit.
+   */
+  timeoutMs?: number;
+  readTimeoutMs?: number;
+  /**
    * Images take writes (`backy mount -w`: their devices are copy-on-write overlays): open for writing,
    * write, fsync (the device's flush), and truncate to the image's own size are served; info files and the
    * tree stay read-only.
    */
   writable?: boolean;
 }
+
+/** Default limits: a request, and a read (which may fetch from slow storage). */
+export const REQUEST_TIMEOUT_MS = 30_000;
+export const READ_TIMEOUT_MS = 120_000;
 
 function errnoOf(e: unknown): number {
   if (e instanceof DeviceError) return e.errno === 'EINVAL' ? Errno.EINVAL : e.errno === 'ENOSPC' ? Errno.ENOSPC : Errno.EIO;
@@ -61,18 +71,31 @@ export function createOperations(o: OperationsOptions): FuseOps {
   /**
    * Runs a request: `work` answers through `reply`; whatever it throws (a database error while resolving a
    * path, a failed fetch) becomes one errno answer instead of an unhandled rejection, which would end the
-   * process. A second answer is ignored.
+   * process. A request not answered in time is answered ETIMEDOUT. Every request is answered exactly once:
+   * a second answer is dropped. Once answered, libfuse may free the request's buffer (at once, in another
+   * thread), so `owned()` tells the work whether it may still write into it.
    */
-  const handle = <A extends [number, ...unknown[]]>(what: string, cb: (...a: A) => void, work: (reply: (...a: A) => void) => Promise<void>): void => {
+  const handle = <A extends [number, ...unknown[]]>(
+    what: string,
+    cb: (...a: A) => void,
+    work: (reply: (...a: A) => void, owned: () => boolean) => Promise<void>,
+    timeoutMs = o.timeoutMs ?? REQUEST_TIMEOUT_MS,
+  ): void => {
     let answered = false;
     const reply = (...a: A) => {
       if (answered) return;
       answered = true;
+      clearTimeout(timer);
       cb(...a);
     };
-    work(reply).catch((e: unknown) => {
+    const timer = setTimeout(() => {
+      if (answered) return;
+      o.logFailure(`timeout ${what.split(' ')[0]}`, `${what}: no answer within ${timeoutMs / 1000} s; answered ETIMEDOUT`);
+      reply(...([Errno.ETIMEDOUT] as unknown as A));
+    }, timeoutMs);
+    work(reply, () => !answered).catch((e: unknown) => {
       // The device layer has logged a block it could not fetch; anything else is news.
-      if (!(e instanceof DeviceError && e.errno === 'EIO')) o.logFailure(errorLine(e), `${what}: ${errorLine(e)}`);
+      if (!answered && !(e instanceof DeviceError && e.errno === 'EIO')) o.logFailure(errorLine(e), `${what}: ${errorLine(e)}`);
       // Every fuse-native callback takes a negative errno alone as its failure answer.
       reply(...([errnoOf(e)] as unknown as A));
     });
@@ -120,15 +143,16 @@ export function createOperations(o: OperationsOptions): FuseOps {
 
     read(path, fh, buf, len, pos, cb) {
       const img = fh ? images.get(fh) : undefined;
-      handle(`read of ${len} bytes at ${pos} of ${path}`, cb, async (reply) => {
-        if (img) return reply(await readInto(img.device, img.version.blockSize, buf, len, pos));
+      handle(`read of ${len} bytes at ${pos} of ${path}`, cb, async (reply, owned) => {
+        if (img) return reply(await readInto(img.device, img.version.blockSize, buf, len, pos, owned));
         const n = await resolve(path);
         if (typeof n === 'number') return reply(n);
         if (n.kind !== 'info') return reply(n.kind === 'dir' ? Errno.EISDIR : Errno.EBADF);
         const part = n.content.subarray(Math.min(pos, n.content.length), Math.min(pos + len, n.content.length));
+        if (!owned()) return;
         part.copy(buf);
         reply(part.length);
-      });
+      }, o.readTimeoutMs ?? READ_TIMEOUT_MS);
     },
 
     release(path, fh, cb) {
@@ -166,8 +190,9 @@ function writableImageOps(o: OperationsOptions, handle: Handle, resolve: (path: 
         if (!img) return reply(Errno.EBADF);
         if (pos >= img.device.size && len > 0) return reply(Errno.ENOSPC);
         const n = Math.min(len, img.device.size - pos);
-        // The write completes before the reply: libfuse reuses `buf` only after it.
-        await img.device.write!(pos, buf.subarray(0, n));
+        // A copy, taken before anything is awaited: once the request is answered (a timeout too) libfuse frees
+        // `buf`, and the device may still be reading it or keep it.
+        await img.device.write!(pos, Buffer.from(buf.subarray(0, n)));
         reply(n);
       });
     },

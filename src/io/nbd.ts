@@ -18,8 +18,13 @@ import { describeAddress, NbdUrl, parseNbdUrl } from './nbd-url';
 
 /** Connections to open when the server allows several (CAN_MULTI_CONN). */
 const CONNECTIONS = 4;
-/** Requests in flight over all connections. */
-const IN_FLIGHT = 16;
+/**
+ * Requests in flight per connection (each at most 256 KiB, see nbd/client.ts). More only queue up in the
+ * server: qemu-nbd answers 8-16 mid-sized requests per connection fastest.
+ */
+const REQUESTS_PER_CONNECTION = 8;
+/** Blocks a backup reads at once / a restore writes at once: enough to keep every request slot busy. */
+const IN_FLIGHT = 8;
 
 /** Several connections to one export, used round-robin by load (fewest requests in flight). */
 class Connections {
@@ -110,7 +115,7 @@ function tlsCredentials(n: NbdUrl, files: TlsFiles | undefined, url: string): Nb
 async function connect(u: IoUrl, what: 'source' | 'target', tlsFiles: TlsFiles | undefined, extra: Partial<NbdClientOptions> = {}): Promise<{ n: NbdUrl; conns: Connections }> {
   const n = parseNbdUrl(u);
   const tls = tlsCredentials(n, tlsFiles, u.url);
-  const base: NbdClientOptions = { exportName: n.exportName, tls };
+  const base: NbdClientOptions = { exportName: n.exportName, tls, maxInFlight: REQUESTS_PER_CONNECTION };
   let first: NbdClient;
   try {
     first = await NbdClient.connect(n.address, { ...base, ...extra });

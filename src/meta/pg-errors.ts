@@ -1,21 +1,7 @@
 import { BackyError, DatabaseError } from '../util/errors';
+import { enginePasswords, maskEngineUrl } from '../util/secrets';
 
-/** The engine URL with its password replaced by ***: safe for messages, logs and `description`. */
-export function maskEngineUrl(url: string): string {
-  // A password may contain '@' (percent-encoded or not) but never '/': mask up to the last '@' of the authority.
-  return url.replace(/^([a-z][a-z0-9+.-]*:\/\/[^:@/]*):[^/]*@/i, '$1:***@');
-}
-
-/** The password of an engine URL (decoded), to keep it out of every message. */
-export function enginePassword(url: string): string | undefined {
-  const m = /^[a-z][a-z0-9+.-]*:\/\/[^:@/]*:([^/]*)@/i.exec(url);
-  if (!m || !m[1]) return undefined;
-  try {
-    return decodeURIComponent(m[1]);
-  } catch {
-    return m[1];
-  }
-}
+export { enginePasswords, maskEngineUrl } from '../util/secrets';
 
 /** "host:port/db" and the user of a postgresql:// URL, for messages. */
 export function pgTarget(url: string): { where: string; user: string; db: string } {
@@ -47,10 +33,10 @@ export function pgError(e: unknown, url: string): BackyError {
   if (e instanceof BackyError) return e;
   const err = e as { code?: string; message?: string };
   const t = pgTarget(url);
-  const pw = enginePassword(url);
+  const secrets = enginePasswords(url).sort((a, b) => b.length - a.length);
   const clean = (s: string) => {
     let line = String(s ?? '').split('\n')[0];
-    if (pw) line = line.split(pw).join('***');
+    for (const pw of secrets) line = line.split(pw).join('***');
     return maskEngineUrl(line);
   };
   const msg = clean(err?.message ?? String(e));

@@ -7,7 +7,7 @@ import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { engineDdl, MIGRATIONS, SCHEMA_ALL, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, ProtectedError, RepositoryStats, ResolvedBlock,
   StatsRow, VersionRow,
 } from './types';
 
@@ -173,12 +173,14 @@ export class PostgresMetaStore implements MetaStore {
 
   // ---- schema
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     return this.tx(async (c) => {
       await c.query('SELECT pg_advisory_xact_lock($1, $2)', SCHEMA_MUTEX);
       if ((await c.query(`SELECT to_regclass('settings') IS NOT NULL AS e`)).rows[0].e) return false;
       for (const s of PG_DDL) await c.query(s);
       await c.query(`INSERT INTO settings (key, value) VALUES ('schema_version', $1)`, [String(SCHEMA_VERSION)]);
+      const keys = Object.keys(settings);
+      if (keys.length) await c.query(`INSERT INTO settings (key, value) SELECT * FROM unnest($1::text[], $2::text[])`, [keys, keys.map((k) => settings[k])]);
       return true;
     });
   }
@@ -277,7 +279,7 @@ export class PostgresMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, r.tag_list));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     const set = (col: string, value: unknown) => { args.push(value); sets.push(`${col} = $${args.length}`); };
@@ -285,15 +287,15 @@ export class PostgresMetaStore implements MetaStore {
     if (f.complete !== undefined) set('complete', f.complete ? 1 : 0);
     if (f.protected !== undefined) set('protected', f.protected ? 1 : 0);
     if (f.expire !== undefined) set('expire', f.expire);
-    if (!sets.length) return;
+    if (!sets.length) return (await this.q(`SELECT 1 FROM versions WHERE id = $1`, [id])).length > 0;
     args.push(id);
     if (!f.complete) {
-      await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length}`, args);
-      return;
+      return (await this.q(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).length > 0;
     }
-    await this.tx(async (c) => {
-      await c.query(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length}`, args);
+    return this.tx(async (c) => {
+      if (!(await c.query(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).rows.length) return false;
       await this.storeSummaries(c, [[id, await this.summarize(c, id)]]);
+      return true;
     });
   }
 
@@ -308,19 +310,27 @@ export class PostgresMetaStore implements MetaStore {
     await this.q(`DELETE FROM tags WHERE version_id = $1 AND name = ANY($2::text[])`, [id, tags]);
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const now = Date.now();
-    await this.tx(async (c) => {
+    const removed = await this.tx(async (c) => {
       await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
-      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first.
-      if (!(await c.query(`SELECT 1 FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows.length) return;
-      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1`, [id])).rows.map((r) => r.data as Buffer);
+      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first, and for
+      // a `protect` updating the row: `protected` is read as it is once the row is ours.
+      const v = (await c.query(`SELECT uid, protected FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows[0];
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid);
+      // Each distinct chunk once: through the summary (3 of a 1 TiB version's 256 chunks, say), or all chunks.
+      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1 AND (
+          NOT EXISTS (SELECT 1 FROM map_summaries WHERE version_id = $1) OR chunk = ANY($2::int[]))`,
+      [id, await this.summaryChunks(c, id)])).rows.map((r) => r.data as Buffer);
       for (const ids of batches(idsOfChunks(chunks), ID_BATCH)) {
         await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, ids]);
       }
       await c.query(`DELETE FROM versions WHERE id = $1`, [id]);
+      return true;
     });
     this.forgetChunks(id);
+    return removed;
   }
 
   private forgetChunks(versionId: number): void {
@@ -534,6 +544,12 @@ export class PostgresMetaStore implements MetaStore {
     const r = (await this.q(`SELECT (SELECT COUNT(*) FROM versions) AS v, COUNT(*) AS n,
       COALESCE(SUM(stored_size), 0)::bigint AS s, COALESCE(SUM(size), 0)::bigint AS p FROM blobs WHERE state <> 3`))[0];
     return { versions: Number(r.v), blobs: Number(r.n), storedBytes: Number(r.s), plainBytes: Number(r.p) };
+  }
+
+  /** The first chunk number of each distinct content of a version's map, from its summary ([] without one). */
+  private async summaryChunks(c: PoolClient, versionId: number): Promise<number[]> {
+    const r = (await c.query(`SELECT data FROM map_summaries WHERE version_id = $1`, [versionId])).rows[0];
+    return r ? decodeSummary(r.data).chunks.map((x) => x.chunk) : [];
   }
 
   private async summarize(c: PoolClient, versionId: number, keep?: (digest: string, data: Uint8Array) => void): Promise<MapSummary> {

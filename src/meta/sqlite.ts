@@ -8,7 +8,7 @@ import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsag
 import { CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { engineDdl, MIGRATIONS, SCHEMA_ALL, SCHEMA_VERSION } from './schema';
 import {
-  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, RepositoryStats, ResolvedBlock,
+  BlobRef, BlobState, BlockEntry, CleanupMark, LockInfo, MetaStore, NewVersion, ProtectedError, RepositoryStats, ResolvedBlock,
   StatsRow, VersionRow,
 } from './types';
 
@@ -67,7 +67,7 @@ export class SqliteMetaStore implements MetaStore {
     return !!db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'`).get();
   }
 
-  async initdb(): Promise<boolean> {
+  async initdb(settings: Record<string, string> = {}): Promise<boolean> {
     const db = this.connect(true);
     this.db = db;
     if (this.hasSchema(db)) return false;
@@ -75,6 +75,8 @@ export class SqliteMetaStore implements MetaStore {
     db.transaction(() => {
       for (const s of ddl) db.exec(s);
       db.prepare(`INSERT INTO settings (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
+      const put = db.prepare(`INSERT INTO settings (key, value) VALUES (?, ?)`);
+      for (const [k, v] of Object.entries(settings)) put.run(k, v);
     }).immediate();
     return true;
   }
@@ -168,17 +170,18 @@ export class SqliteMetaStore implements MetaStore {
     return rows.map((r) => this.toVersion(r, tags.get(Number(r.id)) ?? []));
   }
 
-  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void> {
+  async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
     const sets: string[] = [];
     const args: unknown[] = [];
     if (f.valid !== undefined) { sets.push('valid = ?'); args.push(f.valid ? 1 : 0); }
     if (f.complete !== undefined) { sets.push('complete = ?'); args.push(f.complete ? 1 : 0); }
     if (f.protected !== undefined) { sets.push('protected = ?'); args.push(f.protected ? 1 : 0); }
     if (f.expire !== undefined) { sets.push('expire = ?'); args.push(f.expire); }
-    if (!sets.length) return;
-    this.d.transaction(() => {
-      this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id);
+    if (!sets.length) return !!this.st(`SELECT 1 FROM versions WHERE id = ?`).get(id);
+    return this.d.transaction(() => {
+      if (this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id).changes === 0) return false;
       if (f.complete) this.storeSummary(id, this.summarize(id));
+      return true;
     }).immediate();
   }
 
@@ -192,15 +195,19 @@ export class SqliteMetaStore implements MetaStore {
     this.d.transaction(() => { for (const t of tags) st.run(id, t); })();
   }
 
-  async removeVersion(id: number): Promise<void> {
+  async removeVersion(id: number): Promise<boolean> {
     const db = this.d;
     const now = Date.now();
-    db.transaction(() => {
-      const chunks = (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(id) as Row[]).map((r) => r.data as Buffer);
-      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(chunks)));
+    const removed = db.transaction(() => {
+      const v = this.st(`SELECT uid, protected FROM versions WHERE id = ?`).get(id) as Row | undefined;
+      if (!v) return false;
+      if (v.protected) throw new ProtectedError(v.uid as string);
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(this.distinctChunks(id))));
       this.st(`DELETE FROM versions WHERE id = ?`).run(id);
+      return true;
     }).immediate();
     for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
+    return removed;
   }
 
   // ---- block maps
@@ -387,6 +394,17 @@ export class SqliteMetaStore implements MetaStore {
     const v = this.st(`SELECT COUNT(*) AS n FROM versions`).get() as Row;
     const b = this.st(`SELECT COUNT(*) AS n, COALESCE(SUM(stored_size), 0) AS s, COALESCE(SUM(size), 0) AS p FROM blobs WHERE state <> 3`).get() as Row;
     return { versions: Number(v.n), blobs: Number(b.n), storedBytes: Number(b.s), plainBytes: Number(b.p) };
+  }
+
+  /**
+   * Each distinct chunk of a version's map once: through its summary (3 of a 1 TiB version's 256 chunks, say),
+   * or all chunks when it has none.
+   */
+  private distinctChunks(versionId: number): Buffer[] {
+    const s = this.st(`SELECT data FROM map_summaries WHERE version_id = ?`).get(versionId) as Row | undefined;
+    if (!s) return (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(versionId) as Row[]).map((r) => r.data as Buffer);
+    const chunks = decodeSummary(s.data as Buffer).chunks.map((c) => c.chunk);
+    return (this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify(chunks)) as Row[]).map((r) => r.data as Buffer);
   }
 
   private summarize(versionId: number, keep?: (digest: string, data: Uint8Array) => void): MapSummary {

@@ -1,3 +1,4 @@
+import { BackyError } from '../util/errors';
 import type { MapUsage } from './map-summary';
 
 /**
@@ -5,6 +6,13 @@ import type { MapUsage } from './map-summary';
  * Implementations: sqlite.ts (embedded default) and postgres.ts (several hosts). Every method that changes
  * more than one row does so in one transaction; callers never see half of an operation.
  */
+
+/** `rm` of a protected version (exit 100). */
+export class ProtectedError extends BackyError {
+  constructor(uid: string) {
+    super(`version ${uid} is protected; unprotect it first`);
+  }
+}
 
 export interface VersionRow {
   id: number;
@@ -116,8 +124,8 @@ export interface MetaStore {
   /** Engine description without credentials. */
   readonly description: string;
 
-  /** Creates the schema. false when it already existed (nothing is changed then). */
-  initdb(): Promise<boolean>;
+  /** Creates the schema, with `settings`. false when it already existed (nothing is changed then). */
+  initdb(settings?: Record<string, string>): Promise<boolean>;
   /** Connects and checks the schema (migrating it if older). Throws DatabaseError when there is none. */
   open(): Promise<void>;
   close(): Promise<void>;
@@ -133,11 +141,16 @@ export interface MetaStore {
   createVersion(v: NewVersion, base?: { versionId: number; pending: Iterable<number> }): Promise<VersionRow>;
   getVersion(uid: string): Promise<VersionRow | undefined>;
   listVersions(): Promise<VersionRow[]>;
-  updateVersion(id: number, fields: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<void>;
+  /** false when the version does not exist (any more). */
+  updateVersion(id: number, fields: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean>;
   addTags(id: number, tags: string[]): Promise<void>;
   removeTags(id: number, tags: string[]): Promise<void>;
-  /** Removes the version, its map and tags; its blobs start their grace period. */
-  removeVersion(id: number): Promise<void>;
+  /**
+   * Removes the version, its map and tags; its blobs start their grace period. A protected version is
+   * refused (ProtectedError), checked in the same transaction, so a concurrent `protect` either comes first
+   * and wins, or finds the version gone. false when the version does not exist (any more).
+   */
+  removeVersion(id: number): Promise<boolean>;
 
   /** Entries of one chunk of a version's map (length chunkLength(blocks, chunkNo)). */
   readMapChunk(versionId: number, chunkNo: number): Promise<Float64Array>;

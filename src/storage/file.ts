@@ -6,6 +6,9 @@ import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
 
 const TMP_PREFIX = '.tmp.';
+/** The repository marker (see engine/repository-settings.ts), beside the shard directories. */
+export const MARKER_NAME = 'backy-repository.json';
+const MARKER = MARKER_NAME;
 /** What a key may look like: relative, no empty parts (checked with '.' and '..' excluded). */
 const SAFE_KEY = /^[0-9A-Za-z._-]+(\/[0-9A-Za-z._-]+)*$/;
 
@@ -43,6 +46,34 @@ export class FileStore implements BlobStore {
   /** Creates the root directory (initdb). */
   async create(): Promise<void> {
     await fsp.mkdir(this.root, { recursive: true, mode: 0o700 });
+  }
+
+  async readMarker(): Promise<string | undefined> {
+    try {
+      return await fsp.readFile(path.join(this.root, MARKER), 'utf8');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw new StorageError(`cannot read ${path.join(this.root, MARKER)}: ${writeFailure(e)}`);
+    }
+  }
+
+  async writeMarker(text: string): Promise<void> {
+    const file = path.join(this.root, MARKER);
+    const tmp = path.join(this.root, `${TMP_PREFIX}${MARKER}.${randomBytes(4).toString('hex')}`);
+    try {
+      const fh = await fsp.open(tmp, 'wx', 0o600);
+      try {
+        await writeAll(fh, Buffer.from(text));
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      await fsp.rename(tmp, file);
+      await syncDir(this.root);
+    } catch (e) {
+      await fsp.unlink(tmp).catch(() => undefined);
+      throw new StorageError(`cannot write ${file}: ${writeFailure(e)}`);
+    }
   }
 
   async put(key: string, data: Buffer): Promise<void> {

@@ -55,6 +55,14 @@ export class LimitedStore implements BlobStore {
     return this.inner.check();
   }
 
+  get readMarker(): (() => Promise<string | undefined>) | undefined {
+    return this.inner.readMarker?.bind(this.inner);
+  }
+
+  get writeMarker(): ((text: string) => Promise<void>) | undefined {
+    return this.inner.writeMarker?.bind(this.inner);
+  }
+
   close(): Promise<void> {
     return this.inner.close();
   }

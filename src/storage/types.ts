@@ -27,6 +27,13 @@ export interface BlobStore {
   list(): AsyncIterable<(StoredObject & { partial?: boolean })[]>;
   /** Checks the store is reachable and usable (directory exists, bucket reachable). */
   check(): Promise<void>;
+  /**
+   * The repository marker (stores whose emptiness can be an accident: a directory whose filesystem is not
+   * mounted). undefined when there is none.
+   */
+  readMarker?(): Promise<string | undefined>;
+  /** Writes the marker atomically (durably, like a blob). */
+  writeMarker?(text: string): Promise<void>;
   close(): Promise<void>;
 }
 

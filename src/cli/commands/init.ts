@@ -47,17 +47,10 @@ export const register: Register = (program, wrap) => {
         }
         log.info(`wrote ${cfgFile} with a new encryption key: keep a copy of it somewhere safe`);
       }
-      const { createMetaStore } = await import('../../meta/open');
-      const { FileStore } = await import('../../storage/file');
+      const { Repository } = await import('../../engine/repository');
       const cfg = loadConfig(cfgFile);
-      const meta = createMetaStore(cfg.metaEngine);
-      try {
-        const created = await meta.initdb();
-        log.info(created ? `initialized database (${meta.description})` : `database exists (${meta.description}): left unchanged`);
-      } finally {
-        await meta.close();
-      }
-      if (cfg.data.type === 'file') await new FileStore(cfg.data.path).create();
+      const r = await Repository.create(cfg);
+      log.info(r.created ? `initialized database (${r.description})` : `database exists (${r.description}): left unchanged`);
       const here = path.resolve('backy.cfg') === cfgFile;
       log.info(`ready: ${here ? '' : `backy -c ${cfgFile} `}backup file:///path/to/image NAME`);
     }));

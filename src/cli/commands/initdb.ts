@@ -4,18 +4,12 @@ import { log } from '../../util/log';
 
 export const register: Register = (program, wrap) => {
   program.command('initdb')
-    .description('initialize the database (an existing one is left unchanged, exit 100)')
+    .description('initialize the database, fixing the encryption mode and hash function of the repository (an existing one is left unchanged, exit 100)')
     .action(wrap(async (ctx) => {
-      const { createMetaStore } = await import('../../meta/open');
-      const { FileStore } = await import('../../storage/file');
+      const { Repository } = await import('../../engine/repository');
       const cfg = ctx.config();
-      const meta = createMetaStore(cfg.metaEngine);
-      try {
-        if (!(await meta.initdb())) throw new BackyError(`database ${meta.description} is already initialized; nothing changed`);
-      } finally {
-        await meta.close();
-      }
-      if (cfg.data.type === 'file') await new FileStore(cfg.data.path).create();
-      log.info(`initialized ${meta.description}`);
+      const r = await Repository.create(cfg);
+      if (!r.created) throw new BackyError(`database ${r.description} is already initialized; nothing changed`);
+      log.info(`initialized ${r.description}: encryption = ${cfg.encryption}, hash_function = ${cfg.hashFunction} (fixed for this repository)`);
     }));
 };

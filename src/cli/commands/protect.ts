@@ -1,4 +1,5 @@
 import type { Register } from './index';
+import { NotFoundError } from '../../util/errors';
 import { log } from '../../util/log';
 
 export const register: Register = (program, wrap) => {
@@ -7,7 +8,8 @@ export const register: Register = (program, wrap) => {
     .action(wrap(async (ctx, uid: string) => {
       const repo = await ctx.repository();
       const v = await repo.version(uid);
-      await repo.meta.updateVersion(v.id, { protected: true });
+      // A removal that got the row first leaves nothing to protect: say so instead of claiming success.
+      if (!(await repo.meta.updateVersion(v.id, { protected: true }))) throw new NotFoundError(`version ${uid} does not exist`);
       log.info(`version ${uid} is protected`);
     }));
 };

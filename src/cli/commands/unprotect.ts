@@ -1,4 +1,5 @@
 import type { Register } from './index';
+import { NotFoundError } from '../../util/errors';
 import { log } from '../../util/log';
 
 export const register: Register = (program, wrap) => {
@@ -7,7 +8,7 @@ export const register: Register = (program, wrap) => {
     .action(wrap(async (ctx, uid: string) => {
       const repo = await ctx.repository();
       const v = await repo.version(uid);
-      await repo.meta.updateVersion(v.id, { protected: false });
+      if (!(await repo.meta.updateVersion(v.id, { protected: false }))) throw new NotFoundError(`version ${uid} does not exist`);
       log.info(`version ${uid} is no longer protected`);
     }));
 };

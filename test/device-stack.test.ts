@@ -1,0 +1,110 @@
+/**
+ * The device stack over a real repository: spare blob buffers are one pool for the whole process (not one per
+ * device), and a version still being written becomes readable block by block as the backup records it, also
+ * for a device (and an NBD export) opened before.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as path from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { loadConfig } from '../src/config/config';
+import { allocBlock } from '../src/codec/codec';
+import { BlockCache } from '../src/device/block-cache';
+import { DeviceError } from '../src/device/types';
+import { PENDING_RECHECK_MS, VersionDevice } from '../src/device/version-device';
+import { Repository } from '../src/engine/repository';
+import { blobKey } from '../src/storage/types';
+import { NbdClient } from '../nbd/client';
+import { makeTestRepo, TestRepo, writeImage } from './helpers/cli';
+import { startBackyNbd } from './helpers/backy-nbd';
+import { SeededRandom } from './helpers/images';
+
+const KiB = 1024;
+const BS = 64 * KiB;
+
+let tr: TestRepo;
+let repo: Repository;
+let uid: string;
+
+before(async () => {
+  tr = makeTestRepo('', { blockSize: BS });
+  await tr.ok(['initdb']);
+  const img = path.join(tr.dir, 'img');
+  writeImage(img, 8 * BS, 'random');
+  uid = (await tr.ok(['backup', `file://${img}`, 'img'])).stdout.trim();
+  repo = await Repository.open(loadConfig(tr.cfg));
+});
+
+after(async () => {
+  await repo?.close();
+  tr?.cleanup();
+});
+
+/** Spare read buffers kept anywhere in the process: the shared pool, and any a fetcher keeps for itself. */
+async function sparesKept(fetchers: object[]): Promise<number> {
+  let n = 0;
+  try {
+    n += (await import('../src/device/spare-buffers')).spareBuffers.count;
+  } catch {
+    // no shared pool
+  }
+  for (const f of fetchers) n += (f as { spare?: Buffer[] }).spare?.length ?? 0;
+  return n;
+}
+
+describe('device stack', () => {
+  test('40 devices reading at once keep at most 16 spare buffers in the whole process', async () => {
+    const v = await repo.version(uid);
+    const fetchers: object[] = [];
+    const devices = Array.from({ length: 40 }, () => {
+      // No cache: every read loads its blob, as 40 FUSE opens or NBD exports with distinct data would.
+      const f = repo.fetcher(new BlockCache(0));
+      fetchers.push(f);
+      return new VersionDevice(repo.meta, v, f);
+    });
+    await Promise.all(devices.map((d) => Promise.all(Array.from({ length: 8 }, (_, i) => d.read(i * BS, BS)))));
+    const kept = await sparesKept(fetchers);
+    assert.ok(kept <= 16, `${kept} spare buffers kept by 40 devices`);
+  });
+
+  test('a block recorded after the device was opened becomes readable (it used to fail with EIO for the device\'s life)', async () => {
+    const rnd = new SeededRandom('incomplete');
+    const blocks = [rnd.bytes(BS), rnd.bytes(BS), rnd.bytes(BS)];
+    const session = `test-${process.pid}`;
+    const v = await repo.meta.createVersion({ uid: randomUUID(), name: 'running', snapshotName: '', date: Date.now(), size: 3 * BS, blockSize: BS, expire: null, baseUid: null, tags: [] });
+    const record = async (index: number): Promise<void> => {
+      const buf = allocBlock(BS);
+      blocks[index].copy(buf);
+      const scan = await repo.codec.scan(buf, BS);
+      const [r] = await repo.meta.recordBlocks(v.id, session, [{ index, checksum: scan.sum!, size: BS }]);
+      if (r.upload) {
+        const enc = await repo.codec.encode(scan.buf, BS, scan.sum!);
+        await repo.store.put(blobKey(r.uid), enc.blob);
+        await repo.meta.markUploaded([{ id: r.blobId, storedSize: enc.blob.length }]);
+      }
+    };
+    await record(0);
+    const lines: string[] = [];
+    const dev = new VersionDevice(repo.meta, v, repo.fetcher(new BlockCache(16 * BS)), { log: (l) => lines.push(l) });
+    assert.ok((await dev.read(0, BS)).equals(blocks[0]));
+    await assert.rejects(dev.read(BS, 4096), (e: unknown) => e instanceof DeviceError && e.errno === 'EIO' && /never backed up/.test(e.message));
+
+    // The backup goes on: block 1 is recorded. Over NBD too, on a connection opened before.
+    const server = await startBackyNbd(tr.cfg);
+    try {
+      const c = await NbdClient.connect({ host: '127.0.0.1', port: server.port }, { exportName: v.uid });
+      await assert.rejects(c.read(BS, 4096), (e: Error & { errno?: string }) => e.errno === 'EIO');
+      await record(1);
+      await new Promise((r) => setTimeout(r, PENDING_RECHECK_MS + 100));
+      assert.ok((await dev.read(BS, BS)).equals(blocks[1]), 'the device reads the block recorded after it was opened');
+      assert.ok((await c.read(BS, BS)).equals(blocks[1]), 'so does the NBD connection opened before');
+      await assert.rejects(dev.read(2 * BS, 10), /never backed up/, 'block 2 is still pending');
+      await c.close();
+    } finally {
+      assert.equal(await server.stop(), 0, server.stderr());
+    }
+    // Reading a pending block again and again logs it once per interval.
+    for (let i = 0; i < 50; i++) await dev.read(2 * BS, 10).catch(() => undefined);
+    assert.ok(lines.filter((l) => /offset 131072 was never backed up/.test(l)).length <= 2, lines.join('\n'));
+  });
+});
