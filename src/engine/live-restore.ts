@@ -87,7 +87,8 @@ class SingleExport implements ExportCatalogue {
  */
 export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): Promise<LiveRestoreResult> {
   void repo.codec;
-  const v = await repo.version(opts.uid);
+  // Held while the restore runs: `rm` of the version is refused meanwhile.
+  const v = (await repo.holdVersion(opts.uid, `live restore of ${opts.uid}`)).version;
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up cannot be restored or read`);
   const u = splitScheme(opts.target);
   if (u.scheme !== 'file') throw new UsageError('--live needs a file:// target: an image file or a block device');

@@ -10,6 +10,7 @@ import { ConfigError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { VersionCatalogue } from './catalogue';
 import { OverlayCatalogue, useOverlays } from './writable-exports';
+import type { Overlay } from './overlays';
 import type { Repository } from './repository';
 
 export interface NbdServiceOptions {
@@ -50,6 +51,7 @@ export class NbdService {
     private readonly server: NbdServer,
     readonly address: NbdAddress,
     private readonly socketPath?: string,
+    private readonly overlays: Overlay[] = [],
   ) {}
 
   static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
@@ -73,6 +75,7 @@ export class NbdService {
         closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
       });
     } catch (e) {
+      for (const o of overlays) await o.release().catch(() => undefined);
       // An unusable certificate or key (OpenSSL says why).
       throw new ConfigError(`cannot set up TLS: ${errorLine(e)}`);
     }
@@ -82,6 +85,7 @@ export class NbdService {
       address = await server.listen(opts.listen);
     } catch (e) {
       await server.close().catch(() => undefined);
+      for (const o of overlays) await o.release().catch(() => undefined);
       const where = 'path' in opts.listen ? opts.listen.path : `${opts.listen.host ?? '127.0.0.1'}:${opts.listen.port}`;
       throw new ConfigError(`cannot listen on ${where}: ${listenError(e)}`);
     } finally {
@@ -97,7 +101,7 @@ export class NbdService {
     const notes = [...(opts.catalogue ? [] : [`block cache ${formatBytes(repo.cfg.cacheSize)}`]), ...(tlsNote ? [tlsNote.slice(2)] : [])];
     log.info(`serving ${what} on ${describeAddress(address, opts.tls?.mode === 'require')}` +
       `${notes.length ? ` (${notes.join(', ')})` : ''}; stop with SIGTERM or Ctrl-C`);
-    return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
+    return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined, overlays);
   }
 
   get connections(): number {
@@ -106,6 +110,8 @@ export class NbdService {
 
   async stop(): Promise<void> {
     await this.server.close();
+    // Every export is closed now (its overlay flushed): the overlays may be used by others again.
+    for (const o of this.overlays.splice(0)) await o.release().catch((e) => log.warn(`overlay ${o.name}: ${errorLine(e)}`));
     if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
     const c = this.repo.cache();
     log.debug(`block cache: ${c.hits} hits, ${c.misses} misses, ${formatBytes(c.size)} cached`);

@@ -129,7 +129,17 @@ async function openWritableImage(repo: Repository, spec: string): Promise<{ over
       return Promise.resolve();
     }
   })(cow);
-  return { overlay, device, close: () => cow.close() };
+  return {
+    overlay,
+    device,
+    async close() {
+      try {
+        await cow.close();
+      } finally {
+        await overlay.release();
+      }
+    },
+  };
 }
 
 /**
