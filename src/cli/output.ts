@@ -1,6 +1,7 @@
 import { formatBytes } from '../config/size';
 import { fmtDate } from '../util/dates';
 import { UsageError } from '../util/errors';
+import { escapeText } from '../util/labels';
 
 /** How a command prints results: a table (default), backy2's pipe-separated machine format (-m), or JSON. */
 export interface OutputMode {
@@ -14,12 +15,13 @@ export type Value = string | number | boolean | null | Date | undefined;
 
 export { fmtDate };
 
+/** A value as machine output and tables show it (escaped: see escapeText; JSON carries values as they are). */
 function text(v: Value, human: boolean, isSize: boolean): string {
   if (v === null || v === undefined) return '';
   if (v instanceof Date) return fmtDate(v);
   if (typeof v === 'boolean') return v ? '1' : '0';
   if (isSize && human && typeof v === 'number') return formatBytes(v);
-  return String(v);
+  return escapeText(String(v));
 }
 
 function jsonValue(v: Value): unknown {

@@ -173,8 +173,9 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
     return bad(section, key, `allowed: ${allowed.join(', ')}`);
   };
   const pathOf = (section: string, key: string): string => {
-    const v = (get(section, key) ?? '').trim();
-    if (!v) bad(section, key, 'expected a path');
+    // Not trimmed: the parser already did, except inside quotes, where spaces are part of the path.
+    const v = get(section, key) ?? '';
+    if (!v.trim()) bad(section, key, 'expected a path');
     return path.resolve(baseOf(section, key), v.replace(/^~(?=\/|$)/, os.homedir()));
   };
   // Simultaneous reads/writes: backy2 had them under [DataBackend]; the brief lists [DEFAULTS]. Both work.
@@ -204,7 +205,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   }
 
   const logfileText = (get('defaults', 'logfile') ?? '').trim();
-  const engine = (get('metabackend', 'engine') ?? '').trim();
+  const engine = get('metabackend', 'engine') ?? ''; // as written (see pathOf)
   const dataType = oneOf('databackend', 'type', ['file', 's3'] as const, {
     'backy2.data_backends.file': 'file', 'backy2.data_backends.s3': 's3',
   });

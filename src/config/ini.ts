@@ -33,9 +33,38 @@ export function parseIni(text: string, source: string): IniData {
       throw new Error(`${source}:${i + 1}: cannot parse "${trimmed.slice(0, 60)}"${section ? '' : ' (no [section] before it)'}`);
     }
     lastKey = m[1].toLowerCase();
-    section.set(lastKey, stripInlineComment(m[2]));
+    section.set(lastKey, m[2].startsWith('"') ? unquote(m[2], `${source}:${i + 1}`) : stripInlineComment(m[2]));
   }
   return data;
+}
+
+/**
+ * A value in double quotes is taken literally (no inline comment, spaces kept), with \" and \\ escapes: how
+ * `backy init` writes a path that contains " #", " ;" or leading or trailing spaces. Anything after the closing
+ * quote must be a comment.
+ */
+function unquote(v: string, where: string): string {
+  let out = '';
+  for (let k = 1; k < v.length; k++) {
+    const c = v[k];
+    if (c === '\\' && (v[k + 1] === '"' || v[k + 1] === '\\')) {
+      out += v[++k];
+    } else if (c === '"') {
+      const rest = v.slice(k + 1).trim();
+      if (rest && !/^[#;]/.test(rest)) throw new Error(`${where}: unexpected text after the closing quote: "${rest.slice(0, 40)}"`);
+      return out;
+    } else {
+      out += c;
+    }
+  }
+  throw new Error(`${where}: a quoted value has no closing quote`);
+}
+
+/** `value` as an INI value that reads back exactly (quoted only when it has to be). */
+export function iniValue(value: string): string {
+  if (/[\r\n]/.test(value)) throw new Error('a configuration value cannot contain a line break');
+  const plain = value === value.trim() && !/\s[#;]/.test(value) && !value.startsWith('"') && !/^[#;]/.test(value);
+  return plain ? value : `"${value.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
 }
 
 function stripInlineComment(v: string): string {

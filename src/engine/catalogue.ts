@@ -4,13 +4,15 @@ import { PassThroughDevice } from '../device/pass-through';
 import { BlockDevice, DeviceError, ExportCatalogue, ExportInfo, Extent } from '../device/types';
 import type { VersionRow } from '../meta/types';
 import { errorLine, LockedError, NotFoundError } from '../util/errors';
+import { escapeText } from '../util/labels';
 import type { VersionHold } from './holds';
 import { Repository } from './repository';
 
 /** "name snapshot date" line describing a version to NBD and FUSE clients. */
 export function describeVersion(v: VersionRow): string {
   const state = !v.complete ? '(incomplete)' : v.valid ? '' : '(invalid)';
-  return [v.name, v.snapshotName ? `snapshot ${v.snapshotName}` : '', fmtDate(v.date), state].filter(Boolean).join(' ');
+  // Escaped: nbdinfo --list and the FUSE info files show it to people and scripts, one line per version.
+  return [escapeText(v.name), v.snapshotName ? `snapshot ${escapeText(v.snapshotName)}` : '', fmtDate(v.date), state].filter(Boolean).join(' ');
 }
 
 /**

@@ -1,5 +1,6 @@
 import type { Register } from './index';
 import { parseExpire, parseTags } from '../../util/dates';
+import { checkLabel } from '../../util/labels';
 
 export const register: Register = (program, wrap) => {
   program.command('backup <source> <name>')
@@ -17,11 +18,15 @@ export const register: Register = (program, wrap) => {
       // Engine modules load when a command runs, so `backy --help` and quick commands start fast.
       const { backup } = await import('../../engine/backup');
       const { readHints } = await import('../../engine/hints');
+      const tags = parseTags(o.tag);
+      checkLabel('name', name);
+      checkLabel('snapshot name', o.snapshotName ?? '');
+      for (const t of tags) checkLabel('tag', t);
       const expire = o.expire ? parseExpire(o.expire) : null;
       const hints = o.rbd ? readHints(o.rbd) : undefined;
       const repo = await ctx.repository();
       const r = await backup(repo, {
-        source, name, snapshotName: o.snapshotName ?? '', tags: parseTags(o.tag), expire,
+        source, name, snapshotName: o.snapshotName ?? '', tags, expire,
         baseUid: o.fromVersion, hints, continueUid: o.continueVersion, quiet: ctx.quiet,
         bitmap: o.bitmap, tls: { pskFile: o.tlsPsk, certificatesDir: o.tlsCertificates },
       });
