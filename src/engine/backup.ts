@@ -192,18 +192,28 @@ async function sanityCheck(repo: Repository, source: Source, base: VersionRow, h
   for (let i = 0; i < Math.min(blocks, baseBlocks); i++) if (!hinted.has(i)) candidates.push(i);
   const sample = randomSample(candidates, SANITY_SAMPLES);
   const dev = repo.device(base);
-  for (const i of sample) {
+  const holes = source.extents ? new ZeroBlocks(source as Source & Required<Pick<Source, 'extents'>>, base.blockSize) : undefined;
+  const reads = new Semaphore(Math.max(1, source.parallelReads));
+  // All samples at once (a network source answers them in parallel); the first that differs stops the backup.
+  await Promise.all(sample.map(async (i) => {
     const len = Math.min(base.blockSize, source.size - i * base.blockSize);
-    let buf = allocBlock(base.blockSize);
-    await source.read(buf, i * base.blockSize, len);
-    const s = await repo.codec.scan(buf, len);
-    buf = s.buf;
+    let zero: boolean;
+    let sum: Buffer | undefined;
+    if (holes && (await holes.isZero(i))) {
+      zero = true; // the source says it reads as zeroes: nothing to read
+    } else {
+      const buf = allocBlock(base.blockSize);
+      await reads.use(() => source.read(buf, i * base.blockSize, len));
+      const scan = await repo.codec.scan(buf, len);
+      zero = scan.zero;
+      sum = scan.sum;
+    }
     const slot = await dev.slot(i);
-    const same = s.zero ? slot.kind === 'hole' : slot.kind === 'data' && slot.ref.checksum.equals(s.sum!);
+    const same = zero ? slot.kind === 'hole' : slot.kind === 'data' && slot.ref.checksum.equals(sum!);
     if (!same) {
       throw new SanityError(`differential backup stopped: block at offset ${i * base.blockSize} differs from base ${base.uid} although ${what} ${what === 'the hints' ? 'say' : 'says'} it did not change`);
     }
-  }
+  }));
   log.info(`sanity check: ${sample.length} unchanged blocks match base ${base.uid}`);
 }
 
