@@ -132,16 +132,19 @@ export function rootsOf(summaries: Map<number, MapSummary>): number[] {
   return [...summaries].filter(([, s]) => !s.delta || !summaries.has(s.delta.base)).map(([id]) => id);
 }
 
-/** MapUsage's blob arrays from "id,size,stored,id,size,stored,..." (how both stores read them: one value, not a row per blob). */
-export function blobSizesFromTriples(text: string): MapUsage['blobs'] {
-  const flat = JSON.parse(`[${text}]`) as number[];
-  if (flat.length % 3) throw new Error('corrupt blob size list');
-  const n = flat.length / 3;
+/**
+ * MapUsage's blob arrays from one hex string, 28 digits per blob: id (12), size (8), stored size (8). Both
+ * stores build it in SQL (one value, not a row per blob) and Buffer parses hex natively.
+ */
+export function blobSizesFromHex(hex: string): MapUsage['blobs'] {
+  if (hex.length % 28) throw new Error('corrupt blob size list');
+  const b = Buffer.from(hex, 'hex');
+  const n = b.length / 14;
   const out = { ids: new Float64Array(n), sizes: new Float64Array(n), stored: new Float64Array(n) };
-  for (let k = 0; k < n; k++) {
-    out.ids[k] = flat[3 * k];
-    out.sizes[k] = flat[3 * k + 1];
-    out.stored[k] = flat[3 * k + 2];
+  for (let k = 0, off = 0; k < n; k++, off += 14) {
+    out.ids[k] = b.readUIntBE(off, 6);
+    out.sizes[k] = b.readUInt32BE(off + 6);
+    out.stored[k] = b.readUInt32BE(off + 10);
   }
   return out;
 }
