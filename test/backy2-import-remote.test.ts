@@ -93,7 +93,7 @@ async function restoreHash(repo: TestRepo, uid: string): Promise<string> {
   return h;
 }
 
-test('--copy from PostgreSQL + S3 into a file backend', async (t) => {
+test('--copy from PostgreSQL + S3 into a file backend (the repository\'s own hash function: checksums recomputed)', async (t) => {
   const repo = makeTestRepo('[DataBackend]\nfsync = false');
   t.after(() => repo.cleanup());
   await repo.ok(['initdb']);
@@ -105,7 +105,7 @@ test('--copy from PostgreSQL + S3 into a file backend', async (t) => {
 });
 
 test('in place on the same bucket: restore, scrub, export; rm + cleanup and cleanup --full delete exactly the unused blobs', async (t) => {
-  const repo = makeTestRepo(`${s3.config({ bucket_name: BUCKET, max_retries: 2 })}\n[DEFAULTS]\nencryption_key = ${exp.key_hex}`);
+  const repo = makeTestRepo(`${s3.config({ bucket_name: BUCKET, max_retries: 2 })}\n[DEFAULTS]\nencryption_key = ${exp.key_hex}\nhash_function = sha512`);
   t.after(() => repo.cleanup());
   await repo.ok(['initdb']);
   const r = await repo.ok(['import-backy2', b2.cfg]);

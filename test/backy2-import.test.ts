@@ -331,7 +331,7 @@ describe('backy2 repositories imported in place', () => {
     await sha256.ok(['initdb']);
     const h = await sha256.run(['import-backy2', b2.cfg]);
     assert.equal(h.code, 1);
-    assert.match(oneErrorLine(h), /backy2 used hash_function sha512, this repository sha256/);
+    assert.match(oneErrorLine(h), /backy2 used hash_function sha512, this repository sha256: an import in place needs a repository created with hash_function = sha512/);
     const plain = track(backyRepoFor(b2, { extra: '[DEFAULTS]\nencryption = none' }));
     await plain.ok(['initdb']);
     const p = await plain.run(['import-backy2', b2.cfg]);

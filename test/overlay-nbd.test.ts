@@ -117,13 +117,21 @@ describe('writable NBD exports, overlays and fixate', () => {
       const rm = await repo.run(['overlay', 'rm', 'edit']);
       assert.equal(rm.code, 100, rm.stderr);
       assert.match(rm.stderr, /overlay edit is in use by a writable NBD export/);
+      // The base version is held while the overlay is in use.
+      const rmUsed = await repo.run(['rm', '-f', uid]);
+      assert.equal(rmUsed.code, 100, rmUsed.stderr);
+      assert.match(rmUsed.stderr, /overlay edit/);
       // A second server cannot take the same overlay.
       const second = await repo.run(['nbd', '-p', '0', '-w', 'edit'], { timeoutMs: 30_000 });
       assert.equal(second.code, 100, second.stderr);
-      assert.match(second.stderr, /in use|is running/);
+      assert.match(second.stderr, /overlay edit is in use by a writable NBD export \(pid \d+/);
     } finally {
       assert.equal(await server.stop(), 0, server.stderr());
     }
+    // An overlay nobody uses still needs its base.
+    const rmIdle = await repo.run(['rm', '-f', uid]);
+    assert.equal(rmIdle.code, 100, rmIdle.stderr);
+    assert.match(rmIdle.stderr, /base of overlay edit/);
     // The backup itself was never written.
     const scrub = await repo.run(['scrub', uid]);
     assert.equal(scrub.code, 0, scrub.stderr);

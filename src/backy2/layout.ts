@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { digestLength } from '../codec/hashes';
 import { blockCount } from '../meta/block-map';
 import { BlobFormat, IMPORT_HOLE, IMPORT_PENDING, ImportVersion } from '../meta/types';
 import { isBacky2Uid } from '../storage/blob-keys';
@@ -119,7 +119,7 @@ const hexLengths = new Map<string, number>();
 export function checkBlob(uid: string, d: Backy2BlobDetails | undefined, hashFunction: string): Backy2Blob | string {
   if (!d) return `blob ${uid} has no row`;
   let hexLen = hexLengths.get(hashFunction);
-  if (hexLen === undefined) hexLengths.set(hashFunction, (hexLen = createHash(hashFunction).digest().length * 2));
+  if (hexLen === undefined) hexLengths.set(hashFunction, (hexLen = (digestLength(hashFunction) ?? 0) * 2));
   if (!d.checksum || d.checksum.length !== hexLen || !/^[0-9a-f]+$/i.test(d.checksum)) return `blob ${uid} has no ${hashFunction} checksum`;
   const base = { uid, checksum: Buffer.from(d.checksum, 'hex'), size: d.size };
   if (d.encVersion === 0) return { ...base, format: BlobFormat.Backy2Plain };

@@ -1,4 +1,5 @@
-import { createCipheriv, createDecipheriv, createHash } from 'node:crypto';
+import { createCipheriv, createDecipheriv } from 'node:crypto';
+import { createHasher } from './hashes';
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 import zstdBinding = require('zstd-napi/binding');
 import { BlobFormat } from '../meta/types';
@@ -115,6 +116,6 @@ export function decodeBacky2Blob(blob: Buffer, sum: Buffer, size: number, o: Bac
   } else {
     throw new BlobFormatError(`unknown blob format ${o.format}`);
   }
-  if (recompute && !createHash(o.hashFunction).update(data).digest().equals(sum)) throw new BlobFormatError('checksum mismatch');
+  if (recompute && !createHasher(o.hashFunction).update(data).digest().equals(sum)) throw new BlobFormatError('checksum mismatch');
   return data;
 }

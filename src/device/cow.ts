@@ -122,7 +122,10 @@ export class CowDevice implements BlockDevice {
     this.syncer = new SharedSync(() => this.flushOnce());
   }
 
-  /** Opens the overlay in `dir` over `lower` (which must be the device it was made for: same size and base). */
+  /**
+   * Opens the overlay in `dir` over `lower` (which must be the device it was made for: same size and base);
+   * the overlay owns `lower` from now on (close() closes it).
+   */
   static async open(lower: BlockDevice, dir: string, layout: CowLayout): Promise<CowDevice> {
     if (lower.size !== layout.size) throw new Error(`the overlay is for a device of ${layout.size} bytes, this one has ${lower.size}`);
     const map = await PersistentMap.open(path.join(dir, MAP_FILE), identity(layout));
@@ -380,7 +383,7 @@ export class CowDevice implements BlockDevice {
     return this.map.countNonZero();
   }
 
-  /** Flushes, then closes the overlay's files (not the device below). */
+  /** Flushes, then closes the overlay's files and the device below (each CowDevice is given its own). */
   close(): Promise<void> {
     this.closing ??= (async () => {
       try {
@@ -388,6 +391,7 @@ export class CowDevice implements BlockDevice {
       } finally {
         await closeFd(this.dataFd).catch(() => undefined);
         await this.map.close();
+        await this.lower.close?.();
       }
     })();
     return this.closing;

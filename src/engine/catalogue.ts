@@ -58,6 +58,22 @@ export class VersionCatalogue implements ExportCatalogue {
     return new HeldDevice(this.plainDevice(v), this.repo.holdVersion(v.uid, what));
   }
 
+  /**
+   * Like `device`, but resolves only once the hold is taken, and rejects (releasing everything) when the
+   * version is being removed or is gone: an open that succeeds can then never turn into EIO on read because
+   * an `rm` slipped in between the open and the hold.
+   */
+  async heldDevice(v: VersionRow, what = `open image of ${v.uid}`): Promise<BlockDevice> {
+    const d = new HeldDevice(this.plainDevice(v), this.repo.holdVersion(v.uid, what));
+    try {
+      await d.whenHeld();
+    } catch (e) {
+      await d.close().catch(() => undefined);
+      throw e;
+    }
+    return d;
+  }
+
   private plainDevice(v: VersionRow): BlockDevice & { prefetch(offset: number, length: number): Promise<void> } {
     const cache = this.repo.cache();
     const dev = this.repo.device(v, cache);
@@ -79,6 +95,11 @@ class HeldDevice extends PassThroughDevice {
   constructor(next: BlockDevice, private readonly hold: Promise<VersionHold>) {
     super(next);
     hold.then(() => { this.ready = true; }, (e) => { this.failure = new DeviceError(errorLine(e), 'EIO'); });
+  }
+
+  /** Resolves when the hold is taken; rejects with the reason it could not be. */
+  async whenHeld(): Promise<void> {
+    await this.hold;
   }
 
   private held<T>(op: () => Promise<T>): Promise<T> {

@@ -79,6 +79,11 @@ export async function checkStorageSettings(cfg: Config): Promise<RepositoryInfo 
       log.warn('storage holds no repository object (a repository never used after its initdb?): using the configuration\'s settings');
       return undefined;
     }
+    // A configuration without hash_function uses the repository's (as for an open repository).
+    if (!cfg.hashFunctionConfigured) {
+      cfg.hashFunction = info.hashFunction;
+      cfg.hashFunctionConfigured = true;
+    }
     if (info.hashFunction !== cfg.hashFunction) throw new ConfigError(`the repository in storage uses hash_function ${info.hashFunction}, the configuration says ${cfg.hashFunction}`);
     if (info.encryption !== cfg.encryption) throw new ConfigError(`the repository in storage uses encryption ${info.encryption}, the configuration says ${cfg.encryption}`);
     if (info.keyCheck && cfg.encryptionKey && info.keyCheck !== keyCheckValue(cfg.encryptionKey)) throw new WrongKeyError();

@@ -74,7 +74,8 @@ export async function importBacky2(repo: Repository, opts: ImportBacky2Options):
 function checkInPlace(repo: Repository, b2: Backy2Config): void {
   const use = 'or import with --copy';
   if (b2.hashFunction !== repo.cfg.hashFunction) {
-    throw new ConfigError(`backy2 used hash_function ${b2.hashFunction}, this repository ${repo.cfg.hashFunction}: an import in place needs the same, ${use}`);
+    throw new ConfigError(`backy2 used hash_function ${b2.hashFunction}, this repository ${repo.cfg.hashFunction}: an import in place needs a repository ` +
+      `created with hash_function = ${b2.hashFunction} in backy's configuration (initdb of a new database), ${use}`);
   }
   const d = repo.cfg.data;
   if (b2.data.type === 'file') {

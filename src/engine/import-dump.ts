@@ -1,8 +1,8 @@
-import { createHash } from 'node:crypto';
 import { csvRows } from '../backy2/csv';
 import { BACKY_SIGNATURE } from '../backy2/dump';
 import { parseBacky2Date } from '../backy2/layout';
 import { makeKeyInfo, unwrapDataKey } from '../codec/backy2-blob';
+import { digestLength } from '../codec/hashes';
 import { encodeBlockDates } from '../meta/block-dates';
 import { blockCount } from '../meta/block-map';
 import { BlobFormat, IMPORT_HOLE, IMPORT_PENDING, ImportBlob, ImportVersion } from '../meta/types';
@@ -56,7 +56,7 @@ export async function importDump(repo: Repository, text: string, opts: DumpImpor
   if (await repo.meta.getVersion(p.version.uid)) {
     throw new BackyError(`version ${p.version.uid} already exists and cannot be imported`, ExitCode.IMPORT_KEY);
   }
-  const sumLen = createHash(repo.cfg.hashFunction).digest().length;
+  const sumLen = (digestLength(repo.cfg.hashFunction) ?? 0);
   if (p.blobs.some((b) => b.checksum.length !== sumLen)) throw new DumpError(`the dump's checksums are not ${repo.cfg.hashFunction} checksums, this repository's hash function`);
   await repo.meta.importVersion(p.version, entriesOf(p.map), p.blobs, { blockDates: p.blockDates });
   if (!p.version.valid) log.warn(`version ${p.version.uid} imported as invalid`);
@@ -143,7 +143,7 @@ async function parseBacky2(next: () => string[] | undefined, cols: { version: nu
 
   const key = repo.cfg.encryptionKey;
   const b2key = opts.backy2Key ?? key;
-  const sumLen = createHash(repo.cfg.hashFunction).digest().length;
+  const sumLen = (digestLength(repo.cfg.hashFunction) ?? 0);
   const mb = new MapBuilder(blocks);
   const dates = new Float64Array(blocks).fill(NaN);
   let kek: number | undefined;

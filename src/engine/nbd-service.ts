@@ -10,6 +10,7 @@ import { ConfigError, errorLine } from '../util/errors';
 import { log } from '../util/log';
 import { VersionCatalogue } from './catalogue';
 import { OverlayCatalogue, useOverlays } from './writable-exports';
+import type { Overlay } from './overlays';
 import type { Repository } from './repository';
 
 export interface NbdServiceOptions {
@@ -25,6 +26,12 @@ export interface NbdServiceOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   replyTimeoutMs?: number;
+  /**
+   * Serve these exports instead of the repository's versions (a live restore serves its target); `describe`
+   * says what they are in the start line.
+   */
+  catalogue?: ExportCatalogue & Required<Pick<ExportCatalogue, 'exists'>>;
+  describe?: string;
 }
 
 /** `nbd://host:port` or `nbd+unix:///?socket=path` (nbds... with TLS): what to tell the user to connect to. */
@@ -44,19 +51,20 @@ export class NbdService {
     private readonly server: NbdServer,
     readonly address: NbdAddress,
     private readonly socketPath?: string,
+    private readonly overlays: Overlay[] = [],
   ) {}
 
   static async start(repo: Repository, opts: NbdServiceOptions): Promise<NbdService> {
     const overlays = opts.writable?.length ? await useOverlays(repo, opts.writable, 'a writable NBD export') : [];
     const versions = new VersionCatalogue(repo);
-    const catalogue = new LoggingCatalogue(overlays.length ? new OverlayCatalogue(versions, overlays) : versions);
+    const catalogue = new LoggingCatalogue(opts.catalogue ?? (overlays.length ? new OverlayCatalogue(versions, overlays) : versions));
     let starting = true;
     let server: NbdServer;
     try {
       server = new NbdServer({
         catalogue,
         // Versions are read-only devices anyway; this makes sure nothing else is writable without -w.
-        readOnly: overlays.length === 0,
+        readOnly: !opts.catalogue && overlays.length === 0,
         tls: opts.tls,
         maxConnections: opts.maxConnections,
         handshakeTimeoutMs: opts.handshakeTimeoutMs,
@@ -67,6 +75,7 @@ export class NbdService {
         closeTimeoutMs: opts.stopTimeoutMs ?? 5000,
       });
     } catch (e) {
+      for (const o of overlays) await o.release().catch(() => undefined);
       // An unusable certificate or key (OpenSSL says why).
       throw new ConfigError(`cannot set up TLS: ${errorLine(e)}`);
     }
@@ -76,17 +85,23 @@ export class NbdService {
       address = await server.listen(opts.listen);
     } catch (e) {
       await server.close().catch(() => undefined);
+      for (const o of overlays) await o.release().catch(() => undefined);
       const where = 'path' in opts.listen ? opts.listen.path : `${opts.listen.host ?? '127.0.0.1'}:${opts.listen.port}`;
       throw new ConfigError(`cannot listen on ${where}: ${listenError(e)}`);
     } finally {
       starting = false;
     }
-    const count = (await repo.meta.listVersions()).length;
-    const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
     const tlsNote = opts.tls ? (opts.tls.mode === 'require' ? ', TLS required' : ', TLS offered') : '';
-    log.info(`serving ${count} version${count === 1 ? '' : 's'} read-only${writable} on ${describeAddress(address, opts.tls?.mode === 'require')} ` +
-      `(block cache ${formatBytes(repo.cfg.cacheSize)}${tlsNote}); stop with SIGTERM or Ctrl-C`);
-    return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined);
+    let what = opts.describe ?? '';
+    if (!opts.catalogue) {
+      const count = (await repo.meta.listVersions()).length;
+      const writable = overlays.length ? ` and ${overlays.length} writable export${overlays.length === 1 ? '' : 's'} (${overlays.map((o) => o.name).join(', ')})` : '';
+      what = `${count} version${count === 1 ? '' : 's'} read-only${writable}`;
+    }
+    const notes = [...(opts.catalogue ? [] : [`block cache ${formatBytes(repo.cfg.cacheSize)}`]), ...(tlsNote ? [tlsNote.slice(2)] : [])];
+    log.info(`serving ${what} on ${describeAddress(address, opts.tls?.mode === 'require')}` +
+      `${notes.length ? ` (${notes.join(', ')})` : ''}; stop with SIGTERM or Ctrl-C`);
+    return new NbdService(repo, server, address, 'path' in opts.listen ? opts.listen.path : undefined, overlays);
   }
 
   get connections(): number {
@@ -95,6 +110,8 @@ export class NbdService {
 
   async stop(): Promise<void> {
     await this.server.close();
+    // Every export is closed now (its overlay flushed): the overlays may be used by others again.
+    for (const o of this.overlays.splice(0)) await o.release().catch((e) => log.warn(`overlay ${o.name}: ${errorLine(e)}`));
     if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
     const c = this.repo.cache();
     log.debug(`block cache: ${c.hits} hits, ${c.misses} misses, ${formatBytes(c.size)} cached`);

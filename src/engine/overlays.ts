@@ -8,6 +8,7 @@ import { BackyError, ConfigError, errorLine, LockedError, NotFoundError, UsageEr
 import { fsyncDir, fsyncFd, openFd, closeFd, pwriteFull } from '../util/fd-io';
 import { log } from '../util/log';
 import { lockInfo } from '../util/process-info';
+import type { VersionHold } from './holds';
 import type { Repository } from './repository';
 
 /**
@@ -128,7 +129,14 @@ export async function overlayDiskUsage(repo: Repository, name: string): Promise<
 
 /** An overlay this process uses: locked until the repository closes (or `release`). */
 export class Overlay {
-  private constructor(private readonly repo: Repository, readonly info: OverlayInfo, readonly dir: string, readonly base: VersionRow, private readonly lock: string) {}
+  private constructor(
+    private readonly repo: Repository,
+    readonly info: OverlayInfo,
+    readonly dir: string,
+    readonly base: VersionRow,
+    private readonly lock: string,
+    private readonly hold: VersionHold,
+  ) {}
 
   get name(): string {
     return this.info.name;
@@ -146,7 +154,8 @@ export class Overlay {
   }
 
   async release(): Promise<void> {
-    await this.repo.unlock(this.lock);
+    await this.hold.release();
+    await this.repo.meta.unlock(this.lock, lockInfo('').session);
   }
 
   /**
@@ -160,28 +169,32 @@ export class Overlay {
     if (!info && !uid) throw new NotFoundError(`overlay ${name} does not exist in ${repo.cfg.overlayDir}`);
     if (info && uid && info.base !== uid) throw new BackyError(`overlay ${name} is based on version ${info.base}, not ${uid}`);
     const lock = lockName(dir);
-    await repo.lock(lock, what);
+    const holder = await repo.meta.tryLock(lock, lockInfo(what));
+    if (holder) throw new LockedError(`overlay ${name} is in use by ${holder.what} (pid ${holder.pid} on ${holder.host})`);
+    let hold: VersionHold | undefined;
     try {
       // Read again under the lock: a removal may have finished in between.
       info = await readOverlayInfo(dir);
-      let base: VersionRow;
+      if (!info && !uid) throw new NotFoundError(`overlay ${name} does not exist in ${repo.cfg.overlayDir}`);
+      // The base is held before anything else: `rm` of it is refused from now on while the overlay is used
+      // (and, while no process uses it, by removeVersion's look into overlay_dir).
+      hold = await repo.holdVersion(info?.base ?? uid!, `overlay ${name} (${what})`).catch((e) => {
+        throw info && e instanceof NotFoundError ? new NotFoundError(`overlay ${name}: its base version ${info.base} does not exist any more`) : e;
+      });
+      const base = hold.version;
+      if (!base.complete) throw new BackyError(`version ${base.uid} is incomplete: an overlay needs a complete version`);
       if (!info) {
-        if (!uid) throw new NotFoundError(`overlay ${name} does not exist in ${repo.cfg.overlayDir}`);
-        base = await repo.version(uid);
         if (await repo.meta.getVersion(name)) throw new UsageError(`overlay name ${name} is a version uid: choose another name`);
         info = await createOverlay(repo, name, base);
         log.info(`created overlay ${name} over version ${base.uid} (${base.name}) in ${repo.cfg.overlayDir}`);
-      } else {
-        const v = await repo.meta.getVersion(info.base);
-        if (!v) throw new NotFoundError(`overlay ${name}: its base version ${info.base} does not exist any more`);
-        if (v.size !== info.size) throw new BackyError(`overlay ${name} was made for ${info.size} bytes, version ${v.uid} has ${v.size}`);
-        base = v;
+      } else if (base.size !== info.size) {
+        throw new BackyError(`overlay ${name} was made for ${info.size} bytes, version ${base.uid} has ${base.size}`);
       }
-      if (!base.complete) throw new BackyError(`version ${base.uid} is incomplete: an overlay needs a complete version`);
       if (!base.valid) log.warn(`version ${base.uid} is marked invalid: some blocks may fail to read`);
-      return new Overlay(repo, info, dir, base, lock);
+      return new Overlay(repo, info, dir, base, lock, hold);
     } catch (e) {
-      await repo.unlock(lock);
+      await hold?.release().catch(() => undefined);
+      await repo.meta.unlock(lock, lockInfo('').session);
       throw e;
     }
   }

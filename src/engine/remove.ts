@@ -2,6 +2,7 @@ import { BackyError, NotFoundError } from '../util/errors';
 import type { VersionRow } from '../meta/types';
 import { log } from '../util/log';
 import { LOCKS, Repository } from './repository';
+import { overlaysOf } from './overlays';
 import { now } from '../util/clock';
 
 const DAY = 24 * 3600 * 1000;
@@ -27,6 +28,11 @@ export async function removeVersion(repo: Repository, uid: string, force: boolea
 async function removeUnheld(repo: Repository, v: VersionRow, uid: string, force: boolean): Promise<void> {
   await repo.lock(LOCKS.version(uid), `removal of ${uid}`);
   if (v.protected) throw new BackyError(`version ${uid} is protected; unprotect it first`);
+  // An overlay on this host needs its base while it exists, used or not.
+  const overlays = await overlaysOf(repo, uid);
+  if (overlays.length) {
+    throw new BackyError(`version ${uid} is the base of overlay ${overlays.join(', ')}: fixate or remove ${overlays.length === 1 ? 'it' : 'them'} ("backy overlay rm") first`);
+  }
   const days = repo.cfg.disallowRmWhenYoungerThanDays;
   const age = now() - v.date;
   if (!force && days > 0 && age < days * DAY) {

@@ -106,6 +106,7 @@ export class BlockCopier {
         const queue = [step];
         while (queue.length && !this.jobs.failed) {
           await this.jobs.acquire();
+          while (this.urgent > 0 && !this.jobs.failed) await new Promise<void>((r) => this.urgentDone.push(r));
           const parts = this.jobs.failed ? [] : [...this.split(queue.shift()!)];
           if (!parts.length) {
             this.jobs.release();
@@ -130,6 +131,20 @@ export class BlockCopier {
    * again); rejects when the target fails.
    */
   async now(index: number): Promise<boolean> {
+    // While a client waits, the background pass starts nothing new: storage reads (and their bandwidth
+    // limit, which serves in order) go to what the client asked for.
+    this.urgent++;
+    try {
+      return await this.nowInner(index);
+    } finally {
+      if (--this.urgent === 0) for (const wake of this.urgentDone.splice(0)) wake();
+    }
+  }
+
+  private urgent = 0;
+  private urgentDone: (() => void)[] = [];
+
+  private async nowInner(index: number): Promise<boolean> {
     let tries = 0;
     for (;;) {
       if (this.state[index] === DONE) return true;

@@ -8,6 +8,7 @@ import { BlockCache } from '../device/block-cache';
 import { VersionDevice } from '../device/version-device';
 import { Repository } from './repository';
 import { BlockCopier, CopyStats } from './restore-copier';
+import { deltaHooks, DeltaStats } from './delta-restore';
 
 export interface RestoreOptions {
   uid: string;
@@ -19,6 +20,11 @@ export interface RestoreOptions {
   quiet?: boolean;
   /** credentials for nbds:// targets */
   tls?: TlsFiles;
+  /**
+   * --delta: the target holds an older or slightly different copy; only blocks whose content differs from
+   * the version's are written (see delta-restore.ts). `fromVersion`: the version the target is known to hold.
+   */
+  delta?: { fromVersion?: string };
 }
 
 export interface RestoreResult {
@@ -26,6 +32,7 @@ export interface RestoreResult {
   errors: { offset: number; message: string }[];
   seconds: number;
   stats?: CopyStats;
+  delta?: DeltaStats;
 }
 
 /**
@@ -39,13 +46,16 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   const v = (await repo.holdVersion(opts.uid, `restore of ${opts.uid}`)).version;
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
-  const target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse, tls: opts.tls });
+  const base = opts.delta?.fromVersion ? await repo.version(opts.delta.fromVersion) : undefined;
+  const target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse, tls: opts.tls, existing: !!opts.delta });
   // No block cache: restore reads each blob once (repeats are copied from their first copy in the target).
   const fetcher = repo.fetcher(new BlockCache(0));
   const dev = new VersionDevice(repo.meta, v, fetcher);
   const progress = new Progress(`restore ${v.uid.slice(0, 8)}`, v.size, { quiet: opts.quiet });
+  const delta = opts.delta ? await deltaHooks(repo, v, target, base) : undefined;
   const copier = new BlockCopier(dev, fetcher, target, {
     inFlight: Math.max(2, repo.cfg.data.simultaneousReads),
+    hooks: delta?.hooks,
     onProgress: (n) => progress.add(n),
   });
   const started = Date.now();
@@ -66,7 +76,13 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   for (const e of errors) log.error(`offset ${e.offset}: ${e.message}`);
   log.info(`restored version ${v.uid} to ${opts.target}: ${formatBytes(v.size)} in ${seconds.toFixed(1)} s ` +
     `(${formatBytes(v.size / Math.max(seconds, 0.001))}/s)${errors.length ? `, ${errors.length} blocks could not be restored` : ''}`);
-  return { bytes: v.size, errors, seconds, stats: copier.stats };
+  if (delta) {
+    const s = copier.stats;
+    log.info(`delta restore: ${delta.stats.blocksCompared} blocks compared` +
+      `${base ? `, ${delta.stats.blocksSkippedByBase} skipped (same as ${base.uid})` : ''}, ${s.blocksUnchanged} unchanged, ` +
+      `${s.blocksWritten + s.blocksRepeated + s.blocksZeroed} written (${s.blocksZeroed} as zeroes)`);
+  }
+  return { bytes: v.size, errors, seconds, stats: copier.stats, delta: delta?.stats };
 }
 
 export function restoreFailure(r: RestoreResult): StorageError {

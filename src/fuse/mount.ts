@@ -129,7 +129,17 @@ async function openWritableImage(repo: Repository, spec: string): Promise<{ over
       return Promise.resolve();
     }
   })(cow);
-  return { overlay, device, close: () => cow.close() };
+  return {
+    overlay,
+    device,
+    async close() {
+      try {
+        await cow.close();
+      } finally {
+        await overlay.release();
+      }
+    },
+  };
 }
 
 /**
@@ -157,7 +167,7 @@ export async function serveMount(repo: Repository, o: MountOptions): Promise<voi
   const list = new VersionList(repo.meta, { only: version?.uid });
   const tree: Tree = version ? new SingleVersionTree(list, version) : new AllVersionsTree(list);
   const catalogue = new VersionCatalogue(repo);
-  const images = new OpenImages((v) => writable?.device ?? catalogue.device(v));
+  const images = new OpenImages((v) => writable?.device ?? catalogue.heldDevice(v));
   const failures = new FailureLog((line) => log.error(line));
   const ops = createOperations({
     tree, images, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0,

@@ -14,14 +14,16 @@ export class OpenImages {
   private handles = new Map<number, OpenImage>();
   private next = 1;
 
-  constructor(private readonly openDevice: (v: VersionRow) => BlockDevice) {}
+  /** `openDevice` resolves once the device may be read (its version held), or rejects: the open fails then. */
+  constructor(private readonly openDevice: (v: VersionRow) => BlockDevice | Promise<BlockDevice>) {}
 
-  open(version: VersionRow): number {
+  async open(version: VersionRow): Promise<number> {
+    const device = await this.openDevice(version);
     // Handles are 32-bit and 0 means "none" to fuse-native.
     while (this.handles.has(this.next) || this.next === 0) this.next = (this.next + 1) >>> 0;
     const fh = this.next;
     this.next = (this.next + 1) >>> 0;
-    this.handles.set(fh, { device: this.openDevice(version), version });
+    this.handles.set(fh, { device, version });
     return fh;
   }
 

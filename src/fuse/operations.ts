@@ -1,5 +1,5 @@
 import { DeviceError } from '../device/types';
-import { errorLine } from '../util/errors';
+import { errorLine, LockedError, NotFoundError } from '../util/errors';
 import { Errno, FuseOps, FuseStat } from './native';
 import { OpenImages, readInto } from './open-images';
 import type { Node, Tree } from './tree';
@@ -129,7 +129,7 @@ export function createOperations(o: OperationsOptions): FuseOps {
     open(path, flags, cb) {
       const writing = (flags & O_ACCMODE) !== 0 || (flags & O_TRUNC) !== 0;
       if (writing && !o.writable) return cb(Errno.EROFS);
-      handle(`open ${path}`, cb, async (reply) => {
+      handle(`open ${path}`, cb, async (reply, owned) => {
         const n = await resolve(path);
         if (typeof n === 'number') reply(n);
         else if (n.kind === 'dir') reply(Errno.EISDIR);
@@ -137,7 +137,19 @@ export function createOperations(o: OperationsOptions): FuseOps {
         else if (writing && (n.kind !== 'image' || (flags & O_TRUNC) !== 0)) reply(Errno.EROFS);
         // Info files are read by path; only images keep state per open file.
         else if (n.kind === 'info') reply(0, 0);
-        else reply(0, images.open(n.version));
+        else {
+          let fh: number;
+          try {
+            fh = await images.open(n.version);
+          } catch (e) {
+            // The version could not be held: it is being removed, or is gone. It no longer exists for us.
+            if (e instanceof LockedError || e instanceof NotFoundError) return reply(Errno.ENOENT);
+            throw e;
+          }
+          // Answered meanwhile (timeout): nobody will ever release this handle, so release it now.
+          if (!owned()) return void (await images.release(fh));
+          reply(0, fh);
+        }
       });
     },
 

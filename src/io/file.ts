@@ -65,6 +65,13 @@ export async function openFileSource(p: string, url: string): Promise<Source> {
   }
 }
 
+/** Deallocates a range of a file (it reads as zeroes); false when the filesystem cannot. */
+function punchHole(p: string, offset: number, length: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('fallocate', ['--punch-hole', '--keep-size', '-o', String(offset), '-l', String(length), p], (err) => resolve(!err));
+  });
+}
+
 /** Allocates the whole file (util-linux fallocate: unwritten extents, read as zeroes). */
 function preallocate(p: string, size: number): Promise<boolean> {
   return new Promise((resolve) => {
@@ -85,9 +92,12 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new IoError(`cannot use target ${p}: ${(e as Error).message}`);
   }
-  if (st && !force) throw new IoError(`target ${p} already exists; use -f to overwrite it`);
+  if (opts.existing && !st) throw new IoError(`target ${p} does not exist`);
+  if (st && !force && !opts.existing) throw new IoError(`target ${p} already exists; use -f to overwrite it`);
   let fh: fsp.FileHandle;
   let zeroed = false;
+  /** zero() punches holes (an existing file restored with -s) */
+  let punch = false;
   let available = size;
   try {
     if (st?.isBlockDevice()) {
@@ -106,11 +116,17 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
       if (sparse) log.warn('sparse restore onto a block device: holes are written as zeroes so no old data remains');
     } else {
       if (st && !st.isFile()) throw new IoError(`target ${p} is neither a regular file nor a block device`);
-      fh = await fsp.open(p, st ? 'w+' : 'wx+', 0o600);
-      await fh.truncate(size);
+      if (opts.existing) {
+        fh = await fsp.open(p, 'r+');
+        if (st!.size !== size) await fh.truncate(size);
+      } else {
+        fh = await fsp.open(p, st ? 'w+' : 'wx+', 0o600);
+        await fh.truncate(size);
+      }
       // Not sparse: the file gets all its space. fallocate does that without writing gigabytes of zeroes;
       // where the filesystem cannot, the zeroes are written (zeroed stays false).
-      zeroed = size === 0 || sparse || (await preallocate(p, size));
+      zeroed = !opts.existing && (size === 0 || sparse || (await preallocate(p, size)));
+      punch = sparse && !!opts.existing;
     }
   } catch (e) {
     if (e instanceof IoError) throw e;
@@ -147,6 +163,7 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
       }
     },
     async zero(offset, length) {
+      if (punch && (await punchHole(p, offset, length))) return;
       const step = 4 * 1024 * 1024;
       for (let o = offset; o < offset + length; o += step) await write(zeroes(Math.min(step, offset + length - o)), o);
     },

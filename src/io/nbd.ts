@@ -219,7 +219,7 @@ async function openNbdTarget(u: IoUrl, opts: TargetOptions): Promise<Target> {
     } catch (e) {
       throw nbdFailure(u.url, 'get the allocation map of', 0, e);
     }
-    if (!opts.force && zeroed !== true) {
+    if (!opts.force && !opts.existing && zeroed !== true) {
       throw new IoError(zeroed === false
         ? `NBD target ${u.url} holds data; use -f to overwrite it`
         : `NBD target ${u.url} may hold data (the server reports no allocation map); use -f to overwrite it`);

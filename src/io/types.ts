@@ -59,6 +59,12 @@ export interface TargetOptions {
   force: boolean;
   /** -s: holes stay holes (a sparse file); otherwise the space is allocated */
   sparse: boolean;
+  /**
+   * Keep what the target holds (delta restore, a live restore continued): an existing file or device is
+   * opened as it is, without -f and without truncating it (a file is only cut or extended to `size`); a
+   * missing target is an error. With `sparse`, zeroing a file's range punches a hole.
+   */
+  existing?: boolean;
   tls?: TlsFiles;
 }
 

@@ -36,7 +36,7 @@ export async function run(): Promise<void> {
     // backy's own key differs from backy2's: every data key is re-wrapped (the dearer case).
     const cfg = path.join(dir, 'backy.cfg');
     fs.writeFileSync(cfg, [
-      '[DEFAULTS]', `logfile = ${dir}/backy.log`, `encryption_key = ${randomBytes(32).toString('hex')}`,
+      '[DEFAULTS]', `logfile = ${dir}/backy.log`, `encryption_key = ${randomBytes(32).toString('hex')}`, 'hash_function = sha512',
       '[MetaBackend]', `engine = sqlite:///${dir}/backy.sqlite`, '[DataBackend]', `path = ${data}`, '',
     ].join('\n'));
     const backy = (args: string[]) => measure(process.execPath, [BACKY, '-c', cfg, ...args]);

@@ -80,8 +80,9 @@ export function copyBacky2(name: 'R0' | 'R1', opts: { cfg?: (text: string) => st
  * backy2's (R1) or a fresh one (R0). `dataDir` puts storage elsewhere (--copy).
  */
 export function backyRepoFor(b2: Backy2Copy, opts: { key?: string; dataDir?: string; extra?: string; blockSize?: number } = {}): TestRepo {
-  const lines = ['[DataBackend]', `path = ${opts.dataDir ?? b2.data}`, 'fsync = false'];
-  if (opts.key) lines.push('[DEFAULTS]', `encryption_key = ${opts.key}`);
+  // backy2 hashed with sha512: a repository importing in place must too (new ones default to the fastest hash).
+  const lines = ['[DataBackend]', `path = ${opts.dataDir ?? b2.data}`, 'fsync = false', '[DEFAULTS]', 'hash_function = sha512'];
+  if (opts.key) lines.push(`encryption_key = ${opts.key}`);
   return makeTestRepo(`${lines.join('\n')}\n${opts.extra ?? ''}`, { blockSize: opts.blockSize });
 }
 
