@@ -186,6 +186,20 @@ export class CowDevice implements BlockDevice {
     return out;
   }
 
+  /**
+   * Reads [offset, offset + buf.length) into `buf` (a reader with a buffer of its own, like a backup: overlay
+   * data goes straight into it, no intermediate buffer whose fresh pages would cost more than the copy).
+   */
+  async readInto(buf: Buffer, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    await Promise.all(this.runs(offset, buf.length).map(async (r) => {
+      const part = buf.subarray(r.offset - offset, r.offset - offset + r.length);
+      if (r.state === ZERO) part.fill(0);
+      else if (r.state === DATA) await this.preadData(part, r.offset);
+      else (await this.lower.read(r.offset, r.length)).copy(part, 0, 0, r.length);
+    }));
+  }
+
   private async readRun(r: { offset: number; length: number; state: number }): Promise<Buffer> {
     if (r.state === ZERO) return zeroes(r.length);
     if (r.state === BASE) return this.lower.read(r.offset, r.length);
