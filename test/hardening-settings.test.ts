@@ -13,6 +13,7 @@ import Database from 'better-sqlite3';
 import { blobFileOf, makeTestRepo, restoredHash, TestRepo, writeImage } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { encodeBlob } from '../src/codec/blob-format';
+import { fastestHash } from '../src/codec/hashes';
 
 const MiB = 1024 * 1024;
 const BS = MiB;
@@ -81,10 +82,27 @@ describe('settings fixed at initdb', () => {
   test('the hash function is fixed at initdb, not by whichever configuration opens the repository first', async () => {
     const repo = fresh();
     await repo.ok(['-c', variant(repo, 'sha256', 'hash_function = sha256'), 'initdb']);
-    const r = await repo.run(['ls']);
+    const r = await repo.run(['-c', variant(repo, 'sha512', 'hash_function = sha512'), 'ls']);
     assert.equal(r.code, 1, r.stderr);
     assert.match(oneErrorLine(r.stderr), /this repository uses hash_function = sha256 \(fixed when it was created\); the configuration says sha512/);
     assert.equal(settings(repo).hash_function, 'sha256');
+    // A configuration that does not name one uses the repository's.
+    const img = path.join(repo.dir, 'img');
+    writeImage(img, 3 * MiB, 'random');
+    const uid = (await repo.ok(['backup', `file://${img}`, 'any'])).stdout.trim();
+    assert.equal(await restoredHash(repo, uid), sha256File(img));
+    assert.equal(settings(repo).hash_function, 'sha256');
+  });
+
+  test('a new repository gets the fastest hash of this machine unless the configuration names one', async () => {
+    const auto = fresh();
+    const r = await auto.ok(['-v', 'initdb']);
+    const chosen = settings(auto).hash_function;
+    assert.equal(chosen, fastestHash());
+    assert.match(r.stderr, new RegExp(`hash_function = ${chosen} \\(fixed for this repository\\)`));
+    const named = fresh();
+    await named.ok(['-c', variant(named, 'sha512', 'hash_function = sha512'), 'initdb']);
+    assert.equal(settings(named).hash_function, 'sha512');
   });
 
   test('an unencrypted repository refuses a configuration with encryption on', async () => {
@@ -137,10 +155,11 @@ describe('settings fixed at initdb', () => {
       writeImage(f, 2 * MiB, 'random');
       return f;
     };
-    // Encrypted, key fingerprint known: encrypted.
+    // Encrypted, key fingerprint known: encrypted. (Such repositories are sha512: no other default existed.)
     const a = fresh();
-    await a.ok(['initdb']);
-    await a.ok(['backup', `file://${img(a)}`, 'a']);
+    const a512 = variant(a, 'sha512', 'hash_function = sha512');
+    await a.ok(['-c', a512, 'initdb']);
+    await a.ok(['-c', a512, 'backup', `file://${img(a)}`, 'a']);
     sql(a, `DELETE FROM settings WHERE key IN ('encryption', 'hash_function')`);
     assert.equal((await a.run(['-c', variant(a, 'plain', 'encryption = none'), 'ls'])).code, 1);
     assert.deepEqual([settings(a).encryption, settings(a).hash_function], ['aes-256-gcm', 'sha512']);

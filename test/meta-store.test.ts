@@ -13,6 +13,7 @@ import { Worker } from 'node:worker_threads';
 import { HOLE, MAP_CHUNK, PENDING, blockCount, chunkCount, decodeChunk as decodeChunkOf } from '../src/meta/block-map';
 import { createMetaStore } from '../src/meta/open';
 import { chunkDigest } from '../src/meta/map-summary';
+import { computeUsage, VersionUsage } from '../src/engine/lifecycle/usage';
 import { SCHEMA_VERSION } from '../src/meta/schema';
 import Database from 'better-sqlite3';
 import { BlobState, BlockEntry, LockInfo, MetaStore, NewVersion, ProtectedError, VersionRow } from '../src/meta/types';
@@ -603,6 +604,104 @@ for (const engine of engines) {
       }
     }
 
+    /** du by definition, from every entry of every map (what computeUsage must agree with). */
+    async function bruteDu(url: string, store: MetaStore): Promise<Map<string, Omit<VersionUsage, 'version'>>> {
+      const blobs = new Map((await sql(url, 'SELECT id, size, stored_size FROM blobs WHERE state <> 3')).map((r) => [Number(r.id), [Number(r.size), Number(r.stored_size)]]));
+      const own = new Map<string, Map<number, number>>();
+      const total = new Map<number, number>();
+      const out = new Map<string, Omit<VersionUsage, 'version'>>();
+      for (const v of await store.listVersions()) {
+        const m = await fullMap(store, v);
+        const counts = new Map<number, number>();
+        const row = { real: 0, null: 0, dedupOwn: 0, dedupOthers: 0, individual: 0, estSpace: 0, estSpaceFreed: 0, storedFreed: 0, estStored: 0 };
+        m.forEach((e, i) => {
+          const len = Math.min(v.blockSize, v.size - i * v.blockSize);
+          if (e === HOLE) row.null += len;
+          else if (e > 0) { counts.set(e, (counts.get(e) ?? 0) + 1); total.set(e, (total.get(e) ?? 0) + 1); row.real += blobs.get(e)![0]; }
+        });
+        own.set(v.uid, counts);
+        out.set(v.uid, row);
+      }
+      for (const [uid, counts] of own) {
+        const row = out.get(uid)!;
+        let exclusiveUses = 0;
+        for (const [id, c] of counts) {
+          const [size, stored] = blobs.get(id)!;
+          row.estSpace += (size * c) / total.get(id)!;
+          row.estStored += (stored * c) / total.get(id)!;
+          if (c !== total.get(id)) continue;
+          if (c === 1) row.individual += size;
+          else row.dedupOwn += size * (c - 1);
+          row.estSpaceFreed += size;
+          row.storedFreed += stored;
+          exclusiveUses += size * c;
+        }
+        row.dedupOthers = row.real - exclusiveUses;
+      }
+      return out;
+    }
+
+    test('du from mapUsage (chunks of roots, deltas of the rest) agrees with a count over every map', async () => {
+      const { url, store } = await fresh();
+      const n = 3 * MAP_CHUNK + 7;
+      const size = n * BS - 100;
+      let seq = 0;
+      /** A complete version: `base` copied with `changes` (index -> content, null = hole), or all of `fill`. */
+      async function version(name: string, opts: { base?: VersionRow; changes?: Map<number, string | null>; fill?: (i: number) => string | null; size?: number; complete?: boolean }): Promise<VersionRow> {
+        const vsize = opts.size ?? size;
+        const blocks = blockCount(vsize, BS);
+        const changes = opts.changes ?? new Map(Array.from({ length: blocks }, (_, i) => [i, opts.fill!(i)] as [number, string | null]));
+        const v = await store.createVersion(newVersion(vsize, { name, baseUid: opts.base?.uid ?? null }), opts.base ? { versionId: opts.base.id, pending: changes.keys() } : undefined);
+        const entries: BlockEntry[] = [...changes].map(([i, c]) => (c === null ? { index: i, zero: true } : data(i, c, i === blocks - 1 ? vsize - (blocks - 1) * BS : BS)));
+        const r = await store.recordBlocks(v.id, `s${++seq}`, entries);
+        await store.markUploaded([...new Set(r.filter((x) => x.upload).map((x) => x.blobId))].map((id) => ({ id, storedSize: 1000 + (id % 97) })));
+        if (opts.complete !== false) await store.updateVersion(v.id, { complete: true, valid: true });
+        return (await store.getVersion(v.uid))!;
+      }
+      const change = (pairs: [number, string | null][]) => new Map(pairs);
+      const v1 = await version('vm1', { fill: (i) => (i < MAP_CHUNK ? null : i < 2 * MAP_CHUNK ? `r${i % 3}` : `a${i}`) });
+      const v2 = await version('vm1', { base: v1, changes: change([[5, 'x'], [MAP_CHUNK + 1, null], [2 * MAP_CHUNK, 'r1'], [n - 1, 'tail2'], [2 * MAP_CHUNK + 3, 'x']]) });
+      const v3 = await version('vm1', { base: v2, changes: change([[6, 'y'], [2 * MAP_CHUNK + 4, 'only-v3'], [2 * MAP_CHUNK + 5, 'only-v3']]) });
+      // A full backup (no -f) of almost the same data: its delta is against v3, the newest of its name.
+      const v4 = await version('vm1', { fill: (i) => (i === 7 ? 'z' : i < MAP_CHUNK ? (i === 5 ? 'x' : i === 6 ? 'y' : null) : i === MAP_CHUNK + 1 ? null
+        : i < 2 * MAP_CHUNK ? `r${i % 3}` : i === 2 * MAP_CHUNK ? 'r1' : i === 2 * MAP_CHUNK + 3 ? 'x' : i === 2 * MAP_CHUNK + 4 || i === 2 * MAP_CHUNK + 5 ? 'only-v3' : i === n - 1 ? 'tail2' : `a${i}`) });
+      const v5 = await version('vm2', { fill: (i) => (i % 2 ? `a${i}` : null) }); // another name: a root
+      const v6 = await version('vm1', { base: v1, size: size + 3 * BS, changes: change([[n - 1, 'g1'], [n, 'g2'], [n + 1, 'g3'], [n + 2, null]]) }); // grown: a root
+      const v7 = await version('vm1', { base: v3, changes: change([[0, 'running']]), complete: false }); // running: a root
+      const v8 = await version('vm1', { base: v4, changes: new Map(Array.from({ length: n }, (_, i) => [i, `new${i}`] as [number, string])) }); // all changed: a root
+
+      async function agree(label: string): Promise<void> {
+        const { rows } = computeUsage(await store.listVersions(), await store.mapUsage());
+        const expected = await bruteDu(url, store);
+        assert.equal(rows.length, expected.size, label);
+        for (const r of rows) {
+          const e = expected.get(r.version.uid)!;
+          const got = { ...r } as Partial<VersionUsage>;
+          delete got.version;
+          for (const k of ['estSpace', 'estStored'] as const) {
+            assert.ok(Math.abs(got[k]! - e[k]) <= 1, `${label}: ${k} of ${r.version.uid}: ${got[k]} vs ${e[k]}`);
+            got[k] = e[k];
+          }
+          assert.deepEqual(got, e, `${label}: ${r.version.uid}`);
+        }
+      }
+      const deltas = async () => {
+        const u = await store.mapUsage();
+        return [v1, v2, v3, v4, v5, v6, v7, v8].map((v) => u.summaries.get(v.id)?.delta?.base ?? null);
+      };
+      assert.deepEqual(await deltas(), [null, v1.id, v2.id, v3.id, null, null, null, null]);
+      await agree('all versions');
+      // The middle of a chain goes: v3 becomes a root, v4 still builds on v3.
+      await store.removeVersion(v2.id);
+      await agree('v2 removed');
+      await store.removeVersion(v1.id);
+      await agree('v1 removed');
+      // Summaries recomputed on first use (after an upgrade) get their deltas again.
+      await sql(url, 'DELETE FROM map_summaries');
+      assert.deepEqual((await deltas()).filter((_, k) => k >= 2), [null, v3.id, null, null, null, null]);
+      await agree('summaries recomputed');
+    });
+
     test('mapUsage: versions as counts of distinct chunks, kept for complete versions, blob sizes; schema 1 migrates', async () => {
       const { url, store } = await fresh();
       const n = 3 * MAP_CHUNK + 7;
@@ -621,10 +720,11 @@ for (const engine of engines) {
       const v3 = await store.createVersion(newVersion(10 * BS));
       await store.recordBlocks(v3.id, 's3', [{ index: 0, zero: true }, data(1, 'r1')]);
 
-      /** The summary and contents agree with every chunk read one by one. */
+      /** The summary and contents (read for roots: versions without a usable delta) agree with every chunk. */
       async function check(usage: Awaited<ReturnType<MetaStore['mapUsage']>>, v: VersionRow): Promise<void> {
         const s = usage.summaries.get(v.id)!;
         assert.ok(s, `summary of ${v.uid}`);
+        if (s.delta && usage.summaries.has(s.delta.base)) return;
         const fromChunks = new Map<string, number>();
         for (let c = 0; c < chunkCount(blockCount(v.size, v.blockSize)); c++) {
           const k = JSON.stringify([...(await store.readMapChunk(v.id, c))]);
@@ -649,7 +749,11 @@ for (const engine of engines) {
       const s2 = usage.summaries.get(v2.id)!;
       assert.equal(s1.chunks.length, 4);
       assert.deepEqual(s2.chunks.map((c) => c.digest).filter((d) => !s1.chunks.some((x) => x.digest === d)).length, 1, 'v2 shares 3 of its 4 chunks with v1');
-      assert.equal(usage.contents.size, 4 + 1 + 1, 'v1: 4, v2: 1 more, v3: its one chunk');
+      // v2 is v1 with one block changed: its delta, and its chunks are not read.
+      const replaced = r1.find((r) => r.index === 2 * MAP_CHUNK + 5)!.blobId;
+      assert.deepEqual(s2.delta, { base: v1.id, ids: [r2[0].blobId, replaced], counts: [1, -1] });
+      assert.equal(s1.delta, undefined);
+      assert.equal(usage.contents.size, 4 + 1, 'v1: 4, v3 (running, no delta): its one chunk');
       const sizes = new Map([...usage.blobs.ids].map((id, k) => [id, [usage.blobs.sizes[k], usage.blobs.stored[k]]]));
       assert.equal(sizes.size, 4 + (n - 2 * MAP_CHUNK) + 1);
       assert.deepEqual(sizes.get(r2[0].blobId), [BS, 7]);

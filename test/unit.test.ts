@@ -6,6 +6,7 @@ import { parseSize } from '../src/config/size';
 import { parseIni } from '../src/config/ini';
 import { decodeChunk, encodeChunk, HOLE, PENDING } from '../src/meta/block-map';
 import { checksum, decodeBlob, encodeBlob, isZero } from '../src/codec/blob-format';
+import { availableHashes, createHasher } from '../src/codec/hashes';
 import { parseHints, hintedBlocks } from '../src/engine/hints';
 import { Coalescer } from '../src/util/coalescer';
 import { newVersionChunks, cleanupDecision } from '../src/meta/logic';
@@ -80,6 +81,23 @@ test('new version chunks: copied from base, pending marks, grown and shrunk', ()
   const shrunk = new Map(newVersionChunks(10, { blocks: 1500, chunk: (c) => raw[c] }, []));
   assert.deepEqual([...decodeChunk(shrunk.get(0)!)], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
   assert.equal(shrunk.size, 1);
+});
+
+test('blake3 checksums: reference vectors, in pieces as whole; a blake3 blob decodes and verifies (one pass)', () => {
+  assert.ok(availableHashes().includes('blake3'), 'the blake3 module loads');
+  assert.equal(checksum('blake3', Buffer.alloc(0)).toString('hex'), 'af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262');
+  assert.equal(checksum('blake3', Buffer.from('abc')).toString('hex'), '6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85');
+  const data = randomBytes(3 * 1024 * 1024 + 17);
+  const h = createHasher('blake3');
+  for (let i = 0; i < data.length; i += 65536) h.update(data.subarray(i, i + 65536));
+  assert.ok(h.digest().equals(checksum('blake3', data)));
+  const opts = { key: randomBytes(32), compression: 'zstd' as const, compressionLevel: 1, hashFunction: 'blake3' };
+  const sum = checksum('blake3', data);
+  assert.ok(decodeBlob(encodeBlob(data, sum, opts), sum, data.length, opts).equals(data));
+  const other = checksum('blake3', Buffer.from('x'));
+  assert.throws(() => decodeBlob(encodeBlob(data, other, opts), other, data.length, opts), /checksum mismatch/);
+  assert.throws(() => configFromText('[DEFAULTS]\nhash_function = blake4\nencryption = none'), /allowed: .*blake3/);
+  assert.equal(configFromText('[DEFAULTS]\nhash_function = BLAKE3\nencryption = none').hashFunction, 'blake3');
 });
 
 test('blob format: round trip, wrong key, flipped bit, swapped checksum', () => {

@@ -1,4 +1,5 @@
-import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { createHasher } from './hashes';
 import { compress } from 'zstd-napi';
 // The low-level context: decompresses into a buffer we size, never one sized by the frame's own header.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -33,7 +34,7 @@ export interface CodecOptions {
 }
 
 export function checksum(hashFunction: string, data: Uint8Array): Buffer {
-  return createHash(hashFunction).update(data).digest();
+  return createHasher(hashFunction).update(data).digest();
 }
 
 let zeros = Buffer.alloc(0);
@@ -185,7 +186,7 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
     let plain: Buffer;
     if (recompute && !compressed) {
       const dst = out && out.length >= body.length ? out : Buffer.allocUnsafe(body.length);
-      const hash = createHash(opts.hashFunction);
+      const hash = createHasher(opts.hashFunction);
       let pos = 0;
       for (let i = 0; i < body.length; i += PIECE) {
         const part = decipher.update(body.subarray(i, Math.min(body.length, i + PIECE)));

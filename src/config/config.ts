@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { getHashes } from 'node:crypto';
+import { availableHashes, hashAvailable } from '../codec/hashes';
 import { ConfigError } from '../util/errors';
 import { maskEngineUrl } from '../util/secrets';
 import { IniData, mergeIni, parseIni } from './ini';
@@ -39,7 +39,14 @@ export interface Config {
   files: string[];
   logfile?: string;
   blockSize: number;
+  /**
+   * The repository's checksum function. Unless `hash_function` is set, a new repository gets the fastest on
+   * this machine (see fastestHash) and an existing one keeps what it was created with: Repository.create and
+   * Repository.open fill it in then.
+   */
   hashFunction: string;
+  /** hash_function was set in a configuration file (it must then agree with the repository's). */
+  hashFunctionConfigured: boolean;
   lockDir: string;
   disallowRmWhenYoungerThanDays: number;
   encryption: 'aes-256-gcm' | 'none';
@@ -74,7 +81,6 @@ export interface Config {
 const DEFAULT_INI = `
 [DEFAULTS]
 block_size = 4194304
-hash_function = sha512
 lock_dir = /run/lock
 disallow_rm_when_younger_than_days = 6
 encryption = aes-256-gcm
@@ -106,7 +112,6 @@ read_timeout = 60
 max_retries = 6
 `;
 
-const HASHES = ['sha512', 'sha256', 'sha384', 'sha512-256', 'sha3-256', 'sha3-512', 'blake2b512', 'blake2s256'];
 
 /** Reads and validates the configuration: `file` alone when given (-c), otherwise backy2's lookup list. */
 export function loadConfig(file?: string): Config {
@@ -185,10 +190,11 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   const blockSize = int('defaults', 'block_size', 4096, 64 * 1024 * 1024);
   if (blockSize % 512 !== 0) bad('defaults', 'block_size', 'expected a multiple of 512 from 4096 to 67108864');
 
-  const hashFunction = (get('defaults', 'hash_function') ?? '').trim().toLowerCase();
-  if (!HASHES.includes(hashFunction) || !getHashes().includes(hashFunction)) {
-    bad('defaults', 'hash_function', `allowed: ${HASHES.filter((h) => getHashes().includes(h)).join(', ')}`);
-  }
+  const hashFunctionConfigured = get('defaults', 'hash_function') !== undefined;
+  // Unset: backy2's sha512 until the repository says otherwise (a repository from before the setting was
+  // recorded is sha512).
+  const hashFunction = hashFunctionConfigured ? (get('defaults', 'hash_function') ?? '').trim().toLowerCase() : 'sha512';
+  if (!hashAvailable(hashFunction)) bad('defaults', 'hash_function', `allowed: ${availableHashes().join(', ')}`);
 
   const encryption = oneOf('defaults', 'encryption', ['aes-256-gcm', 'none'] as const, { aes: 'aes-256-gcm', off: 'none', no: 'none', '0': 'none', false: 'none' });
   let encryptionKey: Buffer | undefined;
@@ -232,6 +238,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
     logfile: logfileText ? pathOf('defaults', 'logfile') : undefined,
     blockSize,
     hashFunction,
+    hashFunctionConfigured,
     lockDir: pathOf('defaults', 'lock_dir'),
     disallowRmWhenYoungerThanDays: int('defaults', 'disallow_rm_when_younger_than_days', 0, 100000),
     encryption,

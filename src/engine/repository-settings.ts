@@ -1,4 +1,5 @@
-import { createHash, createHmac, getHashes, randomUUID } from 'node:crypto';
+import { createHmac, randomUUID } from 'node:crypto';
+import { availableHashes, digestLength, fastestHash, hashAvailable } from '../codec/hashes';
 import type { Config } from '../config/config';
 import { BlobFormatError, identifyBlob } from '../codec/blob-format';
 import { BlobState, MetaStore } from '../meta/types';
@@ -30,8 +31,12 @@ export function keyCheckValue(key: Buffer): string {
   return createHmac('sha256', key).update('backy key check v1').digest('hex').slice(0, 32);
 }
 
-/** The settings a new repository starts with (written in initdb's transaction). */
+/**
+ * The settings a new repository starts with (written in initdb's transaction). Without hash_function in the
+ * configuration the repository gets the fastest hash on this machine, and `cfg` says so from then on.
+ */
 export function initialSettings(cfg: Config, repositoryId: string): Record<string, string> {
+  if (!cfg.hashFunctionConfigured) cfg.hashFunction = fastestHash();
   return {
     [SETTING.hashFunction]: cfg.hashFunction,
     [SETTING.encryption]: cfg.encryption,
@@ -122,17 +127,17 @@ async function observedEncryption(meta: MetaStore, store: BlobStore, cfg: Config
   }
 }
 
-/** Digest length of a hash function, in bytes. */
-function digestLength(hash: string): number | undefined {
-  return getHashes().includes(hash) ? createHash(hash).digest().length : undefined;
-}
-
 /**
  * Checks the configuration against the settings fixed at initdb (recording missing ones first): a
  * configuration that disagrees is refused with one line (exit 1), before anything is read or written.
  */
 export async function checkFixedSettings(meta: MetaStore, store: BlobStore, cfg: Config): Promise<void> {
   let hash = await meta.getSetting(SETTING.hashFunction);
+  // Not configured: the repository's own, whatever it is (the configuration follows it from here on).
+  if (hash !== undefined && !cfg.hashFunctionConfigured) {
+    if (!hashAvailable(hash)) throw new ConfigError(`this repository uses hash_function = ${hash}, which this machine cannot compute (available: ${availableHashes().join(', ')})`);
+    cfg.hashFunction = hash;
+  }
   if (hash === undefined) {
     // Checksums of existing blobs must at least have the configured hash's length.
     const [first] = await liveBlobs(meta, 1);

@@ -1,27 +1,38 @@
 import { createHash } from 'node:crypto';
 import { Packr } from 'msgpackr';
+import { decodeChunk, MAP_CHUNK, PENDING } from './block-map';
 
 /**
- * A version's block map as a multiset of distinct chunk contents. Differential versions copy their base's
- * chunks byte for byte and a sparse image's empty chunks are all alike, so a repository of thousands of
- * 1 TiB versions has few distinct chunks: `du` decodes each distinct chunk once and counts the rest.
+ * A version's block map as a multiset of distinct chunk contents, and, for a complete version, as a delta:
+ * the blob ids it uses more or less often than an earlier complete version of the same size (its -f base, or
+ * else the previous complete version of its name). A sparse image's empty chunks are all alike and a daily
+ * version differs from the day before in a few blocks, so `du` over thousands of 1 TiB versions decodes the
+ * chunks of the few versions without a usable delta ("roots") and adds up small deltas for the rest.
  *
  * A complete version's map never changes, so its summary is computed once (when the version becomes
  * complete, or on first use) and kept in map_summaries; running and interrupted versions are summarized
- * afresh each time.
+ * afresh each time. A delta whose base was removed is simply not used: that version counts as a root.
  */
 export interface MapSummary {
   /** the distinct chunk contents: digest (hex), how many chunks have it, the first chunk number that has it */
   chunks: { digest: string; count: number; chunk: number }[];
   /** digest of the map's last chunk ('' for an empty map) */
   last: string;
+  delta?: MapDelta;
+}
+
+/** This map's blob uses minus those of the map of version `base` (an older one, lower id, same size). */
+export interface MapDelta {
+  base: number;
+  ids: number[];
+  counts: number[];
 }
 
 /** Everything `du` needs, read in one consistent snapshot. */
 export interface MapUsage {
   /** every version's summary, by version id */
   summaries: Map<number, MapSummary>;
-  /** the encoded chunk of every digest the summaries mention */
+  /** the encoded chunk of every digest the roots' summaries mention (versions without a usable delta) */
   contents: Map<string, Uint8Array>;
   /** every blob not being deleted (parallel arrays): id, plaintext size, stored size */
   blobs: { ids: Float64Array; sizes: Float64Array; stored: Float64Array };
@@ -58,25 +69,82 @@ export function summarizeChunks(rows: Iterable<{ chunk: number; data: Uint8Array
 }
 
 export function encodeSummary(s: MapSummary): Buffer {
-  return packr.pack([s.chunks.map((c) => [Buffer.from(c.digest, 'hex'), c.count, c.chunk]), s.last]);
+  const d = s.delta ? [s.delta.base, s.delta.ids, s.delta.counts] : null;
+  return packr.pack([s.chunks.map((c) => [Buffer.from(c.digest, 'hex'), c.count, c.chunk]), s.last, d]);
 }
 
 export function decodeSummary(data: Uint8Array): MapSummary {
-  const v = packr.unpack(data) as [[Uint8Array, number, number][], string];
+  const v = packr.unpack(data) as [[Uint8Array, number, number][], string, [number, number[], number[]] | null | undefined];
   if (!Array.isArray(v) || !Array.isArray(v[0])) throw new Error('corrupt map summary');
-  return { chunks: v[0].map(([d, count, chunk]) => ({ digest: Buffer.from(d).toString('hex'), count, chunk })), last: v[1] };
+  const out: MapSummary = { chunks: v[0].map(([d, count, chunk]) => ({ digest: Buffer.from(d).toString('hex'), count, chunk })), last: v[1] };
+  if (v[2]) out.delta = { base: v[2][0], ids: v[2][1], counts: v[2][2] };
+  return out;
 }
 
-/** MapUsage's blob arrays from "id,size,stored,id,size,stored,..." (how both stores read them: one value, not a row per blob). */
-export function blobSizesFromTriples(text: string): MapUsage['blobs'] {
-  const flat = JSON.parse(`[${text}]`) as number[];
-  if (flat.length % 3) throw new Error('corrupt blob size list');
-  const n = flat.length / 3;
+/**
+ * The delta of a map against an older one of the same length, position by position (only chunks whose bytes
+ * differ are decoded). undefined when the maps do not line up, a block is pending, or more than a quarter of
+ * the blocks changed (then the chunks are the cheaper description).
+ */
+export function mapDelta(baseId: number, base: Map<number, Uint8Array>, mine: Map<number, Uint8Array>): MapDelta | undefined {
+  if (base.size !== mine.size) return undefined;
+  const diff = new Map<number, number>();
+  let blocks = 0;
+  let changed = 0;
+  const add = (id: number, d: number) => diff.set(id, (diff.get(id) ?? 0) + d);
+  for (const [c, raw] of mine) {
+    const other = base.get(c);
+    if (!other) return undefined;
+    if (Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength).equals(other)) {
+      blocks += MAP_CHUNK;
+      continue;
+    }
+    const x = decodeChunk(raw);
+    const y = decodeChunk(other);
+    if (x.length !== y.length) return undefined;
+    blocks += x.length;
+    for (let i = 0; i < x.length; i++) {
+      if (x[i] === y[i]) continue;
+      if (x[i] === PENDING || y[i] === PENDING) return undefined;
+      changed++;
+      if (x[i] > 0) add(x[i], 1);
+      if (y[i] > 0) add(y[i], -1);
+    }
+  }
+  if (changed * 4 > blocks) return undefined;
+  const ids: number[] = [];
+  const counts: number[] = [];
+  for (const [id, d] of diff) if (d !== 0) { ids.push(id); counts.push(d); }
+  return { base: baseId, ids, counts };
+}
+
+/**
+ * Which earlier complete version a version's delta is taken against: its -f base when that is complete and
+ * of the same size, else the newest complete one of its name and size created before it. (SQL for both
+ * engines; `$1`: the version's id. Lower ids only, so deltas never form a cycle.)
+ */
+export const DELTA_BASE_SQL = `SELECT b.id FROM versions v JOIN versions b ON b.id < v.id AND b.complete = 1 AND b.size = v.size
+  AND b.block_size = v.block_size AND (b.uid = v.base_uid OR b.name = v.name)
+  WHERE v.id = $1 ORDER BY COALESCE(b.uid = v.base_uid, false) DESC, b.id DESC LIMIT 1`;
+
+/** Versions whose summary has no delta, or one against a version that is gone: du reads their chunks. */
+export function rootsOf(summaries: Map<number, MapSummary>): number[] {
+  return [...summaries].filter(([, s]) => !s.delta || !summaries.has(s.delta.base)).map(([id]) => id);
+}
+
+/**
+ * MapUsage's blob arrays from one hex string, 28 digits per blob: id (12), size (8), stored size (8). Both
+ * stores build it in SQL (one value, not a row per blob) and Buffer parses hex natively.
+ */
+export function blobSizesFromHex(hex: string): MapUsage['blobs'] {
+  if (hex.length % 28) throw new Error('corrupt blob size list');
+  const b = Buffer.from(hex, 'hex');
+  const n = b.length / 14;
   const out = { ids: new Float64Array(n), sizes: new Float64Array(n), stored: new Float64Array(n) };
-  for (let k = 0; k < n; k++) {
-    out.ids[k] = flat[3 * k];
-    out.sizes[k] = flat[3 * k + 1];
-    out.stored[k] = flat[3 * k + 2];
+  for (let k = 0, off = 0; k < n; k++, off += 14) {
+    out.ids[k] = b.readUIntBE(off, 6);
+    out.sizes[k] = b.readUInt32BE(off + 6);
+    out.stored[k] = b.readUInt32BE(off + 10);
   }
   return out;
 }

@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
+import { blobSizesFromHex, decodeSummary, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, summarizeChunks } from './map-summary';
 import { batches, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
@@ -294,7 +294,7 @@ export class PostgresMetaStore implements MetaStore {
     }
     return this.tx(async (c) => {
       if (!(await c.query(`UPDATE versions SET ${sets.join(', ')} WHERE id = $${args.length} RETURNING id`, args)).rows.length) return false;
-      await this.storeSummaries(c, [[id, await this.summarize(c, id)]]);
+      await this.storeSummaries(c, [[id, await this.summarize(c, id, true)]]);
       return true;
     });
   }
@@ -552,10 +552,17 @@ export class PostgresMetaStore implements MetaStore {
     return r ? decodeSummary(r.data).chunks.map((x) => x.chunk) : [];
   }
 
-  private async summarize(c: PoolClient, versionId: number, keep?: (digest: string, data: Uint8Array) => void): Promise<MapSummary> {
-    const rows: { chunk: number; data: Buffer }[] = [];
-    for await (const page of this.cursor(c, `SELECT chunk, data FROM block_maps WHERE version_id = $1`, [versionId])) rows.push(...(page as typeof rows));
-    return summarizeChunks(rows, keep);
+  /** A version's summary from its chunks; for a complete version with a delta against an earlier one. */
+  private async summarize(c: PoolClient, versionId: number, complete: boolean, keep?: (digest: string, data: Uint8Array) => void): Promise<MapSummary> {
+    const chunksOf = async (id: number) => (await c.query(`SELECT chunk, data FROM block_maps WHERE version_id = $1`, [id])).rows as { chunk: number; data: Buffer }[];
+    const rows = await chunksOf(versionId);
+    const summary = summarizeChunks(rows, keep);
+    const base = complete ? (await c.query(DELTA_BASE_SQL, [versionId])).rows[0] : undefined;
+    if (base) {
+      const delta = mapDelta(Number(base.id), new Map((await chunksOf(Number(base.id))).map((r) => [r.chunk, r.data])), new Map(rows.map((r) => [r.chunk, r.data])));
+      if (delta) summary.delta = delta;
+    }
+    return summary;
   }
 
   private async storeSummaries(c: PoolClient, summaries: [number, MapSummary][]): Promise<void> {
@@ -580,13 +587,13 @@ export class PostgresMetaStore implements MetaStore {
         }
       }
       for (const m of missing) {
-        const summary = await this.summarize(c, m.id, keep);
+        const summary = await this.summarize(c, m.id, m.complete, keep);
         summaries.set(m.id, summary);
         if (m.complete) computed.push([m.id, summary]);
       }
-      // One representative chunk per distinct content, fetched in batches.
+      // One representative chunk per distinct content of the roots, fetched in batches.
       const wanted = new Map<string, [number, number]>();
-      for (const [id, summary] of summaries) for (const ch of summary.chunks) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
+      for (const id of rootsOf(summaries)) for (const ch of summaries.get(id)!.chunks) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
       const byPlace = new Map<string, string>([...wanted].map(([digest, [id, chunk]]) => [`${id}:${chunk}`, digest]));
       for (const part of batches([...wanted.values()], ID_BATCH)) {
         const rows = (await c.query(`SELECT m.version_id, m.chunk, m.data FROM block_maps m
@@ -595,9 +602,10 @@ export class PostgresMetaStore implements MetaStore {
         for (const r of rows) contents.set(byPlace.get(`${r.version_id}:${r.chunk}`)!, r.data);
       }
       for (const digest of wanted.keys()) if (!contents.has(digest)) throw new DatabaseError(`block map chunk ${wanted.get(digest)!.join('/')} is missing`);
-      // Every blob's id, size and stored size in one string: far cheaper than a row per blob.
-      const b = (await c.query(`SELECT string_agg(id || ',' || size || ',' || stored_size, ',') AS t FROM blobs WHERE state <> 3`)).rows[0];
-      return { summaries, contents, blobs: blobSizesFromTriples(b.t ?? '') };
+      // Every blob's id, size and stored size in one hex string: far cheaper than a row per blob.
+      const b = (await c.query(`SELECT string_agg(lpad(to_hex(id), 12, '0') || lpad(to_hex(size), 8, '0') || lpad(to_hex(stored_size), 8, '0'), '') AS t
+        FROM blobs WHERE state <> 3`)).rows[0];
+      return { summaries, contents, blobs: blobSizesFromHex(b.t ?? '') };
     }, { isolation: 'REPEATABLE READ READ ONLY' });
     if (computed.length) {
       // A cache: losing a race with a removal is harmless.

@@ -4,7 +4,7 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
-import { blobSizesFromTriples, decodeSummary, encodeSummary, MapSummary, MapUsage, summarizeChunks } from './map-summary';
+import { blobSizesFromHex, decodeSummary, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, summarizeChunks } from './map-summary';
 import { CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, newBlobUid, newVersionChunks } from './logic';
 import { engineDdl, MIGRATIONS, SCHEMA_ALL, SCHEMA_VERSION } from './schema';
 import {
@@ -180,7 +180,7 @@ export class SqliteMetaStore implements MetaStore {
     if (!sets.length) return !!this.st(`SELECT 1 FROM versions WHERE id = ?`).get(id);
     return this.d.transaction(() => {
       if (this.st(`UPDATE versions SET ${sets.join(', ')} WHERE id = ?`).run(...args, id).changes === 0) return false;
-      if (f.complete) this.storeSummary(id, this.summarize(id));
+      if (f.complete) this.storeSummary(id, this.summarize(id, true));
       return true;
     }).immediate();
   }
@@ -407,9 +407,17 @@ export class SqliteMetaStore implements MetaStore {
     return (this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify(chunks)) as Row[]).map((r) => r.data as Buffer);
   }
 
-  private summarize(versionId: number, keep?: (digest: string, data: Uint8Array) => void): MapSummary {
-    const rows = this.st(`SELECT chunk, data FROM block_maps WHERE version_id = ?`).iterate(versionId) as Iterable<{ chunk: number; data: Buffer }>;
-    return summarizeChunks(rows, keep);
+  /** A version's summary from its chunks; for a complete version with a delta against an earlier one. */
+  private summarize(versionId: number, complete: boolean, keep?: (digest: string, data: Uint8Array) => void): MapSummary {
+    const chunksOf = (id: number) => this.st(`SELECT chunk, data FROM block_maps WHERE version_id = ?`).all(id) as { chunk: number; data: Buffer }[];
+    const rows = chunksOf(versionId);
+    const summary = summarizeChunks(rows, keep);
+    const base = complete ? this.st(DELTA_BASE_SQL.replace('$1', '?')).get(versionId) as Row | undefined : undefined;
+    if (base) {
+      const delta = mapDelta(Number(base.id), new Map(chunksOf(Number(base.id)).map((r) => [r.chunk, r.data])), new Map(rows.map((r) => [r.chunk, r.data])));
+      if (delta) summary.delta = delta;
+    }
+    return summary;
   }
 
   private storeSummary(versionId: number, summary: MapSummary): void {
@@ -429,24 +437,24 @@ export class SqliteMetaStore implements MetaStore {
         const id = Number(r.id);
         if (r.data) summaries.set(id, decodeSummary(r.data as Buffer));
         else {
-          const summary = this.summarize(id, keep);
+          const summary = this.summarize(id, !!r.complete, keep);
           summaries.set(id, summary);
           if (r.complete) computed.push([id, summary]);
         }
       }
-      // One representative chunk per distinct content, all in one statement.
+      // One representative chunk per distinct content of the roots, all in one statement.
       const wanted = new Map<string, [number, number]>();
-      for (const [id, summary] of summaries) for (const c of summary.chunks) if (!contents.has(c.digest) && !wanted.has(c.digest)) wanted.set(c.digest, [id, c.chunk]);
+      for (const id of rootsOf(summaries)) for (const c of summaries.get(id)!.chunks) if (!contents.has(c.digest) && !wanted.has(c.digest)) wanted.set(c.digest, [id, c.chunk]);
       const places = [...wanted.values()];
       const rows = this.st(`SELECT j.key AS k, m.data FROM json_each(?) j JOIN block_maps m ON m.version_id = j.value ->> 0 AND m.chunk = j.value ->> 1`)
         .all(JSON.stringify(places)) as Row[];
       const digests = [...wanted.keys()];
       for (const r of rows) contents.set(digests[Number(r.k)], r.data as Buffer);
       if (rows.length !== places.length) throw new DatabaseError('a block map chunk of the summaries is missing');
-      // Every blob's id, size and stored size in one string: far cheaper than a row per blob. NOT INDEXED: the
+      // Every blob's id, size and stored size in one hex string: far cheaper than a row per blob. NOT INDEXED: the
       // partial checksum index matches "state <> 3" but would visit the rows in random order.
-      const b = this.st(`SELECT group_concat(id || ',' || size || ',' || stored_size) AS t FROM blobs NOT INDEXED WHERE state <> 3`).get() as Row;
-      return { summaries, contents, blobs: blobSizesFromTriples((b.t as string | null) ?? '') };
+      const b = this.st(`SELECT group_concat(printf('%012x%08x%08x', id, size, stored_size), '') AS t FROM blobs NOT INDEXED WHERE state <> 3`).get() as Row;
+      return { summaries, contents, blobs: blobSizesFromHex((b.t as string | null) ?? '') };
     })();
     if (computed.length) {
       // A cache: a version removed meanwhile simply gets no row.

@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { makeMixedImage } from '../helpers/images';
 
 /** Where benchmarks keep their images between runs (regenerated when missing). */
@@ -13,6 +14,81 @@ export function mixedImage(size = 2 * 1024 ** 3): string {
   const file = path.join(BENCH_DIR, `mixed-${size}.img`);
   if (!fs.existsSync(file) || fs.statSync(file).size !== size) makeMixedImage(file, size);
   return file;
+}
+
+/** What a deduplicating backup of an image must store: its distinct blocks that are not all zeroes. */
+export interface UniqueBlocks {
+  blockSize: number;
+  blocks: number;
+  zeroBlocks: number;
+  uniqueBlocks: number;
+  uniqueBytes: number;
+}
+
+/**
+ * Counts the distinct non-zero blocks of an image (sha256 of each block), once per image and block size:
+ * the result is kept beside the image. Stored bytes are checked against it.
+ */
+export function uniqueBlocks(img: string, blockSize = 4 * 1024 * 1024): UniqueBlocks {
+  const st = fs.statSync(img);
+  const cache = `${img}.unique-${blockSize}.json`;
+  try {
+    const c = JSON.parse(fs.readFileSync(cache, 'utf8')) as UniqueBlocks & { size: number; mtimeMs: number };
+    if (c.size === st.size && c.mtimeMs === st.mtimeMs) return c;
+  } catch {
+    // not counted yet
+  }
+  const seen = new Set<string>();
+  const zero = Buffer.alloc(blockSize);
+  const buf = Buffer.allocUnsafe(blockSize);
+  const fd = fs.openSync(img, 'r');
+  let blocks = 0;
+  let zeroBlocks = 0;
+  let uniqueBytes = 0;
+  try {
+    for (let off = 0; off < st.size; off += blockSize) {
+      const n = fs.readSync(fd, buf, 0, Math.min(blockSize, st.size - off), off);
+      const b = buf.subarray(0, n);
+      blocks++;
+      if (b.equals(zero.subarray(0, n))) {
+        zeroBlocks++;
+        continue;
+      }
+      const h = createHash('sha256').update(b).digest('hex');
+      if (seen.has(h)) continue;
+      seen.add(h);
+      uniqueBytes += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  const r: UniqueBlocks = { blockSize, blocks, zeroBlocks, uniqueBlocks: seen.size, uniqueBytes };
+  fs.writeFileSync(cache, JSON.stringify({ ...r, size: st.size, mtimeMs: st.mtimeMs }));
+  return r;
+}
+
+/**
+ * A sparse copy of an image (`cp --sparse=always`: its zero blocks are holes), made once: what a reference
+ * server serves, so it reports and skips the same holes as backy.
+ */
+export function sparseCopy(img: string): string {
+  const out = `${img}.sparse`;
+  if (fs.existsSync(out) && fs.statSync(out).size === fs.statSync(img).size) return out;
+  execFileSync('cp', ['--sparse=always', img, `${out}.tmp`]);
+  fs.renameSync(`${out}.tmp`, out);
+  return out;
+}
+
+/** Bytes a file really occupies on disk (holes excluded). */
+export function allocatedBytes(file: string): number {
+  return fs.statSync(file).blocks * 512;
+}
+
+export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+/** Load average over the last minute: printed next to figures (a loaded machine makes every figure lower). */
+export function loadAverage(): string {
+  return fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0];
 }
 
 export interface Measured {
@@ -51,11 +127,12 @@ export function mib(bytes: number): string {
 }
 
 /**
- * Drops the kernel page cache. A "cold" figure measured with the page cache still warm would be a lie, so a
+ * Writes dirty pages out (so one run's writeback is not billed to the next) and drops the kernel page cache. A "cold" figure measured with the page cache still warm would be a lie, so a
  * failure (not root, a read-only /proc) stops the benchmark instead of being ignored.
  */
 export function dropCaches(): void {
   try {
+    execFileSync('sync');
     fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
   } catch (e) {
     throw new Error(`cannot drop the page cache (${(e as Error).message}): cold figures would measure the page cache; run the benchmark as root`);

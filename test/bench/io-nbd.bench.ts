@@ -105,6 +105,7 @@ export async function run(): Promise<void> {
     }
   } finally {
     for (const s of servers) await s.stop('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true }); // several GiB of repositories and qcow2 copies
   }
   const sec = (k: string) => best.get(k)!.seconds;
   table(`NBD sources and targets: ${(size / 1024 ** 3).toFixed(0)} GiB mixed image, best of ${ROUNDS} rounds`, ['run', 'time', 'throughput'],

@@ -19,7 +19,7 @@ import type { BlockEntry, MetaStore } from '../../src/meta/types';
 import { BACKY, runBacky } from '../helpers/cli';
 import { SeededRandom } from '../helpers/images';
 import { startPostgres, TestPostgres } from '../helpers/postgres';
-import { BENCH_DIR, measure, table } from './common';
+import { BENCH_DIR, measure, table, verdict } from './common';
 
 const BS = 4 * 1024 * 1024;
 const SIZE = 2 ** 40;
@@ -205,7 +205,7 @@ export async function run(): Promise<void> {
       rows.push([
         label, med((r) => r.base).toFixed(2), diff.toFixed(2), med((r) => r.data).toFixed(2), med((r) => r.diff - r.data).toFixed(2),
         med((r) => r.none).toFixed(2), `${(med((r) => r.rss) / 1024 ** 2).toFixed(0)} MiB`, insert.toFixed(1), ls.toFixed(2),
-        diff < 10 && ls < 1 ? 'met' : 'MISSED',
+        `diff ${verdict(diff, { atMost: 10 })}; ls ${verdict(ls, { atMost: 1 })}`,
       ]);
     }
   } finally {
@@ -214,7 +214,7 @@ export async function run(): Promise<void> {
   }
   table(`metadata: 1 TiB sparse version, ${CHANGED} changed 4 MiB blocks (-f BASE -r HINTS); ls of ${VERSIONS.toLocaleString('en')} versions`,
     ['engine', 'base: 262,144 holes via API (s)', 'diff backup (s)', 'data path alone (s)', 'outside reading data (s)', 'diff, nothing changed (s)', 'diff peak RSS',
-      `insert ${VERSIONS} versions via API (s)`, 'ls (s)', 'targets (<10 s, <1 s)'], rows);
+      `insert ${VERSIONS} versions via API (s)`, 'ls (s)', 'targets (issue 6)'], rows);
   console.log(`\n(medians of ${REPEAT} runs; ${os.cpus().length} CPUs; PostgreSQL 15 on 127.0.0.1 with fsync on; times are wall clock of the CLI process, node start included)`);
 }
 

@@ -7,7 +7,7 @@ import { BACKY, makeTestRepo, TestRepo } from '../helpers/cli';
 import { sha256File } from '../helpers/images';
 import { startS3Server, S3Server } from '../helpers/s3-server';
 import { blobKey } from '../../src/storage/types';
-import { dropCaches, mbps, measure, Measured, mib, mixedImage, table } from './common';
+import { dropCaches, mbps, measure, Measured, mib, mixedImage, table, verdict } from './common';
 
 const REPEAT = Number(process.env.BACKY_BENCH_REPEAT ?? 2);
 
@@ -172,8 +172,9 @@ export async function run(): Promise<void> {
     console.log(`\nEach backup: ${rows.find((r) => r.stored)?.stored ?? '?'} (the rest is deduplicated or sparse).`);
     const base = (op: string) => rows.find((r) => r.backend === 'file, no fsync' && r.op === op)!.seconds;
     for (const r of rows.filter((x) => !x.backend.startsWith('file'))) {
-      console.log(`${r.backend} ${r.op}: ${(r.seconds / base(r.op)).toFixed(2)}x the time of the file backend without fsync` +
-        `${r.rss > 300 * 1024 ** 2 ? ' (RSS over 300 MiB)' : ''}`);
+      const times = r.seconds / base(r.op);
+      console.log(`${r.backend} ${r.op}: ${times.toFixed(2)}x the time of the file backend without fsync` +
+        (r.backend.startsWith('s3rver') ? ` (issue 5: ${verdict(times, { atMost: 2 })}); peak RSS ${mib(r.rss)} (${verdict(r.rss / 1024 ** 2, { atMost: 300 })} MiB)` : ''));
     }
 
     const n = 128;

@@ -52,8 +52,7 @@ interface Content {
   /** ids[start, end) of the pool: the blob ids of its data entries, repeats included */
   start: number;
   end: number;
-  /** the version using it (index), -1 once two do; how many chunks of all versions have it */
-  owner: number;
+  /** how many chunks of all versions have it (through the roots' descendants) */
   uses: number;
   real: number;
   share: number;
@@ -141,11 +140,15 @@ function scanFast(b: Uint8Array, pool: Pick<IdPool, 'ids' | 'length' | 'reserve'
 }
 
 /**
- * du for every version from the block maps alone: each distinct chunk content is read once, each blob's
- * uses over all versions are counted, and a blob is exclusive to a version when every chunk holding it
- * belongs to that version alone. Storage is never touched.
+ * du for every version from the block maps alone (storage is never touched). Each version's map is its
+ * root's map plus the deltas on the way down (map-summary.ts): so a blob's uses over all versions are the
+ * roots' chunks (each distinct chunk decoded once), weighted by how many versions descend from them, plus
+ * each delta weighted the same way. A blob is exclusive to a version when all its uses are there: for a root,
+ * its own count of the blob equals all uses; for any other version, a blob its delta adds whose count is all
+ * uses (its parent cannot use it then).
  */
 export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: VersionUsage[]; totals: RepositoryUsage } {
+  const n = versions.length;
   const index = new Map<number, number>(versions.map((v, i) => [v.id, i]));
   let maxId = 0;
   for (const id of usage.blobs.ids) if (id > maxId) maxId = id;
@@ -154,53 +157,66 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   usage.blobs.ids.forEach((id, k) => { size[id] = usage.blobs.sizes[k]; stored[id] = usage.blobs.stored[k]; });
   const sizeOf = (id: number) => (id <= maxId ? size[id] : 0);
   const storedOf = (id: number) => (id <= maxId ? stored[id] : 0);
+  const summaryOf = (vi: number) => usage.summaries.get(versions[vi].id);
 
-  // Which versions use each distinct content, how often. Every entry takes at least one byte encoded, so
-  // the encoded sizes bound the pool.
+  // The delta forest, parents (lower ids) before children.
+  const parent = new Int32Array(n).fill(-1);
+  for (let vi = 0; vi < n; vi++) {
+    const base = summaryOf(vi)?.delta?.base;
+    if (base === undefined || !usage.summaries.has(base)) continue;
+    const p = index.get(base);
+    if (p === undefined || versions[p].id >= versions[vi].id) throw new Error('the repository changed while du read it: run du again');
+    parent[vi] = p;
+  }
+  const order = Array.from({ length: n }, (_, i) => i).sort((a, b) => versions[a].id - versions[b].id);
+  // How many versions share each version's map up to its delta: itself and all descending from it.
+  const weight = new Float64Array(n).fill(1);
+  for (let k = n - 1; k >= 0; k--) if (parent[order[k]] >= 0) weight[parent[order[k]]] += weight[order[k]];
+  const isRoot = (vi: number) => parent[vi] < 0 && summaryOf(vi) !== undefined;
+
+  // The roots' distinct chunks, each decoded once into the pool (every entry takes at least one encoded byte).
   let capacity = 0;
   for (const raw of usage.contents.values()) capacity += raw.length;
   const pool = new IdPool(capacity);
   const contents = new Map<string, Content>();
-  for (const v of versions) {
-    const s = usage.summaries.get(v.id);
-    if (!s) continue;
-    const vi = index.get(v.id)!;
-    for (const c of s.chunks) {
+  for (let vi = 0; vi < n; vi++) {
+    if (!isRoot(vi)) continue;
+    for (const c of summaryOf(vi)!.chunks) {
       let content = contents.get(c.digest);
       if (!content) {
         const raw = usage.contents.get(c.digest);
-        if (!raw) throw new Error(`chunk content ${c.digest} of version ${v.uid} was not read`);
+        if (!raw) throw new Error(`chunk content ${c.digest} of version ${versions[vi].uid} was not read`);
         const scanned = scanChunk(raw, pool);
-        content = { holes: scanned.holes, pending: scanned.pending, last: scanned.last, start: scanned.start, end: scanned.end, owner: vi, uses: 0, real: 0, share: 0, storedShare: 0 };
+        content = { holes: scanned.holes, pending: scanned.pending, last: scanned.last, start: scanned.start, end: scanned.end, uses: 0, real: 0, share: 0, storedShare: 0 };
         contents.set(c.digest, content);
-      } else if (content.owner !== vi) content.owner = -1;
-      content.uses += c.count;
+      }
+      content.uses += c.count * weight[vi];
     }
   }
 
-  // Uses of each blob over all versions, and the one version using it (0: none yet, -1: several).
-  const total = new Float64Array(maxId + 1);
-  const owner = new Int32Array(maxId + 1);
+  // Uses of each blob over all versions.
   const ids = pool.ids;
+  const total = new Float64Array(maxId + 1);
   for (const c of contents.values()) {
     let real = 0;
-    const uses = c.uses;
-    const mark = c.owner < 0 ? -1 : c.owner + 1;
     for (let k = c.start; k < c.end; k++) {
       const id = ids[k];
       if (id > maxId) continue; // a blob row that vanished: counts as nothing
-      total[id] += uses;
-      const o = owner[id];
-      if (o === 0) owner[id] = mark;
-      else if (o !== mark) owner[id] = -1;
+      total[id] += c.uses;
       real += size[id];
     }
     c.real = real;
   }
-  // Each blob's size and stored size divided by its uses, once per blob; then summed per content.
+  for (let vi = 0; vi < n; vi++) {
+    if (parent[vi] < 0) continue;
+    const d = summaryOf(vi)!.delta!;
+    for (let k = 0; k < d.ids.length; k++) if (d.ids[k] <= maxId) total[d.ids[k]] += weight[vi] * d.counts[k];
+  }
+  // Each blob's size and stored size divided by its uses, once per blob; then summed per chunk.
   const perUse = new Float64Array(maxId + 1);
   const storedPerUse = new Float64Array(maxId + 1);
   for (let id = 1; id <= maxId; id++) {
+    if (total[id] < 0) throw new Error(`inconsistent map summaries: blob ${id} is used ${total[id]} times`);
     if (total[id] > 0) {
       perUse[id] = size[id] / total[id];
       storedPerUse[id] = stored[id] / total[id];
@@ -222,10 +238,22 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   const rows: VersionUsage[] = versions.map((version) => ({
     version, real: 0, null: 0, dedupOwn: 0, dedupOthers: 0, individual: 0, estSpace: 0, estSpaceFreed: 0, storedFreed: 0, estStored: 0,
   }));
-  const exclusiveUses = new Float64Array(versions.length);
-  versions.forEach((v, vi) => {
-    const s = usage.summaries.get(v.id);
-    if (!s) return;
+  const exclusiveUses = new Float64Array(n);
+  const exclusive = (vi: number, id: number, uses: number) => {
+    const r = rows[vi];
+    if (uses === 1) r.individual += size[id];
+    else r.dedupOwn += size[id] * (uses - 1);
+    r.estSpaceFreed += size[id];
+    r.storedFreed += stored[id];
+    exclusiveUses[vi] += size[id] * uses;
+  };
+  // Roots: from their chunks; a scratch count per blob finds what only they use.
+  const mine = new Float64Array(maxId + 1);
+  const touched: number[] = [];
+  for (let vi = 0; vi < n; vi++) {
+    if (!isRoot(vi)) continue;
+    const v = versions[vi];
+    const s = summaryOf(vi)!;
     const r = rows[vi];
     let holes = 0;
     for (const ch of s.chunks) {
@@ -234,28 +262,51 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
       holes += ch.count * c.holes;
       r.estSpace += ch.count * c.share;
       r.estStored += ch.count * c.storedShare;
+      for (let k = c.start; k < c.end; k++) {
+        const id = ids[k];
+        if (id > maxId) continue;
+        if (mine[id] === 0) touched.push(id);
+        mine[id] += ch.count;
+      }
     }
+    for (const id of touched) {
+      if (mine[id] === total[id]) exclusive(vi, id, mine[id]);
+      mine[id] = 0;
+    }
+    touched.length = 0;
     const blocks = blockCount(v.size, v.blockSize);
     const lastLen = v.size - (blocks - 1) * v.blockSize;
     const lastIsHole = s.last !== '' && contents.get(s.last)!.last === HOLE;
     r.null = holes * v.blockSize - (lastIsHole ? v.blockSize - lastLen : 0);
-  });
-  for (let id = 1; id <= maxId; id++) {
-    const o = owner[id];
-    if (o <= 0) continue;
-    const r = rows[o - 1];
-    const uses = total[id];
-    if (uses === 1) r.individual += size[id];
-    else r.dedupOwn += size[id] * (uses - 1);
-    r.estSpaceFreed += size[id];
-    r.storedFreed += stored[id];
-    exclusiveUses[o - 1] += size[id] * uses;
+  }
+  // The others (complete, no pending blocks): their parent's figures plus their delta.
+  for (const vi of order) {
+    const p = parent[vi];
+    if (p < 0) continue;
+    const d = summaryOf(vi)!.delta!;
+    const r = rows[vi];
+    r.real = rows[p].real;
+    r.estSpace = rows[p].estSpace;
+    r.estStored = rows[p].estStored;
+    for (let k = 0; k < d.ids.length; k++) {
+      const id = d.ids[k];
+      const count = d.counts[k];
+      if (id > maxId) continue;
+      r.real += count * size[id];
+      r.estSpace += count * perUse[id];
+      r.estStored += count * storedPerUse[id];
+      if (count > 0 && total[id] === count) exclusive(vi, id, count);
+    }
+    r.null = versions[vi].size - r.real;
   }
   rows.forEach((r, vi) => {
     r.dedupOthers = r.real - exclusiveUses[vi];
+  });
+  // Rounded only now: children start from their parent's exact share.
+  for (const r of rows) {
     r.estSpace = Math.round(r.estSpace);
     r.estStored = Math.round(r.estStored);
-  });
+  }
 
   const totals: RepositoryUsage = {
     versions: versions.length, blobs: usage.blobs.ids.length, storedBytes: 0, plainBytes: 0, unreferencedBlobs: 0,
