@@ -255,6 +255,25 @@ print("acked, no flush")
     assert.doesNotMatch((await run('debugfs', ['-R', 'ls /', target])).stdout, /big\.bin/);
   });
 
+  test('live restore onto a block device keeps its progress map in overlay_dir', { skip: !root && 'needs root for loop devices' }, async () => {
+    const backing = path.join(repo.dir, 'blockdev.img');
+    fs.writeFileSync(backing, randomBytes(SIZE + MiB)); // old data everywhere, and larger than the version
+    const l = await run('losetup', ['-f', '--show', backing]);
+    assert.equal(l.code, 0, l.stderr);
+    const dev = l.stdout.trim();
+    try {
+      const live = await startLive(repo.cfg, ['-f', '--exit-when-done', uid, `file://${dev}`]);
+      const serving = live.events.find((e) => e.event === 'serving')!;
+      assert.equal(path.dirname(String(serving.state)), path.join(repo.dir, 'overlays'));
+      assert.equal(await live.exited, 0, live.stderr());
+      assert.ok(!fs.existsSync(String(serving.state)), 'removed once complete');
+    } finally {
+      await run('losetup', ['-d', dev]);
+    }
+    const got = fs.readFileSync(backing);
+    assert.equal(sha256(got.subarray(0, SIZE)), sha256(original), 'the version, holes written as zeroes over the old data');
+  });
+
   test('delta restore of a target differing in 2 blocks writes exactly those 2 (pwrite calls counted) and ends byte-identical; -s punches a hole', async () => {
     const target = path.join(repo.dir, 'delta.img');
     const changed = Buffer.from(original);

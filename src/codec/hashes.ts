@@ -2,8 +2,9 @@ import { createHash, getHashes } from 'node:crypto';
 
 /**
  * The checksum functions a repository may use. Node's (OpenSSL's) digests, plus BLAKE3 through
- * @napi-rs/blake-hash (a native module shipped for each platform inside its npm package): where that module
- * does not load, blake3 is not offered.
+ * the prebuilt native module of @napi-rs/blake-hash for x86-64 Linux with glibc (depended on directly and
+ * optionally: the npm registry this project installs from lacks the wrapper's other platform packages, which
+ * breaks `npm ci`). Where that module does not load, blake3 is not offered.
  */
 export interface Hasher {
   update(data: Uint8Array): Hasher;
@@ -23,7 +24,7 @@ function blake3(): Blake3Module | null {
   if (blake3Module === undefined) {
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      blake3Module = require('@napi-rs/blake-hash') as Blake3Module;
+      blake3Module = require('@napi-rs/blake-hash-linux-x64-gnu') as Blake3Module;
     } catch {
       blake3Module = null;
     }
@@ -60,7 +61,7 @@ export function hashAvailable(name: string): boolean {
 export function createHasher(name: string): Hasher {
   if (name === 'blake3') {
     const mod = blake3();
-    if (!mod) throw new Error('hash_function blake3 needs the module @napi-rs/blake-hash, which does not load on this platform');
+    if (!mod) throw new Error('hash_function blake3 needs the module @napi-rs/blake-hash-linux-x64-gnu, which does not load on this platform');
     return new Blake3(mod);
   }
   return createHash(name);

@@ -78,17 +78,22 @@ export class PersistentMap {
     this.mask = (1 << this.bits) - 1;
   }
 
-  /** Creates a map of all-zero entries at `file` (atomically: a temporary file renamed into place). */
-  static async create(file: string, id: MapIdentity): Promise<PersistentMap> {
+  /**
+   * Creates a map of all-zero entries at `file` (atomically: a temporary file renamed into place). With
+   * `durable: false` nothing is fsynced yet: the caller makes the file and its directory entry durable
+   * (`sync()` and an fsync of the directory) before it relies on them after a power loss.
+   */
+  static async create(file: string, id: MapIdentity, opts: { durable?: boolean } = {}): Promise<PersistentMap> {
+    const durable = opts.durable ?? true;
     const tmp = `${file}.tmp-${process.pid}`;
     const fd = await openFd(tmp, 'w+', 0o600);
     try {
       await pwriteFull(fd, encodeHeader(id), 0);
       // The body is a hole until written: all zero entries.
       await new Promise<void>((resolve, reject) => fs.ftruncate(fd, HEADER + bodyBytes(id), (e) => (e ? reject(e) : resolve())));
-      await fsyncFd(fd);
+      if (durable) await fsyncFd(fd);
       await fs.promises.rename(tmp, file);
-      await fsyncDir(path.dirname(file));
+      if (durable) await fsyncDir(path.dirname(file));
     } catch (e) {
       await closeFd(fd).catch(() => undefined);
       await fs.promises.rm(tmp, { force: true });
@@ -155,14 +160,12 @@ export class PersistentMap {
   runEnd(from: number, to: number): number {
     const v = this.get(from);
     let i = from + 1;
-    // Whole bytes at a time where the run covers them (a long run of untouched granules is the common case).
-    const full = v === 0 ? 0 : v === this.mask ? 0xff : -1;
+    // Whole bytes at a time where the run covers them: long runs of one value are the common case.
+    const full = this.bits === 1 ? v * 0xff : v * 0x55;
     while (i < to) {
-      if (full >= 0 && i % this.perByte === 0 && i + this.perByte <= to) {
-        if (this.body[i / this.perByte] === full) {
-          i += this.perByte;
-          continue;
-        }
+      if (i % this.perByte === 0) {
+        while (i + this.perByte <= to && this.body[i / this.perByte] === full) i += this.perByte;
+        if (i >= to) break;
       }
       if (this.get(i) !== v) return i;
       i++;

@@ -29,8 +29,7 @@ function overlaySource(dev: CowDevice, name: string): Source {
       return bytesRead;
     },
     async read(buf, offset, length) {
-      const b = await dev.read(offset, length);
-      b.copy(buf, 0, 0, length);
+      await dev.readInto(buf.subarray(0, length), offset);
       bytesRead += length;
     },
     // Whole blocks the overlay zeroed (or that were holes below and stayed so) are recorded without a read.
@@ -46,6 +45,7 @@ function overlaySource(dev: CowDevice, name: string): Source {
  * (or removed with `remove`).
  */
 export async function fixate(repo: Repository, opts: FixateOptions): Promise<BackupResult> {
+  void repo.codec; // the worker threads boot while the overlay opens
   const o = await Overlay.use(repo, opts.overlay, `fixate of overlay ${opts.overlay}`);
   let dev: CowDevice | undefined;
   let result: BackupResult;

@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import { PersistentMap } from '../device/persistent-map';
 import type { Target } from '../io/types';
-import { SharedSync } from '../util/fd-io';
+import * as path from 'node:path';
+import { fsyncDir, SharedSync } from '../util/fd-io';
 
 /** What a live restore's progress map belongs to (checked by --continue). */
 export interface LiveState {
@@ -46,9 +47,19 @@ export class LiveProgress {
     return { bits: 1, entries: Math.ceil(state.size / state.blockSize), owner: JSON.stringify(state) };
   }
 
+  /**
+   * A new map: not fsynced here (the client waiting for its first read should not wait for that); the first
+   * checkpoint, which every client FLUSH is, makes the file and its name durable before anything relies on
+   * them after a power loss (after kill -9 the page cache has them anyway).
+   */
   static async create(file: string, state: LiveState, target: Target): Promise<LiveProgress> {
-    return new LiveProgress(await PersistentMap.create(file, LiveProgress.identity(state)), file, state, target);
+    const p = new LiveProgress(await PersistentMap.create(file, LiveProgress.identity(state), { durable: false }), file, state, target);
+    p.nameSynced = false;
+    return p;
   }
+
+  /** The map file's directory entry is durable. */
+  private nameSynced = true;
 
   /** What the map at `file` belongs to, or undefined when there is none. */
   static async read(file: string): Promise<LiveState | undefined> {
@@ -110,6 +121,10 @@ export class LiveProgress {
     this.mark(batch);
     await this.map.writePages(this.map.takeDirty());
     await this.map.sync();
+    if (!this.nameSynced) {
+      await fsyncDir(path.dirname(this.file));
+      this.nameSynced = true;
+    }
   }
 
   private mark(indices: number[]): void {

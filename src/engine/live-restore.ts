@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import { execFile } from 'node:child_process';
 import * as path from 'node:path';
 import { formatBytes } from '../config/size';
 import { BlockCache } from '../device/block-cache';
@@ -63,6 +64,17 @@ async function defaultStatePath(repo: Repository, targetPath: string): Promise<s
   return path.join(repo.cfg.overlayDir, `live-restore${targetPath.replace(/\//g, '_')}.map`);
 }
 
+/**
+ * Gives a new target file all its space (unwritten extents, read as zeroes) while it is already being
+ * served and written: fallocate leaves data in place, so it may run beside the copy. A filesystem that
+ * cannot is no error (the file stays sparse).
+ */
+function preallocate(file: string, size: number): void {
+  execFile('fallocate', ['-l', String(size), file], (err) => {
+    if (err) log.debug(`fallocate ${file}: ${errorLine(err)} (the target stays sparse)`);
+  });
+}
+
 /** A catalogue of one device (under the version's uid, and as the default export ""). */
 class SingleExport implements ExportCatalogue {
   constructor(private readonly name: string, private readonly description: string, private readonly device: BlockDevice) {}
@@ -102,6 +114,7 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
   }
   let target: Target;
   let progress: LiveProgress;
+  let preallocateLater: string | undefined;
   if (opts.resume) {
     if (!found) throw new ConfigError(`nothing to continue: there is no progress map ${statePath}`);
     if (found.version !== v.uid) throw new ConfigError(`${statePath} is the progress of a live restore of version ${found.version}, not ${v.uid}`);
@@ -120,7 +133,10 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
       throw new BackyError(`a live restore into ${targetPath} was interrupted (${statePath} exists): continue it with --continue, ` +
         `or remove ${statePath} to start over`);
     }
-    target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse });
+    // A file is opened sparse and preallocated (unless -s) once serving: a client should not wait for that.
+    const device = (await fs.promises.stat(targetPath).catch(() => undefined))?.isBlockDevice();
+    target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse || !device });
+    if (!opts.sparse && !device) preallocateLater = targetPath;
     const state: LiveState = { kind: 'live-restore', version: v.uid, size: v.size, blockSize: v.blockSize, target: targetPath, zeroed: target.zeroed };
     try {
       progress = await LiveProgress.create(statePath, state, target);
@@ -141,7 +157,9 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
   bar.add(doneBytes);
   let device: LiveRestoreDevice | undefined;
   const copier = new BlockCopier(dev, fetcher, target, {
-    inFlight: Math.max(2, repo.cfg.data.simultaneousReads),
+    // Half the storage reads for the background copy: a block a client waits for finds a free reader and a
+    // short queue at the codec workers.
+    inFlight: Math.max(2, Math.floor(repo.cfg.data.simultaneousReads / 2)),
     hooks: {
       isDone: (i) => progress.isPersisted(i),
       onDone: (i) => {
@@ -167,6 +185,7 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
       catalogue: new SingleExport(v.uid, `live restore of ${describeVersion(v)}`, device),
       describe: `version ${v.uid} as export ${v.uid}, restoring into ${targetPath} (progress in ${statePath})`,
     });
+    if (preallocateLater) preallocate(preallocateLater, v.size);
     opts.onEvent?.({ event: 'serving', address: describeAddress(service.address, opts.serve.tls?.mode === 'require'), export: v.uid, total_bytes: v.size, done_bytes: doneBytes, state: statePath });
 
     timers.push(setInterval(() => {

@@ -63,6 +63,12 @@ export async function pwriteFull(fd: number, buf: Buffer | Uint8Array, pos: numb
   while (done < b.length) done += await writeOnce(fd, b, done, b.length - done, pos + done);
 }
 
+/** pwrite of all of `buf`, synchronously (see CowDevice for when that pays). */
+export function pwriteFullSync(fd: number, buf: Buffer, pos: number): void {
+  let done = 0;
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, pos + done);
+}
+
 /**
  * fsync calls that share work: a caller waits for an fsync that *started* after its call (so it covers every
  * write that completed before), and callers arriving while one runs share the next one.
