@@ -47,7 +47,10 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   if (!v.complete) log.warn(`version ${v.uid} is incomplete: blocks never backed up will be reported as errors`);
   else if (!v.valid) log.warn(`version ${v.uid} is marked invalid: some blocks may fail verification`);
   const base = opts.delta?.fromVersion ? await repo.version(opts.delta.fromVersion) : undefined;
-  const target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse, tls: opts.tls, existing: !!opts.delta });
+  const target = await openTarget(opts.target, {
+    size: v.size, force: opts.force, sparse: opts.sparse, tls: opts.tls, existing: !!opts.delta,
+    direct: !opts.delta && (opts.sync ?? true),
+  });
   // No block cache: restore reads each blob once (repeats are copied from their first copy in the target).
   const fetcher = repo.fetcher(new BlockCache(0));
   const dev = new VersionDevice(repo.meta, v, fetcher);

@@ -132,7 +132,8 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
     if (e instanceof IoError) throw e;
     throw new IoError(`cannot open target ${p}: ${errCode(e)}`);
   }
-  const write = async (buf: Buffer, offset: number) => {
+  let direct = opts.direct ? await DirectWriter.open(p) : undefined;
+  const buffered = async (buf: Buffer, offset: number) => {
     let done = 0;
     while (done < buf.length) {
       try {
@@ -143,6 +144,24 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
       }
     }
   };
+  const write = async (buf: Buffer, offset: number) => {
+    const aligned = buf.length - (buf.length % DIRECT_ALIGN);
+    if (direct && offset % DIRECT_ALIGN === 0 && aligned > 0) {
+      try {
+        await direct.write(buf.subarray(0, aligned), offset);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw new IoError(`cannot write target ${p} at offset ${offset}: ${errCode(e)}`);
+        // The device wants another alignment: the page cache from here on.
+        const d = direct;
+        direct = undefined;
+        await d.close().catch(() => undefined);
+        return buffered(buf, offset);
+      }
+      if (aligned < buf.length) await buffered(buf.subarray(aligned), offset + aligned);
+      return;
+    }
+    await buffered(buf, offset);
+  };
   return {
     url,
     size: available,
@@ -151,6 +170,17 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
     write,
     async read(buf, offset) {
       let done = 0;
+      // What was written around the page cache is read back the same way (a repeated block copied from its
+      // first copy): a buffered read would fill the page cache, and read ahead into blocks not written yet.
+      const aligned = buf.length - (buf.length % DIRECT_ALIGN);
+      if (direct && offset % DIRECT_ALIGN === 0 && aligned > 0) {
+        try {
+          await direct.read(buf.subarray(0, aligned), offset);
+          done = aligned;
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw new IoError(`cannot read target ${p} at offset ${offset}: ${errCode(e)}`);
+        }
+      }
       while (done < buf.length) {
         let n: number;
         try {
@@ -174,6 +204,83 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
         throw new IoError(`cannot flush target ${p}: ${errCode(e)}`);
       }
     },
-    close: () => fh.close(),
+    async close() {
+      await direct?.close().catch(() => undefined);
+      await fh.close();
+    },
   };
+}
+
+/** WebAssembly's memory object, not in the type libraries this project compiles with. */
+const Wasm = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
+
+/** A page-aligned buffer of `size` bytes (a multiple of 64 KiB). */
+function alignedBuffer(size: number): Buffer {
+  return Buffer.from(new Wasm.Memory({ initial: size / 65536 }).buffer);
+}
+
+/** Offsets, lengths and memory of O_DIRECT writes are multiples of this (any device's logical block size). */
+const DIRECT_ALIGN = 4096;
+/** Writes go through aligned staging buffers of this size. */
+const STAGE = 1024 * 1024;
+
+/**
+ * Writes (and reads back) around the page cache: a second descriptor of the target opened with O_DIRECT. Data is copied into
+ * page-aligned staging buffers (WebAssembly memory is page-aligned; Node gives no other way to get aligned
+ * memory) and written from there. The page cache is not filled with what a restore writes, so nothing is
+ * copied into it and written back later: the final fsync has only metadata left to do.
+ */
+class DirectWriter {
+  private readonly spare: Buffer[] = [];
+
+  private constructor(private readonly fh: fsp.FileHandle) {}
+
+  /** undefined where the filesystem refuses O_DIRECT (tmpfs, some FUSE filesystems). */
+  static async open(p: string): Promise<DirectWriter | undefined> {
+    try {
+      return new DirectWriter(await fsp.open(p, fs.constants.O_RDWR | fs.constants.O_DIRECT));
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** `buf.length` and `offset` are multiples of DIRECT_ALIGN. */
+  async write(buf: Buffer, offset: number): Promise<void> {
+    const stage = this.spare.pop() ?? alignedBuffer(STAGE);
+    try {
+      for (let at = 0; at < buf.length; at += STAGE) {
+        const n = Math.min(STAGE, buf.length - at);
+        buf.copy(stage, 0, at, at + n);
+        for (let done = 0; done < n;) {
+          const { bytesWritten } = await this.fh.write(stage, done, n - done, offset + at + done);
+          if (bytesWritten <= 0 || bytesWritten % DIRECT_ALIGN) throw Object.assign(new Error('short direct write'), { code: 'EIO' });
+          done += bytesWritten;
+        }
+      }
+    } finally {
+      if (this.spare.length < 16) this.spare.push(stage);
+    }
+  }
+
+  /** Fills `buf` (its length and `offset` multiples of DIRECT_ALIGN) from the file. */
+  async read(buf: Buffer, offset: number): Promise<void> {
+    const stage = this.spare.pop() ?? alignedBuffer(STAGE);
+    try {
+      for (let at = 0; at < buf.length; at += STAGE) {
+        const n = Math.min(STAGE, buf.length - at);
+        for (let done = 0; done < n;) {
+          const { bytesRead } = await this.fh.read(stage, done, n - done, offset + at + done);
+          if (bytesRead <= 0 || bytesRead % DIRECT_ALIGN) throw Object.assign(new Error('short direct read'), { code: 'EIO' });
+          done += bytesRead;
+        }
+        stage.copy(buf, at, 0, n);
+      }
+    } finally {
+      if (this.spare.length < 16) this.spare.push(stage);
+    }
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
 }

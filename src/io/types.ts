@@ -65,6 +65,11 @@ export interface TargetOptions {
    * missing target is an error. With `sparse`, zeroing a file's range punches a hole.
    */
   existing?: boolean;
+  /**
+   * Each range is written once and the caller flushes at the end (a plain restore): writes may go around the
+   * page cache (O_DIRECT), which saves copying every byte into it only to write it out at the flush.
+   */
+  direct?: boolean;
   tls?: TlsFiles;
 }
 
