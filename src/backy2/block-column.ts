@@ -1,3 +1,4 @@
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { DatabaseError } from '../util/errors';
@@ -41,31 +42,34 @@ export function regularColumn(r: ColumnScan | Record<string, unknown> | undefine
 }
 
 /**
- * Scans of a SQLite backy2 database in a worker thread, so the database's work on the next versions goes on
- * while this thread adds the current one (two cores, twice the pace). Requests are answered in order.
+ * Scans of a SQLite backy2 database in worker threads (one per core, at most two), so the database's work on
+ * the next versions goes on while this thread adds the current one. Answers are matched to requests by id.
  */
 export class ColumnReader {
-  private readonly worker: Worker;
+  private readonly workers: Worker[] = [];
   private readonly waiting = new Map<number, { v: Backy2Version; resolve: (c: BlockColumn | undefined) => void; reject: (e: Error) => void }>();
   private nextId = 1;
   private failure: Error | undefined;
 
-  constructor(file: string) {
-    this.worker = new Worker(path.join(__dirname, 'column-worker.js'), { workerData: { file, sql: COLUMN_SQL.sqlite } });
-    this.worker.on('message', (m: { id: number; error?: string; scan?: ColumnScan }) => {
-      const w = this.waiting.get(m.id);
-      if (!w) return;
-      this.waiting.delete(m.id);
-      if (m.error !== undefined) w.reject(new DatabaseError(`cannot read the backy2 database: ${m.error}`));
-      else w.resolve(regularColumn({ ...m.scan!, rows: m.scan!.rows ? Buffer.from(m.scan!.rows as unknown as ArrayBuffer) : null }, w.v));
-    });
+  constructor(file: string, threads = Math.max(1, Math.min(2, os.availableParallelism()))) {
     const fail = (e: Error) => {
-      this.failure = new DatabaseError(`the backy2 database reader failed: ${e.message}`);
+      this.failure ??= new DatabaseError(`the backy2 database reader failed: ${e.message}`);
       for (const w of this.waiting.values()) w.reject(this.failure);
       this.waiting.clear();
     };
-    this.worker.on('error', fail);
-    this.worker.on('exit', (code) => { if (this.waiting.size) fail(new Error(`exited with code ${code}`)); });
+    for (let t = 0; t < threads; t++) {
+      const worker = new Worker(path.join(__dirname, 'column-worker.js'), { workerData: { file, sql: COLUMN_SQL.sqlite } });
+      worker.on('message', (m: { id: number; error?: string; scan?: ColumnScan }) => {
+        const w = this.waiting.get(m.id);
+        if (!w) return;
+        this.waiting.delete(m.id);
+        if (m.error !== undefined) w.reject(new DatabaseError(`cannot read the backy2 database: ${m.error}`));
+        else w.resolve(regularColumn({ ...m.scan!, rows: m.scan!.rows ? Buffer.from(m.scan!.rows as unknown as ArrayBuffer) : null }, w.v));
+      });
+      worker.on('error', fail);
+      worker.on('exit', (code) => { if (this.waiting.size) fail(new Error(`exited with code ${code}`)); });
+      this.workers.push(worker);
+    }
   }
 
   read(v: Backy2Version): Promise<BlockColumn | undefined> {
@@ -73,11 +77,11 @@ export class ColumnReader {
     return new Promise((resolve, reject) => {
       const id = this.nextId++;
       this.waiting.set(id, { v, resolve, reject });
-      this.worker.postMessage({ id, uid: v.uid });
+      this.workers[id % this.workers.length].postMessage({ id, uid: v.uid });
     });
   }
 
   async close(): Promise<void> {
-    await this.worker.terminate();
+    await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

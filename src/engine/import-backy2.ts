@@ -240,6 +240,15 @@ async function readVersion(db: Backy2Database, v: Backy2Version, blockSize: numb
   return { version: layout.version, rows, bad, problems: layout.problems };
 }
 
+/**
+ * Whether `len` bytes of `a` at `aAt` equal those of `b` at `bAt`. A plain loop: it runs for every block of
+ * every version (25.6 million times in the benchmark), where Buffer.compare's call into C++ cost 4x more.
+ */
+function sameBytes(a: Buffer, aAt: number, b: Buffer, bAt: number, len: number): boolean {
+  for (let k = 0; k < len; k++) if (a[aAt + k] !== b[bAt + k]) return false;
+  return true;
+}
+
 /** Per-block dates (ms, whole seconds; NaN without a row) from the date parts of the rows. */
 function datesOf(rows: Buffer, n: number): Float64Array {
   const out = new Float64Array(n);
@@ -249,7 +258,7 @@ function datesOf(rows: Buffer, n: number): Float64Array {
     const at = i * COLUMN_STRIDE + 32;
     if (rows[at] === PENDING_SLOT) { out[i] = NaN; continue; }
     // Rows of one second share their date text: parse only when it changes.
-    if (last < 0 || rows.compare(rows, last, last + 19, at, at + 19) !== 0) {
+    if (last < 0 || !sameBytes(rows, last, rows, at, 19)) {
       ms = parseBacky2Date(rows.toString('latin1', at, at + 19));
       last = at;
     }
@@ -313,7 +322,7 @@ class InPlaceImporter {
       const c = r.rows[at];
       if (c === HOLE_SLOT) { slots[i] = -1; continue; }
       if (c === PENDING_SLOT) { slots[i] = -2; continue; }
-      if (prev && prev.slots[i] >= 0 && r.rows.compare(prev.rows, at, at + 32, at, at + 32) === 0) {
+      if (prev && prev.slots[i] >= 0 && sameBytes(r.rows, at, prev.rows, at, 32)) {
         slots[i] = prev.slots[i];
         continue;
       }
