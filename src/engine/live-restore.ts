@@ -119,7 +119,7 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
     if (!found) throw new ConfigError(`nothing to continue: there is no progress map ${statePath}`);
     if (found.version !== v.uid) throw new ConfigError(`${statePath} is the progress of a live restore of version ${found.version}, not ${v.uid}`);
     if (path.resolve(found.target) !== path.resolve(targetPath)) throw new ConfigError(`${statePath} is the progress of a live restore into ${found.target}, not ${targetPath}`);
-    const opened = await openTarget(opts.target, { size: v.size, force: false, sparse: opts.sparse, existing: true });
+    const opened = await openTarget(opts.target, { size: v.size, force: false, sparse: opts.sparse, existing: true, direct: true });
     // Blocks not restored yet read as zeroes still when the target did at the start (a new file).
     target = { ...opened, zeroed: found.zeroed };
     try {
@@ -134,8 +134,10 @@ export async function liveRestore(repo: Repository, opts: LiveRestoreOptions): P
         `or remove ${statePath} to start over`);
     }
     // A file is opened sparse and preallocated (unless -s) once serving: a client should not wait for that.
+    // Written around the page cache, as a plain restore: with buffered writes the copy spent 5-6 s of system
+    // time filling page-cache pages of a 2 GiB target (4.8 s in all, against 2.9 s for a plain restore).
     const device = (await fs.promises.stat(targetPath).catch(() => undefined))?.isBlockDevice();
-    target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse || !device });
+    target = await openTarget(opts.target, { size: v.size, force: opts.force, sparse: opts.sparse || !device, direct: true });
     if (!opts.sparse && !device) preallocateLater = targetPath;
     const state: LiveState = { kind: 'live-restore', version: v.uid, size: v.size, blockSize: v.blockSize, target: targetPath, zeroed: target.zeroed };
     try {

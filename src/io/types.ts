@@ -66,8 +66,10 @@ export interface TargetOptions {
    */
   existing?: boolean;
   /**
-   * Each range is written once and the caller flushes at the end (a plain restore): writes may go around the
-   * page cache (O_DIRECT), which saves copying every byte into it only to write it out at the flush.
+   * The caller flushes when it needs durability (a plain restore at the end, a live restore at checkpoints):
+   * aligned writes and reads may go around the page cache (O_DIRECT), which saves copying every byte into it
+   * only to write it out at the flush (fresh page-cache pages are dear on VMs). Linux keeps such a file
+   * coherent with the buffered I/O used for unaligned pieces.
    */
   direct?: boolean;
   tls?: TlsFiles;
