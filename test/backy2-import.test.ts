@@ -1,5 +1,5 @@
 /**
- * import-backy2 with the real backy2 2.13.8 repositories of ../shared/fixtures/backy2 (copied first: the
+ * import-backy2 with the real backy2 2.13.8 repositories of test/fixtures/backy2 (copied first: the
  * fixtures are never changed): in place and with --copy, restores by hash against expected.json, scrub,
  * NBD and FUSE reads, a differential backup against an imported version, rm + cleanup, export equal to
  * backy2's, import of backy2's exports, wrong keys, missing and damaged blobs, locks, and the 2.9 schema.
