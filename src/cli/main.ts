@@ -39,6 +39,9 @@ export function buildProgram(): Command {
       code = reportError(e, !!ctx.opts.debug);
       ctx.failed = true;
     } finally {
+      // Should the event loop run dry while closing (nothing left keeping it alive), the process still ends
+      // with this command's code, not 0.
+      process.exitCode = code;
       await ctx.close().catch(() => undefined);
     }
     await exitAfterOutput(code);

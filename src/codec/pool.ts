@@ -87,6 +87,11 @@ export class WorkerPool {
     this.closed = true;
     for (const j of this.queue) j.reject(new Error('worker pool is closed'));
     this.queue = [];
-    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    // An idle worker is unref'd: terminating it keeps nothing alive, so the process could end (with exit code
+    // 0) before close() returns. Ref'd, the caller gets to exit with its own code.
+    await Promise.all(this.slots.map((s) => {
+      s.worker.ref();
+      return s.worker.terminate();
+    }));
   }
 }
