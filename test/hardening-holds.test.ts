@@ -212,6 +212,31 @@ describe('holds on PostgreSQL', () => {
     return { repo, db: url.split('/').pop()! };
   }
 
+  /**
+   * Runs `command` while another transaction holds the row of version `uid` (`lock`); once the command waits
+   * for that row (pg_stat_activity shows a lock wait on a query like `waiting`), `then` runs in the holding
+   * transaction, which then commits. The command's result.
+   */
+  async function whileRowHeld(db: string, uid: string, lock: 'FOR KEY SHARE' | 'FOR UPDATE', command: () => Promise<RunResult>, what: string,
+    waiting: string, then: (c: import('pg').Client) => Promise<unknown>): Promise<RunResult> {
+    const { Client } = await import('pg');
+    const c = new Client({ connectionString: pg.url(db) });
+    c.on('error', () => undefined);
+    await c.connect();
+    try {
+      await c.query('BEGIN');
+      await c.query(`SELECT 1 FROM versions WHERE uid = $1 ${lock}`, [uid]);
+      const result = command();
+      await waitFor(`${what} to wait for the version row`, async () => (await pg.query(
+        `SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' AND query ILIKE $2`, [db, waiting], db)).length > 0);
+      await then(c);
+      await c.query('COMMIT');
+      return await result;
+    } finally {
+      await c.end().catch(() => undefined);
+    }
+  }
+
   test('a running restore holds its version across processes: rm is refused, cleanup deletes none of its blocks', async () => {
     const { repo } = await pgRepo();
     const img = path.join(repo.dir, 'img');
@@ -227,27 +252,12 @@ describe('holds on PostgreSQL', () => {
     const uid = (await repo.ok(['backup', `file://${img}`, 'prot'])).stdout.trim();
     // A transaction holding the version's row stands for a `protect` in progress. rm reads the version (not
     // protected), takes its locks, then waits for the row in its removal transaction.
-    const { Client } = await import('pg');
-    const c = new Client({ connectionString: pg.url(db) });
-    c.on('error', () => undefined);
-    await c.connect();
-    try {
-      await c.query('BEGIN');
-      await c.query('SELECT 1 FROM versions WHERE uid = $1 FOR KEY SHARE', [uid]);
-      const rm = repo.run(['rm', '-f', uid]);
-      await waitFor('rm to wait for the version row', async () => (await pg.query(
-        `SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' AND query ILIKE '%FROM versions%FOR UPDATE%'`, [db], db)).length > 0);
-      await c.query('UPDATE versions SET protected = 1 WHERE uid = $1', [uid]);
-      await c.query('COMMIT');
-      const r = await rm;
-      assert.equal(r.code, 100, r.stderr);
-      assert.match(r.stderr, new RegExp(`version ${uid} is protected; unprotect it first`));
-    } finally {
-      await c.end().catch(() => undefined);
-    }
+    const r = await whileRowHeld(db, uid, 'FOR KEY SHARE', () => repo.run(['rm', '-f', uid]), 'rm', '%FROM versions%FOR UPDATE%',
+      (c) => c.query('UPDATE versions SET protected = 1 WHERE uid = $1', [uid]));
+    assert.equal(r.code, 100, r.stderr);
+    assert.match(r.stderr, new RegExp(`version ${uid} is protected; unprotect it first`));
     const ls = JSON.parse((await repo.ok(['--json', 'ls'])).stdout) as { uid: string; protected: boolean }[];
     assert.deepEqual(ls.map((v) => [v.uid, v.protected]), [[uid, true]]);
-
   });
 
   test('protect racing a removal that commits first says the version is gone instead of claiming success', async () => {
@@ -257,24 +267,10 @@ describe('holds on PostgreSQL', () => {
     const uid = (await repo.ok(['backup', `file://${img}`, 'prot2'])).stdout.trim();
     // The transaction stands for a removal in progress: it has the row; protect has read the version and
     // waits in its UPDATE; then the removal commits.
-    const { Client } = await import('pg');
-    const c = new Client({ connectionString: pg.url(db) });
-    c.on('error', () => undefined);
-    await c.connect();
-    try {
-      await c.query('BEGIN');
-      await c.query('SELECT 1 FROM versions WHERE uid = $1 FOR UPDATE', [uid]);
-      const protect = repo.run(['protect', uid]);
-      await waitFor('protect to wait for the version row', async () => (await pg.query(
-        `SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE versions SET protected%'`, [db], db)).length > 0);
-      await c.query('DELETE FROM versions WHERE uid = $1', [uid]);
-      await c.query('COMMIT');
-      const p = await protect;
-      assert.equal(p.code, 100, p.stderr);
-      assert.match(p.stderr, new RegExp(`version ${uid} does not exist`));
-      assert.doesNotMatch(p.stderr, /is protected/);
-    } finally {
-      await c.end().catch(() => undefined);
-    }
+    const p = await whileRowHeld(db, uid, 'FOR UPDATE', () => repo.run(['protect', uid]), 'protect', 'UPDATE versions SET protected%',
+      (c) => c.query('DELETE FROM versions WHERE uid = $1', [uid]));
+    assert.equal(p.code, 100, p.stderr);
+    assert.match(p.stderr, new RegExp(`version ${uid} does not exist`));
+    assert.doesNotMatch(p.stderr, /is protected/);
   });
 });

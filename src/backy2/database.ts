@@ -1,6 +1,7 @@
 import Database from 'better-sqlite3';
 import { sqlitePath } from '../config/config';
 import { maskEngineUrl, pgError } from '../meta/pg-errors';
+import type { StatsRow } from '../meta/types';
 import { DatabaseError } from '../util/errors';
 import { ColumnReader, COLUMN_SQL, regularColumn } from './block-column';
 
@@ -32,22 +33,8 @@ export interface Backy2BlobDetails {
   nonce: string | null;
 }
 
-export interface Backy2Stats {
-  date: string;
-  versionUid: string;
-  versionName: string;
-  sizeBytes: number;
-  sizeBlocks: number;
-  bytesRead: number;
-  blocksRead: number;
-  bytesWritten: number;
-  blocksWritten: number;
-  bytesDedup: number;
-  blocksDedup: number;
-  bytesSparse: number;
-  blocksSparse: number;
-  duration: number;
-}
+/** A row of backy2's stats table: backy's own stats row, its date as backy2 wrote it (text, naive UTC). */
+export type Backy2Stats = Omit<StatsRow, 'date'> & { date: string };
 
 export interface Backy2Schema {
   /** alembic revision, '' when the table is missing */
@@ -94,11 +81,11 @@ const PAGE = 10_000;
 type Row = Record<string, unknown>;
 function statsOf(r: Row): Backy2Stats {
   return {
-    date: String(r.date), versionUid: String(r.version_uid), versionName: String(r.version_name), sizeBytes: Number(r.version_size_bytes),
-    sizeBlocks: Number(r.version_size_blocks), bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read),
+    date: String(r.date), versionUid: String(r.version_uid), versionName: String(r.version_name), versionSizeBytes: Number(r.version_size_bytes),
+    versionSizeBlocks: Number(r.version_size_blocks), bytesRead: Number(r.bytes_read), blocksRead: Number(r.blocks_read),
     bytesWritten: Number(r.bytes_written), blocksWritten: Number(r.blocks_written), bytesDedup: Number(r.bytes_found_dedup),
     blocksDedup: Number(r.blocks_found_dedup), bytesSparse: Number(r.bytes_sparse), blocksSparse: Number(r.blocks_sparse),
-    duration: Number(r.duration_seconds),
+    durationSeconds: Number(r.duration_seconds),
   };
 }
 

@@ -451,11 +451,6 @@ class InPlaceImporter {
 
 async function importStats(repo: Repository, db: Backy2Database, v: Backy2Version): Promise<void> {
   for (const s of await db.stats(v.uid)) {
-    await repo.meta.addStats({
-      date: parseBacky2Date(s.date), versionUid: v.uid, versionName: s.versionName, versionSizeBytes: s.sizeBytes,
-      versionSizeBlocks: s.sizeBlocks, bytesRead: s.bytesRead, blocksRead: s.blocksRead, bytesWritten: s.bytesWritten,
-      blocksWritten: s.blocksWritten, bytesDedup: s.bytesDedup, blocksDedup: s.blocksDedup, bytesSparse: s.bytesSparse,
-      blocksSparse: s.blocksSparse, durationSeconds: s.duration,
-    });
+    await repo.meta.addStats({ ...s, date: parseBacky2Date(s.date), versionUid: v.uid });
   }
 }
