@@ -11,7 +11,7 @@ import { ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { alive, BACKY, blobFileOf, makeTestRepo, TestRepo } from './helpers/cli';
 import { makeSparseVersion, startBackyNbd, BackyNbd } from './helpers/backy-nbd';
-import { SeededRandom, sha256File } from './helpers/images';
+import { SeededRandom, sha256File, readRange } from './helpers/images';
 import { RawPeer, run, waitFor } from './helpers/nbd-tools';
 import { NbdClient } from '../nbd/client';
 import * as C from '../nbd/constants';
@@ -49,17 +49,6 @@ function writeImage(file: string, size: number, zeroBlocks: number[], patterns: 
 
 function sha256(b: Buffer): string {
   return createHash('sha256').update(b).digest('hex');
-}
-
-function readRange(file: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 

@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { blobFileOf, makeTestRepo, restoredHash, TestRepo, writeImage } from './helpers/cli';
 import { BackyNbd, makeSparseVersion, startBackyNbd } from './helpers/backy-nbd';
-import { sha256File } from './helpers/images';
+import { sha256File, readRange } from './helpers/images';
 import { NBDSH_ENV, run } from './helpers/nbd-tools';
 
 const KiB = 1024;
@@ -21,17 +21,6 @@ const BS = MiB; // the repository's block size
 const SIZE = 16 * MiB;
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function readRange(file: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** The export's whole content, copied out with qemu-img convert. */
 async function convertOut(uri: string, file: string): Promise<Buffer> {

@@ -80,3 +80,15 @@ export function sha256File(file: string): string {
   }
   return h.digest('hex');
 }
+
+/** `length` bytes of `file` at `offset` (zeroes past its end). */
+export function readRange(file: string, offset: number, length: number): Buffer {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    fs.readSync(fd, b, 0, length, offset);
+    return b;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
