@@ -11,7 +11,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { BlockDevice, DeviceError, ExportInfo, Extent } from '../src/device/types';
 import * as C from './constants';
-import { ConnectionClosedError, EMPTY, ProtocolError, SocketReader, SocketWriter, readU64, writeU64 } from './wire';
+import { ConnectionClosedError, DirectReceive, EMPTY, ProtocolError, SocketReader, SocketWriter, readU64, writeU64 } from './wire';
 
 export type NbdConnectAddress = { host?: string; port?: number } | { path: string };
 
@@ -182,6 +182,10 @@ export class NbdClient implements BlockDevice {
   readonly metaContextRefusal: string | undefined;
   /** Bytes of data received in READ replies (holes not counted). */
   bytesRead = 0;
+  /** Of those, how many the kernel wrote straight into readInto() buffers (plain sockets only). */
+  get bytesInPlace(): number {
+    return this.reader.bytesInPlace;
+  }
   private readonly maxInFlight: number;
   /** Requests holding one of the maxInFlight slots (sent, or about to be). */
   private active = 0;
@@ -210,10 +214,12 @@ export class NbdClient implements BlockDevice {
 
   /** Connects and opens an export. */
   static async connect(address: NbdConnectAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
-    const raw = await openSocket(address, options.timeoutMs ?? 30_000);
+    // TLS takes the plain socket's handle over, which a socket reading through onread cannot hand on.
+    const direct = options.tls ? undefined : new DirectReceive();
+    const raw = await openSocket(address, options.timeoutMs ?? 30_000, direct);
     let socket: net.Socket = raw;
-    let reader = new SocketReader(socket);
-    let writer = new SocketWriter(socket);
+    let reader = new SocketReader(socket, undefined, direct);
+    let writer = new SocketWriter(socket, { coalesce: true });
     const timer = setTimeout(() => socket.destroy(new Error('NBD handshake timed out')), options.timeoutMs ?? 30_000);
     try {
       const exportName = options.exportName ?? '';
@@ -226,7 +232,7 @@ export class NbdClient implements BlockDevice {
         }
         socket = await startClientTls(raw, options.tls, 'host' in address ? address.host : undefined);
         reader = new SocketReader(socket);
-        writer = new SocketWriter(socket);
+        writer = new SocketWriter(socket, { coalesce: true });
       }
       let structured = false;
       const meta: MetaContextResult = { granted: new Map() };
@@ -793,12 +799,13 @@ export class NbdClient implements BlockDevice {
 
 // ---- Handshake helpers ----------------------------------------------------------------------------------
 
-function openSocket(address: NbdConnectAddress, timeoutMs: number): Promise<net.Socket> {
+function openSocket(address: NbdConnectAddress, timeoutMs: number, direct?: DirectReceive): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
+    const onread = direct?.onread;
     const socket =
       'path' in address
-        ? net.connect({ path: address.path })
-        : net.connect({ host: address.host ?? '127.0.0.1', port: address.port ?? C.NBD_DEFAULT_PORT });
+        ? net.connect({ path: address.path, onread })
+        : net.connect({ host: address.host ?? '127.0.0.1', port: address.port ?? C.NBD_DEFAULT_PORT, onread });
     const timer = setTimeout(() => socket.destroy(new Error('NBD connect timed out')), timeoutMs);
     socket.once('connect', () => {
       clearTimeout(timer);

@@ -38,11 +38,22 @@ export class SocketReader {
   private readonly onEnd = (): void => this.fail(new ConnectionClosedError('connection closed by peer'), false);
   private readonly onClose = (): void => this.fail(new ConnectionClosedError('connection closed'), false);
 
+  /** A readInto() whose bytes the kernel copies straight into its buffer (direct receive only). */
+  private into: { dst: Buffer; at: number; resolve: () => void; reject: (e: Error) => void } | null = null;
+  /** The region of `into.dst` last handed to the socket as its next read buffer. */
+  private handedOut: Buffer | null = null;
+
+  /**
+   * `direct`: the socket was made with `onread` through this DirectReceive (no 'data' events; the kernel
+   * writes into a reused scratch buffer, or straight into the buffer of a waiting readInto()).
+   */
   constructor(
     private readonly socket: Socket,
     private readonly highWater = 256 * 1024,
+    private readonly direct?: DirectReceive,
   ) {
-    socket.on('data', this.onDataBound);
+    if (direct) direct.attach(this);
+    else socket.on('data', this.onDataBound);
     socket.on('end', this.onEnd);
     socket.on('close', this.onClose);
   }
@@ -52,6 +63,7 @@ export class SocketReader {
    * consumed. Pending reads fail; the reader is unusable afterwards.
    */
   detach(): Buffer {
+    if (this.direct) throw new Error('SocketReader: a direct-receive socket cannot be handed over');
     this.socket.off('data', this.onDataBound);
     this.socket.off('end', this.onEnd);
     this.socket.off('close', this.onClose);
@@ -67,6 +79,11 @@ export class SocketReader {
       this.socket.resume();
     }
     return rest;
+  }
+
+  /** Direct receive: bytes the kernel wrote straight into readInto() buffers. */
+  get bytesInPlace(): number {
+    return this.direct?.inPlace ?? 0;
   }
 
   get bufferedBytes(): number {
@@ -108,6 +125,22 @@ export class SocketReader {
    */
   async readInto(dst: Buffer): Promise<void> {
     let at = 0;
+    if (this.direct) {
+      if (!this.discarded && this.buffered > 0) {
+        at = Math.min(dst.length, this.buffered);
+        this.drop(at, dst, 0);
+      }
+      if (at === dst.length) return;
+      if (this.failure) throw this.failure;
+      if (this.waiter || this.into) throw new Error('SocketReader: concurrent reads are not supported');
+      return new Promise<void>((resolve, reject) => {
+        this.into = { dst, at, resolve, reject };
+        if (this.paused) {
+          this.paused = false;
+          this.socket.resume();
+        }
+      });
+    }
     while (at < dst.length) {
       if (this.discarded || this.buffered === 0) await this.waitFor(1);
       const k = Math.min(dst.length - at, this.buffered);
@@ -126,6 +159,49 @@ export class SocketReader {
         this.socket.resume();
       }
     });
+  }
+
+  /**
+   * Direct receive: where the socket's next read should land. The rest of a waiting readInto()'s buffer
+   * when it is worth a read of its own, else null (the scratch buffer).
+   */
+  directTarget(minimum: number): Buffer | null {
+    const w = this.into;
+    if (!w || this.discarded || w.dst.length - w.at < minimum) return null;
+    this.handedOut = w.dst.subarray(w.at);
+    return this.handedOut;
+  }
+
+  /**
+   * Direct receive: `n` bytes arrived in `buf` (a region from directTarget(), or the scratch buffer, which is
+   * reused at once: whatever is kept of it is copied). Returns false when the socket should stop reading.
+   */
+  received(n: number, buf: Buffer): boolean {
+    if (this.discarded) return false;
+    const w = this.into;
+    if (buf === this.handedOut) {
+      this.handedOut = null;
+      this.direct!.inPlace += n;
+      // Landed in place; only a readInto() that was failed meanwhile is not waiting for it any more.
+      if (w && buf.buffer === w.dst.buffer && buf.byteOffset === w.dst.byteOffset + w.at) this.advanceInto(w, n);
+      return true;
+    }
+    let from = 0;
+    if (w) {
+      from = Math.min(n, w.dst.length - w.at);
+      buf.copy(w.dst, w.at, 0, from);
+      this.advanceInto(w, from);
+    }
+    if (from < n) this.onData(Buffer.from(buf.subarray(from, n)));
+    return !this.paused;
+  }
+
+  private advanceInto(w: NonNullable<SocketReader['into']>, n: number): void {
+    w.at += n;
+    if (w.at === w.dst.length) {
+      this.into = null;
+      w.resolve();
+    }
   }
 
   private onData(chunk: Buffer): void {
@@ -152,6 +228,11 @@ export class SocketReader {
       if (!this.socket.destroyed) this.socket.pause();
     }
     if (!this.failure) this.failure = error;
+    const i = this.into;
+    if (i) {
+      this.into = null;
+      i.reject(this.failure);
+    }
     const w = this.waiter;
     if (w && (this.discarded || this.buffered < w.need)) {
       this.waiter = null;
@@ -218,6 +299,45 @@ export class SocketReader {
 }
 
 /**
+ * Receiving through net.Socket's `onread` (plain sockets only; a TLS socket cannot take it): no buffer is
+ * allocated per read, and the bulk of a READ reply's data is read by the kernel straight into the caller's
+ * buffer. net asks for the next read's buffer right after delivering the previous one, before the reader has
+ * parsed it; so the first read or two of each reply land in the scratch buffer and are copied from there.
+ */
+export class DirectReceive {
+  private reader: SocketReader | null = null;
+  private readonly scratch: Buffer;
+  /** Bytes that arrived before a reader was attached. */
+  private early: Buffer[] = [];
+  /** Bytes the kernel wrote straight into readInto() buffers (the rest went through the scratch buffer). */
+  inPlace = 0;
+  readonly onread: { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean };
+
+  /** `minimumDirect`: a readInto() with fewer bytes to go reads through the scratch buffer (fewer syscalls). */
+  constructor(scratchBytes = 16 * 1024, private readonly minimumDirect = 16 * 1024) {
+    this.scratch = Buffer.allocUnsafe(scratchBytes);
+    this.onread = {
+      buffer: () => this.reader?.directTarget(this.minimumDirect) ?? this.scratch,
+      callback: (n, buf) => this.deliver(n, buf as Buffer),
+    };
+  }
+
+  attach(reader: SocketReader): void {
+    if (this.reader) throw new Error('DirectReceive: already attached');
+    this.reader = reader;
+    const early = this.early;
+    this.early = [];
+    for (const b of early) reader.received(b.length, b);
+  }
+
+  private deliver(n: number, buf: Buffer): boolean {
+    if (this.reader) return this.reader.received(n, buf);
+    this.early.push(Buffer.from(buf.subarray(0, n)));
+    return true;
+  }
+}
+
+/**
  * Writes whole messages (a header and optional payload buffers) to a socket. Each message is written in one
  * synchronous corked batch, so messages never interleave; before writing, it waits while the socket asks for
  * 'drain'. A write to a closed socket is silently dropped (returns false).
@@ -267,6 +387,11 @@ export class SocketWriter {
        * of a much larger one (a block of a cache): queued, it would keep the whole block alive after eviction.
        */
       unpinQueued?: boolean;
+      /**
+       * Messages written in one tick leave in one batch (a client sending many requests at once: one
+       * syscall instead of one per request header).
+       */
+      coalesce?: boolean;
     } = {},
   ) {
     socket.on('drain', this.onDrain);
@@ -297,6 +422,11 @@ export class SocketWriter {
       return false;
     }
     const cb = flushed ? () => flushed() : undefined;
+    if (this.opts.coalesce && !this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
     if (this.opts.unpinQueued && this.socket.writableLength > 0) bufs = bufs.map(unpin);
     if (bufs.length === 1) {
       this.socket.write(bufs[0], cb);
@@ -310,6 +440,12 @@ export class SocketWriter {
     this.watchStall();
     return true;
   }
+
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   private release(): void {
     const ws = this.waiters;

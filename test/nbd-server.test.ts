@@ -7,6 +7,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdServer, NbdServerOptions, normalizeExtents } from '../nbd/server';
@@ -785,6 +786,70 @@ describe('NBD server with nbd/client.ts', () => {
       await assert.rejects(s.read(0, 10));
       await s.close();
       assert.ok(devices.slow.reads >= 3);
+    });
+  });
+
+  test('readInto: replies cut into random pieces (1 byte to 200 KiB) land intact; unbroken ones mostly in place', async () => {
+    await withServer(async ({ port }) => {
+      // A proxy that re-cuts the server's stream into random pieces, several of them sometimes in one write.
+      let seed = 777;
+      // The high bits: an LCG's low bits repeat with a short period.
+      const rand = (n: number): number => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), Math.floor(seed / 65536) % n);
+      const proxy = net.createServer((down) => {
+        down.setNoDelay(true); // tiny pieces must not wait for delayed ACKs
+        const up = net.connect({ host: '127.0.0.1', port });
+        down.on('data', (d) => up.write(d));
+        let queue = Buffer.alloc(0);
+        let busy = false;
+        const pump = (): void => {
+          if (busy || queue.length === 0) return;
+          busy = true;
+          const sizes = [1, 7, 12, 16, 100, 4 * KiB, 64 * KiB + 3, 200 * KiB];
+          const n = Math.min(queue.length, sizes[rand(sizes.length)]);
+          const piece = queue.subarray(0, n);
+          queue = queue.subarray(n);
+          down.write(Buffer.from(piece));
+          setImmediate(() => {
+            busy = false;
+            pump();
+          });
+        };
+        up.on('data', (d) => {
+          queue = Buffer.concat([queue, d]);
+          pump();
+        });
+        up.on('close', () => down.destroy());
+        down.on('close', () => up.destroy());
+        down.on('error', () => undefined);
+        up.on('error', () => undefined);
+      });
+      await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+      const proxyPort = (proxy.address() as net.AddressInfo).port;
+      try {
+        for (const structuredReplies of [true, false]) {
+          for (const [p, cut] of [[proxyPort, true], [port, false]] as const) {
+            const c = await NbdClient.connect({ port: p }, { exportName: 'big', structuredReplies });
+            try {
+              const whole = Buffer.alloc(c.size, 0xee);
+              // Several readInto() at once, of every size class, covering the export.
+              const parts: Promise<void>[] = [];
+              for (let o = 0; o < c.size;) {
+                const l = Math.min(c.size - o, [1, 511, 4 * KiB, 100 * KiB, 300 * KiB, MiB + 17][rand(6)]);
+                parts.push(c.readInto(whole.subarray(o, o + l), o));
+                o += l;
+              }
+              await Promise.all(parts);
+              assert.equal(sha256(whole), sha256(big.data), `structured ${structuredReplies}, cut ${cut}`);
+              // Unbroken replies: the bulk of the data never went through the scratch buffer.
+              if (!cut) assert.ok(c.bytesInPlace > c.bytesRead / 2, `${c.bytesInPlace} of ${c.bytesRead} bytes in place`);
+            } finally {
+              await c.close();
+            }
+          }
+        }
+      } finally {
+        proxy.close();
+      }
     });
   });
 
