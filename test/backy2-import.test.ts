@@ -222,6 +222,19 @@ describe('backy2 repositories imported in place', () => {
     assert.deepEqual(rows(await repo.ok(['-m', 'ls'])).map((x) => x.valid), ['1', '1']);
   });
 
+  test('a block row whose blob uid starts with "-" is not taken for a sparse block: the version is imported invalid', async () => {
+    const [v1, v2] = R0;
+    const { result } = await importedInPlace('R0', {
+      prepare: (c) => {
+        const db = new Database(c.sqlite);
+        db.prepare(`UPDATE blocks SET uid = '-' || substr(uid, 2) WHERE version_uid = ?
+          AND id = (SELECT min(id) FROM blocks WHERE version_uid = ? AND uid IS NOT NULL)`).run(v1.uid, v1.uid);
+        db.close();
+      },
+    });
+    assert.deepEqual(rows(result).map((r) => [r.uid, r.result]), [[v1.uid, 'imported-invalid'], [v2.uid, 'imported']]);
+  });
+
   test('a wrong or missing key is refused before anything is imported (exit 1)', async () => {
     const b2 = track(copyBacky2('R1', { cfg: (t) => t.replace(exp.key_hex, 'ab'.repeat(32)) }));
     const repo = track(backyRepoFor(b2, { key: exp.key_hex }));

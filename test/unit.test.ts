@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { configFromText } from '../src/config/config';
 import { parseSize } from '../src/config/size';
 import { parseIni } from '../src/config/ini';
+import { Packr } from 'msgpackr';
 import { decodeChunk, encodeChunk, HOLE, PENDING } from '../src/meta/block-map';
 import { checksum, decodeBlob, encodeBlob, isZero } from '../src/codec/blob-format';
 import { availableHashes, createHasher } from '../src/codec/hashes';
@@ -64,6 +65,29 @@ test('block map chunks round-trip (holes, pending, ids up and down, large ids)',
   assert.deepEqual([...decodeChunk(encodeChunk(e))], [...e]);
   const seq = new Float64Array(1024).map((_, i) => 1000 + i);
   assert.ok(encodeChunk(seq).length < 1100, 'consecutive ids take about a byte each');
+});
+
+test('block map chunks are exactly the bytes msgpackr writes for their codes (every integer width, array lengths up to 32 bits)', () => {
+  const packr = new Packr({ useRecords: false });
+  const codesOf = (e: Float64Array) => {
+    let prev = 0;
+    return [...e].map((x) => {
+      if (x === HOLE) return 0;
+      if (x === PENDING) return 1;
+      const d = x - prev;
+      prev = x;
+      return 2 + (d >= 0 ? 2 * d : -2 * d - 1);
+    });
+  };
+  const edges = [HOLE, PENDING, 1, 2, 31, 32, 63, 64, 127, 128, 255, 256, 65535, 65536, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 40, 2 ** 53 - 1, 1.5];
+  let seed = 7;
+  const rnd = (k: number) => (seed = (seed * 1103515245 + 12345) % 2147483648) % k;
+  for (const n of [0, 1, 15, 16, 17, 1024, 65535, 65536, 70000]) {
+    for (let t = 0; t < (n > 2000 ? 3 : 50); t++) {
+      const e = new Float64Array(n).map(() => (t % 3 === 0 ? edges[rnd(edges.length)] : t % 3 === 1 ? rnd(2 ** 31) : rnd(300)));
+      assert.deepEqual(encodeChunk(e), packr.pack(codesOf(e)), `${n} entries, case ${t}`);
+    }
+  }
 });
 
 test('new version chunks: copied from base, pending marks, grown and shrunk', () => {

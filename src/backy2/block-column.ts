@@ -14,7 +14,9 @@ export const COLUMN_STRIDE = 51;
 const HOLE = `'${'-'.repeat(32)}'`;
 
 export const COLUMN_SQL = {
-  sqlite: `SELECT group_concat(r, '') AS rows, count(*) AS n, min(id) AS lo, max(id) AS hi, sum(valid) AS ok, sum(size) AS bytes
+  // As a blob: better-sqlite3 copies it into a Buffer once, where text (1.3 MB a version) would be decoded as
+  // UTF-8 into a V8 string and then encoded again (a third of the scan's CPU time in the benchmark).
+  sqlite: `SELECT CAST(group_concat(r, '') AS BLOB) AS rows, count(*) AS n, min(id) AS lo, max(id) AS hi, sum(valid) AS ok, sum(size) AS bytes
     FROM (SELECT COALESCE(uid, ${HOLE}) || substr(date, 1, 19) AS r, id, valid, size FROM blocks WHERE version_uid = ? ORDER BY id)`,
   pg: `SELECT string_agg(COALESCE(uid, ${HOLE}) || to_char(date, 'YYYY-MM-DD HH24:MI:SS'), '' ORDER BY id) AS rows, count(*) AS n,
     min(id) AS lo, max(id) AS hi, sum(valid) AS ok, sum(size) AS bytes FROM blocks WHERE version_uid = $1`,

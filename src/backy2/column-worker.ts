@@ -24,8 +24,10 @@ if (parentPort) {
     }
     try {
       const r = st.get(m.uid) as Record<string, unknown>;
-      const rows = typeof r.rows === 'string' ? Buffer.from(r.rows, 'latin1') : undefined;
-      const ab = rows ? rows.buffer.slice(rows.byteOffset, rows.byteOffset + rows.length) : undefined;
+      const rows = typeof r.rows === 'string' ? Buffer.from(r.rows, 'latin1') : Buffer.isBuffer(r.rows) ? r.rows : undefined;
+      // Handed over, not copied, when the buffer is all its memory (better-sqlite3's blobs are).
+      const whole = rows && rows.byteOffset === 0 && rows.length === rows.buffer.byteLength;
+      const ab = rows ? (whole ? rows.buffer : rows.buffer.slice(rows.byteOffset, rows.byteOffset + rows.length)) : undefined;
       port.postMessage({ id: m.id, scan: { ...r, rows: ab ?? null } }, ab ? [ab as ArrayBuffer] : []);
     } catch (e) {
       port.postMessage({ id: m.id, error: (e as Error).message });

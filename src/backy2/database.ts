@@ -117,6 +117,8 @@ class SqliteBacky2 implements Backy2Database {
   readonly schema: Backy2Schema;
   private db: Database.Database;
   private columns: ColumnReader | undefined;
+  /** statements run once per version, prepared once */
+  private readonly statements = new Map<string, Database.Statement>();
 
   constructor(private readonly file: string) {
     this.description = `sqlite ${file}`;
@@ -173,7 +175,7 @@ class SqliteBacky2 implements Backy2Database {
   async blobDetails(versionUid: string, blockIds: number[]): Promise<Map<string, Backy2BlobDetails>> {
     const s = this.schema;
     // By primary key: one row per block asked for (a blob's own rows can be thousands, one per version).
-    const st = this.db.prepare(`SELECT uid, checksum, size, ${s.encryption ? 'enc_version, enc_envkey' : '0 AS enc_version, NULL AS enc_envkey'},
+    const st = this.prepared(`SELECT uid, checksum, size, ${s.encryption ? 'enc_version, enc_envkey' : '0 AS enc_version, NULL AS enc_envkey'},
       ${s.nonce ? 'enc_nonce' : 'NULL AS enc_nonce'} FROM blocks WHERE version_uid = ? AND id IN (SELECT value FROM json_each(?)) AND uid IS NOT NULL`);
     const out = new Map<string, Backy2BlobDetails>();
     for (let i = 0; i < blockIds.length; i += PAGE) {
@@ -190,7 +192,13 @@ class SqliteBacky2 implements Backy2Database {
 
   async stats(versionUid: string): Promise<Backy2Stats[]> {
     if (!this.schema.stats) return [];
-    return (this.db.prepare('SELECT * FROM stats WHERE version_uid = ? ORDER BY date').all(versionUid) as Row[]).map(statsOf);
+    return (this.prepared('SELECT * FROM stats WHERE version_uid = ? ORDER BY date').all(versionUid) as Row[]).map(statsOf);
+  }
+
+  private prepared(sql: string): Database.Statement {
+    let st = this.statements.get(sql);
+    if (!st) this.statements.set(sql, (st = this.db.prepare(sql)));
+    return st;
   }
 
   async close(): Promise<void> {

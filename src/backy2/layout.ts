@@ -121,10 +121,11 @@ export function checkBlob(uid: string, d: Backy2BlobDetails | undefined, hashFun
   let hexLen = hexLengths.get(hashFunction);
   if (hexLen === undefined) hexLengths.set(hashFunction, (hexLen = (digestLength(hashFunction) ?? 0) * 2));
   if (!d.checksum || d.checksum.length !== hexLen || !/^[0-9a-f]+$/i.test(d.checksum)) return `blob ${uid} has no ${hashFunction} checksum`;
-  const base = { uid, checksum: Buffer.from(d.checksum, 'hex'), size: d.size };
-  if (d.encVersion === 0) return { ...base, format: BlobFormat.Backy2Plain };
+  // Objects written out, not spread from a common base: this runs for every new blob of an import.
+  const checksum = Buffer.from(d.checksum, 'hex');
+  if (d.encVersion === 0) return { uid, checksum, size: d.size, format: BlobFormat.Backy2Plain };
   if (d.encVersion !== 1) return `blob ${uid} has encryption version ${d.encVersion}, which backy2 never wrote`;
   if (!d.envkey || !/^[0-9a-f]{80}$/i.test(d.envkey)) return `blob ${uid} has no wrapped data key`;
   if (d.nonce !== null && d.nonce !== '' && !/^[0-9a-f]{32}$/i.test(d.nonce)) return `blob ${uid} has a malformed nonce`;
-  return { ...base, format: BlobFormat.Backy2Aes, envkey: Buffer.from(d.envkey, 'hex'), nonce: d.nonce ? Buffer.from(d.nonce, 'hex') : undefined };
+  return { uid, checksum, size: d.size, format: BlobFormat.Backy2Aes, envkey: Buffer.from(d.envkey, 'hex'), nonce: d.nonce ? Buffer.from(d.nonce, 'hex') : undefined };
 }

@@ -249,6 +249,13 @@ function sameBytes(a: Buffer, aAt: number, b: Buffer, bAt: number, len: number):
   return true;
 }
 
+/** Whether the 32 bytes at `at` are all `c` (HOLE_SLOT or PENDING_SLOT filled: no blob uid starts so). */
+function filledWith(rows: Buffer, at: number, c: number): boolean {
+  if (rows[at] !== c) return false;
+  for (let k = 1; k < 32; k++) if (rows[at + k] !== c) return false;
+  return true;
+}
+
 /** Per-block dates (ms, whole seconds; NaN without a row) from the date parts of the rows. */
 function datesOf(rows: Buffer, n: number): Float64Array {
   const out = new Float64Array(n);
@@ -259,12 +266,27 @@ function datesOf(rows: Buffer, n: number): Float64Array {
     if (rows[at] === PENDING_SLOT) { out[i] = NaN; continue; }
     // Rows of one second share their date text: parse only when it changes.
     if (last < 0 || !sameBytes(rows, last, rows, at, 19)) {
-      ms = parseBacky2Date(rows.toString('latin1', at, at + 19));
+      ms = plainDate(rows, at);
+      if (Number.isNaN(ms)) ms = parseBacky2Date(rows.toString('latin1', at, at + 19));
       last = at;
     }
     out[i] = ms;
   }
   return out;
+}
+
+/**
+ * 'YYYY-MM-DD HH:MM:SS' at `at` as parseBacky2Date reads it (Date.UTC of its numbers), NaN for any other
+ * text (then parseBacky2Date decides): a million distinct seconds in the benchmark, where a string and a
+ * regular expression each cost more than this.
+ */
+function plainDate(b: Buffer, at: number): number {
+  if (b[at + 4] !== 0x2d || b[at + 7] !== 0x2d || b[at + 10] !== 0x20 || b[at + 13] !== 0x3a || b[at + 16] !== 0x3a) return NaN;
+  const d = (k: number) => {
+    const x = b[at + k] - 0x30;
+    return x >= 0 && x <= 9 ? x : NaN;
+  };
+  return Date.UTC(d(0) * 1000 + d(1) * 100 + d(2) * 10 + d(3), d(5) * 10 + d(6) - 1, d(8) * 10 + d(9), d(11) * 10 + d(12), d(14) * 10 + d(15), d(17) * 10 + d(18), 0);
 }
 
 /**
@@ -317,16 +339,18 @@ class InPlaceImporter {
     const slots = new Int32Array(n);
     const fresh = new Map<string, number[]>();
     const prev = this.prev && this.prev.slots.length === n ? this.prev : undefined;
+    const rows = r.rows;
+    const prevRows = prev ? prev.rows : rows;
+    const prevSlots = prev ? prev.slots : undefined;
     for (let i = 0; i < n; i++) {
       const at = i * COLUMN_STRIDE;
-      const c = r.rows[at];
-      if (c === HOLE_SLOT) { slots[i] = -1; continue; }
-      if (c === PENDING_SLOT) { slots[i] = -2; continue; }
-      if (prev && prev.slots[i] >= 0 && sameBytes(r.rows, at, prev.rows, at, 32)) {
-        slots[i] = prev.slots[i];
+      if (prevSlots !== undefined && prevSlots[i] >= 0 && sameBytes(rows, at, prevRows, at, 32)) {
+        slots[i] = prevSlots[i];
         continue;
       }
-      const uid = r.rows.toString('latin1', at, at + 32);
+      if (filledWith(rows, at, HOLE_SLOT)) { slots[i] = -1; continue; }
+      if (filledWith(rows, at, PENDING_SLOT)) { slots[i] = -2; continue; }
+      const uid = rows.toString('latin1', at, at + 32);
       const g = this.uidToG.get(uid);
       if (g !== undefined) slots[i] = g;
       else {
@@ -348,38 +372,48 @@ class InPlaceImporter {
         }
         const g = this.gId.length;
         this.uidToG.set(uid, g);
-        const rb: RecordBlob = { uid, checksum: b.checksum, size: b.size, format: b.format, keyInfo: b.format === BlobFormat.Backy2Aes ? makeKeyInfo(this.kek, b.envkey!, b.nonce) : null };
+        const keyInfo = b.format === BlobFormat.Backy2Aes ? makeKeyInfo(this.kek, b.envkey!, b.nonce) : null;
         this.gId.push(0);
         this.gPack.push(this.packNames.length); // the batch's pack, named when committed
         this.gIdx.push(this.packEntries.length);
         this.gRef.push(this.batchBlobs.length);
-        this.packEntries.push(rb);
-        this.batchBlobs.push({ ...rb, storedSize: b.format === BlobFormat.Backy2Plain ? b.size : 0, bad: r.bad.has(uid), metaPack: this.packName, metaIndex: this.packEntries.length - 1 });
+        // Written out, not spread: object spread was the dearest line of the import per new blob.
+        this.packEntries.push({ uid, checksum: b.checksum, size: b.size, format: b.format, keyInfo });
+        this.batchBlobs.push({
+          uid, checksum: b.checksum, size: b.size, format: b.format, keyInfo, storedSize: b.format === BlobFormat.Backy2Plain ? b.size : 0,
+          bad: r.bad.has(uid), metaPack: this.packName, metaIndex: this.packEntries.length - 1,
+        });
         this.batchG.push(g);
         for (const i of blocks) slots[i] = g;
       }
     }
     // The block map for the database (blobs of the batch by reference) and the version object for storage.
     const entries = new Float64Array(n);
-    const localPack = new Map<number, number>();
     const packs: string[] = [];
     const packNo = new Int32Array(n);
     const index = new Int32Array(n);
+    // Pack number (the batch's own is packNames.length) -> its place in `packs`, -1 before its first use.
+    const batchPack = this.packNames.length;
+    const localPack = new Int32Array(batchPack + 1).fill(-1);
+    const { gId, gRef, gPack, gIdx } = this;
+    const anyBad = r.bad.size > 0;
     let unusable = 0;
     let badBlocks = 0;
     for (let i = 0; i < n; i++) {
       const g = slots[i];
       if (g === -1) { entries[i] = HOLE; packNo[i] = PACK_HOLE; continue; }
       if (g === -2) { entries[i] = PENDING; packNo[i] = PACK_PENDING; unusable++; continue; }
-      entries[i] = this.gId[g] > 0 ? this.gId[g] : newBlobRef(this.gRef[g]);
-      let p = localPack.get(this.gPack[g]);
-      if (p === undefined) {
-        localPack.set(this.gPack[g], (p = packs.length));
-        packs.push(this.gPack[g] === this.packNames.length ? this.packName : this.packNames[this.gPack[g]]);
+      const id = gId[g];
+      entries[i] = id > 0 ? id : newBlobRef(gRef[g]);
+      const pack = gPack[g];
+      let p = localPack[pack];
+      if (p < 0) {
+        localPack[pack] = p = packs.length;
+        packs.push(pack === batchPack ? this.packName : this.packNames[pack]);
       }
       packNo[i] = p;
-      index[i] = this.gIdx[g];
-      if (r.bad.size && r.bad.has(r.rows.toString('latin1', i * COLUMN_STRIDE, i * COLUMN_STRIDE + 32))) badBlocks++;
+      index[i] = gIdx[g];
+      if (anyBad && r.bad.has(rows.toString('latin1', i * COLUMN_STRIDE, i * COLUMN_STRIDE + 32))) badBlocks++;
     }
     v.valid = v.valid && v.complete && !unusable && !badBlocks;
     const blockDates = encodeBlockDates(v.date, datesOf(r.rows, n));
