@@ -384,6 +384,35 @@ for (const engine of engines) {
       assert.deepEqual(await store.removeVersions([]), []);
     });
 
+    test('a removal stamps only the blobs the next version no longer uses; the removal of that one stamps the rest', async () => {
+      const { url, store } = await fresh();
+      const unrefSince = async (ids: number[]): Promise<(number | null)[]> => {
+        const sql = `SELECT id, unref_since FROM blobs ORDER BY id`;
+        const rows = engine.name === 'sqlite'
+          ? (() => { const db = new Database(url.slice('sqlite:///'.length), { readonly: true }); try { return db.prepare(sql).all() as { id: number; unref_since: number | null }[]; } finally { db.close(); } })()
+          : await pg!.query<{ id: number; unref_since: string | null }>(sql, [], url.split('/').pop());
+        const by = new Map(rows.map((r) => [Number(r.id), r.unref_since === null ? null : Number(r.unref_since)]));
+        return ids.map((id) => by.get(id)!);
+      };
+      const v1 = await store.createVersion(newVersion(4 * BS));
+      const r1 = await store.recordBlocks(v1.id, 's', [data(0, 'a'), data(1, 'b'), data(2, 'c'), data(3, 'a')]);
+      await store.updateVersion(v1.id, { complete: true, valid: true });
+      // The next day's version: block 2 changed, the rest shared (its summary is a delta against v1).
+      const v2 = await store.createVersion(newVersion(4 * BS, { baseUid: v1.uid }), { versionId: v1.id, pending: [2] });
+      const r2 = await store.recordBlocks(v2.id, 's', [data(2, 'c2')]);
+      await store.updateVersion(v2.id, { complete: true, valid: true });
+      const [a, b, c, c2] = [r1[0].blobId, r1[1].blobId, r1[2].blobId, r2[0].blobId];
+      const t0 = Date.now();
+      assert.deepEqual((await store.removeVersions([v1.id])).map((r) => r.result), ['removed']);
+      const [sa, sb, sc, sc2] = await unrefSince([a, b, c, c2]);
+      assert.deepEqual([sa, sb, sc2], [null, null, null], 'what v2 still uses is not stamped');
+      assert.ok(sc !== null && sc >= t0, 'the blob only v1 used is stamped');
+      const t1 = Date.now();
+      assert.equal(await store.removeVersion(v2.id), true);
+      for (const s of await unrefSince([a, b, c2])) assert.ok(s !== null && s >= t1, 'the last removal stamps every blob it used');
+      assert.deepEqual(await store.markForDeletion(3600e3, t1 + 1000), { marked: 0, waiting: 4, referenced: 0 });
+    });
+
     test('tryLocks and unlockAll: several locks in one step, each decided as tryLock decides it', async () => {
       const { another } = await fresh();
       const a = await another();
