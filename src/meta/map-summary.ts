@@ -158,15 +158,22 @@ export function blobSizesFromHex(hex: string): MapUsage['blobs'] {
   return blobSizesFromBytes(Buffer.from(hex, 'hex'));
 }
 
-/** The same from the bytes themselves, 14 per blob (PostgreSQL sends them as one binary value). */
-export function blobSizesFromBytes(b: Buffer): MapUsage['blobs'] {
-  if (b.length % 14) throw new Error('corrupt blob size list');
-  const n = b.length / 14;
+/** The same from the bytes themselves, 14 per blob, in one or more parts (PostgreSQL sends them so). */
+export function blobSizesFromBytes(parts: Buffer | Buffer[]): MapUsage['blobs'] {
+  const list = Array.isArray(parts) ? parts : [parts];
+  let n = 0;
+  for (const b of list) {
+    if (b.length % 14) throw new Error('corrupt blob size list');
+    n += b.length / 14;
+  }
   const out = { ids: new Float64Array(n), sizes: new Float64Array(n), stored: new Float64Array(n) };
-  for (let k = 0, off = 0; k < n; k++, off += 14) {
-    out.ids[k] = b.readUInt16BE(off) * 2 ** 32 + b.readUInt32BE(off + 2);
-    out.sizes[k] = b.readUInt32BE(off + 6);
-    out.stored[k] = b.readUInt32BE(off + 10);
+  let k = 0;
+  for (const b of list) {
+    for (let off = 0; off < b.length; k++, off += 14) {
+      out.ids[k] = b.readUInt16BE(off) * 2 ** 32 + b.readUInt32BE(off + 2);
+      out.sizes[k] = b.readUInt32BE(off + 6);
+      out.stored[k] = b.readUInt32BE(off + 10);
+    }
   }
   return out;
 }
