@@ -123,13 +123,16 @@ export class PgLocks {
             prefix.push(isPrefix);
           }
         });
+        // The advisory locks of other connections are read once (pg_locks copies the server's whole lock
+        // table each time it is read, and this connection may hold hundreds).
         const rows = (await c.query(`
-          SELECT c.k, l.*, EXISTS (
-            SELECT 1 FROM pg_locks p
+          WITH others AS MATERIALIZED (
+            SELECT p.classid::bigint AS hi, p.objid::bigint AS lo FROM pg_locks p
             WHERE p.locktype = 'advisory' AND p.granted AND p.objsubid = 1 AND p.pid <> pg_backend_pid()
-              AND p.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND p.classid::bigint = ((hashtextextended(l.name, 0) >> 32) & 4294967295)
-              AND p.objid::bigint = (hashtextextended(l.name, 0) & 4294967295)
+              AND p.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+          SELECT c.k, l.*, EXISTS (
+            SELECT 1 FROM others o
+            WHERE o.hi = ((hashtextextended(l.name, 0) >> 32) & 4294967295) AND o.lo = (hashtextextended(l.name, 0) & 4294967295)
           ) AS alive
           FROM unnest($1::int[], $2::text[], $3::bool[]) AS c(k, p, prefix)
           JOIN locks l ON CASE WHEN c.prefix THEN starts_with(l.name, c.p) ELSE l.name = c.p END
