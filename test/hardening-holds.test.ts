@@ -17,6 +17,7 @@ import { startBackyNbd } from './helpers/backy-nbd';
 import { forceCleanup, startMount } from './helpers/fuse-mount';
 import { startPostgres, TestPostgres } from './helpers/postgres';
 import { NbdClient } from '../nbd/client';
+import { processStart } from '../src/util/process-info';
 
 const MiB = 1024 * 1024;
 const BS = MiB;
@@ -97,6 +98,52 @@ async function restoreSurvivesRmAndCleanup(repo: TestRepo, uid: string, img: str
   await repo.ok(['rm', '-f', uid]);
 }
 
+/** `-m` rows of enforce as objects. */
+function outcomeRows(stdout: string): Record<string, string>[] {
+  const [header, ...lines] = stdout.trim().split('\n');
+  const keys = header.split('|');
+  return lines.map((l) => Object.fromEntries(l.split('|').map((v, k) => [keys[k], v])));
+}
+
+/** Three small versions of name `name`, oldest first. */
+async function threeVersions(repo: TestRepo, name: string, seed: number): Promise<string[]> {
+  const uids: string[] = [];
+  for (let k = 0; k < 3; k++) {
+    const img = path.join(repo.dir, `${name}-${k}`);
+    writeImage(img, 2 * MiB, 'random', seed + k);
+    uids.push((await repo.ok(['backup', `file://${img}`, name])).stdout.trim());
+    fs.rmSync(img);
+  }
+  return uids;
+}
+
+/**
+ * enforce removes several versions in one step: a hold another process has on one of them (its lock row, as a
+ * restore's) keeps that one, named in its outcome; the other planned one is removed. Once the hold is gone,
+ * enforce removes the rest.
+ */
+async function enforceSkipsHeld(repo: TestRepo, url: string): Promise<void> {
+  const uids = await threeVersions(repo, 'batch', 40);
+  const { createMetaStore } = await import('../src/meta/open');
+  const other = createMetaStore(url);
+  await other.open();
+  try {
+    const info = { session: 'test-reader', host: os.hostname(), pid: process.pid, pidStart: processStart(process.pid), what: `restore of ${uids[0]}` };
+    assert.equal(await other.tryLock(`hold:${uids[0]}:test-reader`, info, [`remove:${uids[0]}`]), undefined);
+    const r = await repo.run(['-m', 'enforce', '--force', 'latest1', 'batch']);
+    assert.equal(r.code, 100, r.stderr);
+    const rows = outcomeRows(r.stdout);
+    assert.deepEqual(rows.map((x) => [x.uid, x.action]), [[uids[0], 'failed'], [uids[1], 'removed'], [uids[2], 'keep']]);
+    assert.match(rows[0].reason, new RegExp(`^cannot remove version ${uids[0]}: restore of ${uids[0]} holds it \\(pid ${process.pid} on `));
+    assert.deepEqual(JSON.parse((await repo.ok(['--json', 'ls', 'batch'])).stdout).map((v: { uid: string }) => v.uid).sort(), [uids[0], uids[2]].sort());
+    await other.unlock(`hold:${uids[0]}:test-reader`, 'test-reader');
+  } finally {
+    await other.close();
+  }
+  const again = outcomeRows((await repo.ok(['-m', 'enforce', '--force', 'latest1', 'batch'])).stdout);
+  assert.deepEqual(again.map((x) => [x.uid, x.action]).sort(), [[uids[0], 'removed'], [uids[2], 'keep']].sort());
+}
+
 describe('holds on SQLite', () => {
   let repo: TestRepo;
   const imgs: string[] = [];
@@ -115,6 +162,10 @@ describe('holds on SQLite', () => {
 
   test('a running restore holds its version: rm is refused naming it, cleanup deletes none of its blocks', async () => {
     await restoreSurvivesRmAndCleanup(repo, uids[0], imgs[0]);
+  });
+
+  test('enforce removing several versions at once skips the one a reader holds, naming it', async () => {
+    await enforceSkipsHeld(repo, `sqlite:///${path.join(repo.dir, 'backy.sqlite')}`);
   });
 
   test('a killed restore holds nothing', async () => {
@@ -258,6 +309,26 @@ describe('holds on PostgreSQL', () => {
     assert.match(r.stderr, new RegExp(`version ${uid} is protected; unprotect it first`));
     const ls = JSON.parse((await repo.ok(['--json', 'ls'])).stdout) as { uid: string; protected: boolean }[];
     assert.deepEqual(ls.map((v) => [v.uid, v.protected]), [[uid, true]]);
+  });
+
+  test('enforce removing several versions at once skips the one a reader holds, naming it', async () => {
+    const { repo, db } = await pgRepo();
+    await enforceSkipsHeld(repo, pg.url(db));
+  });
+
+  test('enforce re-checks protected of each version in its one removal transaction: a protect committed meanwhile wins', async () => {
+    const { repo, db } = await pgRepo();
+    const uids = await threeVersions(repo, 'prot3', 50);
+    // The transaction holding the oldest version's row stands for a `protect` in progress; enforce has planned
+    // both older versions' removal, taken their locks, and waits for the row in its removal transaction.
+    const r = await whileRowHeld(db, uids[0], 'FOR KEY SHARE', () => repo.run(['-m', 'enforce', '--force', 'latest1', 'prot3']), 'enforce',
+      '%FROM versions%FOR UPDATE%', (c) => c.query('UPDATE versions SET protected = 1 WHERE uid = $1', [uids[0]]));
+    assert.equal(r.code, 100, r.stderr);
+    const rows = outcomeRows(r.stdout);
+    assert.deepEqual(rows.map((x) => [x.uid, x.action]), [[uids[0], 'failed'], [uids[1], 'removed'], [uids[2], 'keep']]);
+    assert.match(rows[0].reason, new RegExp(`^version ${uids[0]} is protected; unprotect it first; planned: `));
+    const ls = JSON.parse((await repo.ok(['--json', 'ls', 'prot3'])).stdout) as { uid: string; protected: boolean }[];
+    assert.deepEqual(ls.map((v) => [v.uid, v.protected]).sort(), [[uids[0], true], [uids[2], false]].sort());
   });
 
   test('protect racing a removal that commits first says the version is gone instead of claiming success', async () => {

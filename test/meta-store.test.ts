@@ -343,6 +343,105 @@ for (const engine of engines) {
       assert.equal(await store.removeVersion(v.id), false);
     });
 
+    test('removeVersions: several at once, each checked in the transaction; removed blobs start their grace period', async () => {
+      const { store, another } = await fresh();
+      const other = await another();
+      const keep = await store.createVersion(newVersion(4 * BS));
+      const done = await store.createVersion(newVersion(4 * BS)); // complete: removed through its summary
+      const running = await store.createVersion(newVersion(4 * BS)); // incomplete: no summary, every chunk read
+      const prot = await store.createVersion(newVersion(4 * BS));
+      const gone = await store.createVersion(newVersion(4 * BS));
+      const rk = await store.recordBlocks(keep.id, 's', [data(0, 'shared')]);
+      const rd = await store.recordBlocks(done.id, 's', [data(0, 'shared'), data(1, 'done-1'), data(2, 'done-2')]);
+      const rr = await store.recordBlocks(running.id, 's', [data(0, 'running-1'), data(3, 'done-1')]);
+      const rp = await store.recordBlocks(prot.id, 's', [data(0, 'prot-1')]);
+      await store.markUploaded([...rk, ...rd, ...rr, ...rp].map((r) => ({ id: r.blobId, storedSize: 10 })));
+      await store.updateVersion(done.id, { complete: true, valid: true });
+      // Read unprotected, then protected by another process; one removed by another process.
+      assert.equal((await store.getVersion(prot.uid))!.protected, false);
+      assert.equal(await other.updateVersion(prot.id, { protected: true }), true);
+      assert.equal(await other.removeVersion(gone.id), true);
+
+      const t0 = Date.now();
+      const results = await store.removeVersions([prot.id, done.id, gone.id, 987654, running.id]);
+      assert.deepEqual(results, [
+        { id: prot.id, uid: prot.uid, result: 'protected' },
+        { id: done.id, uid: done.uid, result: 'removed' },
+        { id: gone.id, uid: null, result: 'missing' },
+        { id: 987654, uid: null, result: 'missing' },
+        { id: running.id, uid: running.uid, result: 'removed' },
+      ]);
+      assert.deepEqual((await store.listVersions()).map((v) => v.uid).sort(), [keep.uid, prot.uid].sort());
+      assert.equal((await store.getVersion(prot.uid))!.protected, true);
+      await assert.rejects(store.readMapChunk(done.id, 0), /missing/);
+      // The blobs only the removed versions used were stamped by the removal: once the grace period has passed
+      // since then, cleanup marks them at once (unstamped, it would only stamp them now).
+      const grace = 3600e3;
+      const mark = await store.markForDeletion(grace, t0 + grace + 60e3);
+      assert.deepEqual(mark, { marked: 3, waiting: 0, referenced: 2 });
+      assert.deepEqual((await store.blobsToDelete(10)).map((b) => b.id).sort((a, b) => a - b),
+        [rd[1].blobId, rd[2].blobId, rr[0].blobId].sort((a, b) => a - b));
+      assert.deepEqual(await store.removeVersions([]), []);
+    });
+
+    test('a removal stamps only the blobs the next version no longer uses; the removal of that one stamps the rest', async () => {
+      const { url, store } = await fresh();
+      const unrefSince = async (ids: number[]): Promise<(number | null)[]> => {
+        const sql = `SELECT id, unref_since FROM blobs ORDER BY id`;
+        const rows = engine.name === 'sqlite'
+          ? (() => { const db = new Database(url.slice('sqlite:///'.length), { readonly: true }); try { return db.prepare(sql).all() as { id: number; unref_since: number | null }[]; } finally { db.close(); } })()
+          : await pg!.query<{ id: number; unref_since: string | null }>(sql, [], url.split('/').pop());
+        const by = new Map(rows.map((r) => [Number(r.id), r.unref_since === null ? null : Number(r.unref_since)]));
+        return ids.map((id) => by.get(id)!);
+      };
+      const v1 = await store.createVersion(newVersion(4 * BS));
+      const r1 = await store.recordBlocks(v1.id, 's', [data(0, 'a'), data(1, 'b'), data(2, 'c'), data(3, 'a')]);
+      await store.updateVersion(v1.id, { complete: true, valid: true });
+      // The next day's version: block 2 changed, the rest shared (its summary is a delta against v1).
+      const v2 = await store.createVersion(newVersion(4 * BS, { baseUid: v1.uid }), { versionId: v1.id, pending: [2] });
+      const r2 = await store.recordBlocks(v2.id, 's', [data(2, 'c2')]);
+      await store.updateVersion(v2.id, { complete: true, valid: true });
+      const [a, b, c, c2] = [r1[0].blobId, r1[1].blobId, r1[2].blobId, r2[0].blobId];
+      const t0 = Date.now();
+      assert.deepEqual((await store.removeVersions([v1.id])).map((r) => r.result), ['removed']);
+      const [sa, sb, sc, sc2] = await unrefSince([a, b, c, c2]);
+      assert.deepEqual([sa, sb, sc2], [null, null, null], 'what v2 still uses is not stamped');
+      assert.ok(sc !== null && sc >= t0, 'the blob only v1 used is stamped');
+      const t1 = Date.now();
+      assert.equal(await store.removeVersion(v2.id), true);
+      for (const s of await unrefSince([a, b, c2])) assert.ok(s !== null && s >= t1, 'the last removal stamps every blob it used');
+      assert.deepEqual(await store.markForDeletion(3600e3, t1 + 1000), { marked: 0, waiting: 4, referenced: 0 });
+    });
+
+    test('tryLocks and unlockAll: several locks in one step, each decided as tryLock decides it', async () => {
+      const { another } = await fresh();
+      const a = await another();
+      const b = await another();
+      const A = holder('session-a');
+      const B = holder('session-b');
+      assert.equal(await b.tryLock('hold:v1:session-b', B, ['remove:v1']), undefined);
+      assert.equal(await b.tryLock('version:v3', B), undefined);
+      const got = await a.tryLocks([
+        { name: 'remove:v1', info: A, conflicts: ['hold:v1:*'] },
+        { name: 'remove:v2', info: A, conflicts: ['hold:v2:*'] },
+        { name: 'version:v2', info: A },
+        { name: 'version:v3', info: A },
+        { name: 'other', info: A, conflicts: ['version:v2'] }, // own locks, also those of this very step, never conflict
+      ]);
+      assert.deepEqual(got, [B, undefined, undefined, B, undefined]);
+      // What was refused was not taken; what was taken conflicts for others.
+      assert.equal(await b.tryLock('remove:v1', B), undefined);
+      await b.unlock('remove:v1', B.session);
+      assert.deepEqual(await b.tryLock('hold:v2:session-b', B, ['remove:v2']), A);
+      assert.deepEqual(await b.tryLock('version:v2', B), A);
+      assert.deepEqual(await b.tryLock('x', B, ['other']), A);
+      await a.unlockAll(['remove:v2', 'version:v2', 'not-held'], A.session);
+      assert.equal(await b.tryLock('hold:v2:session-b', B, ['remove:v2']), undefined);
+      assert.equal(await b.tryLock('version:v2', B), undefined);
+      assert.deepEqual(await b.tryLock('x', B, ['other']), A, 'locks not named stay');
+      assert.deepEqual(await a.tryLocks([]), []);
+    });
+
     test('a hold and a removal of one version, started at the same moment: exactly one of them wins', async () => {
       const { url, store } = await fresh();
       await store.close(); // the two racing connections are the workers'
@@ -773,11 +872,14 @@ for (const engine of engines) {
       await store.updateVersion(v3.id, { complete: true, valid: true });
       await check(await store.mapUsage(), (await store.getVersion(v3.uid))!);
       assert.deepEqual(await stored(), [v1.id, v2.id, v3.id]);
-      // Removing v1 (read through its summary: 4 of its chunks) stamps every blob it used and removes its
-      // summary; v2's chunks are still found (through v2).
+      // Removing v1 (read through its summary: 4 of its chunks) stamps every blob it used that v2 (its successor,
+      // a delta against it) no longer uses, and removes its summary; v2's chunks are still found (through v2).
+      const inV2 = new Set(await fullMap(store, v2));
       await store.removeVersion(v1.id);
       const stamped = new Set((await sql(url, 'SELECT id FROM blobs WHERE unref_since IS NOT NULL')).map((r) => Number(r.id)));
-      assert.deepEqual([...new Set(r1.map((r) => r.blobId))].filter((id) => !stamped.has(id)), [], 'every blob of v1 is stamped');
+      assert.deepEqual([...stamped].sort((a, b) => a - b), [...new Set(r1.map((r) => r.blobId))].filter((id) => !inV2.has(id)).sort((a, b) => a - b),
+        'the blobs of v1 that v2 does not use are stamped, no others');
+      assert.ok(stamped.has(replaced));
       const after = await store.mapUsage();
       assert.deepEqual(await stored(), [v2.id, v3.id]);
       await check(after, v2);

@@ -168,12 +168,22 @@ export class Repository {
    * Takes a lock or throws LockedError naming the holder (`refusal` words the message). Released by close().
    */
   async lock(name: string, what: string, conflicts: string[] = [], refusal?: (holder: LockInfo) => string): Promise<void> {
-    const info = lockInfo(what);
-    const holder = await this.meta.tryLock(name, info, conflicts);
-    if (holder) {
-      throw new LockedError(refusal?.(holder) ?? `cannot ${what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
-    }
-    this.locks.push(name);
+    const [refused] = await this.lockEach([{ name, what, conflicts, refusal }]);
+    if (refused) throw refused;
+  }
+
+  /**
+   * `lock` for several locks in one step (one transaction): per request the LockedError that refused it, or
+   * undefined where the lock was taken. Released by unlockAll() or close().
+   */
+  async lockEach(requests: LockRequest[]): Promise<(LockedError | undefined)[]> {
+    const holders = await this.meta.tryLocks(requests.map((r) => ({ name: r.name, info: lockInfo(r.what), conflicts: r.conflicts ?? [] })));
+    return requests.map((r, k) => {
+      const holder = holders[k];
+      if (holder) return new LockedError(r.refusal?.(holder) ?? `cannot ${r.what}: ${holder.what} is running (pid ${holder.pid} on ${holder.host})`);
+      this.locks.push(r.name);
+      return undefined;
+    });
   }
 
   /**
@@ -186,10 +196,16 @@ export class Repository {
   }
 
   async unlock(name: string): Promise<void> {
-    const i = this.locks.indexOf(name);
-    if (i < 0) return;
-    this.locks.splice(i, 1);
-    await this.meta.unlock(name, lockInfo('').session);
+    await this.unlockAll([name]);
+  }
+
+  /** Releases those of these locks this command holds, in one step. */
+  async unlockAll(names: string[]): Promise<void> {
+    const held = names.filter((n) => this.locks.includes(n));
+    if (!held.length) return;
+    const gone = new Set(held);
+    this.locks = this.locks.filter((n) => !gone.has(n));
+    await this.meta.unlockAll(held, lockInfo('').session);
   }
 
   /** The metadata objects in storage (see storage-meta.ts). */
@@ -239,6 +255,14 @@ export class Repository {
     await this.store.close().catch(() => undefined);
     await this.meta.close().catch(() => undefined);
   }
+}
+
+/** A lock to take: its name, what takes it, the locks it conflicts with, the refusal's words. */
+export interface LockRequest {
+  name: string;
+  what: string;
+  conflicts?: string[];
+  refusal?: (holder: LockInfo) => string;
 }
 
 export function kekSetting(id: number): string {

@@ -113,6 +113,28 @@ export function idsOfChunks(chunks: Iterable<Uint8Array>): number[] {
   return [...ids];
 }
 
+/**
+ * The blobs whose grace period a version's removal starts (unref_since = now): those of its map (`chunks`:
+ * its distinct chunks, each with how many chunks of the map have it), except the ones its successor still
+ * uses. The successor is a complete version that stays (the caller keeps it from being removed until the
+ * removal commits) whose map summary is a delta against this map (`successorDelta`: blob id -> uses more or
+ * fewer). Skipping those is safe: they stay referenced by a map that never changes, and the removal that
+ * takes away their last use stamps them then; a stamp on a blob still in use only ever gets cleared or
+ * replaced. So cleanup deletes no blob sooner than before, and a daily removal writes a few rows, not
+ * thousands.
+ */
+export function blobsToStamp(chunks: { data: Uint8Array; count: number }[], successorDelta?: Map<number, number>): number[] {
+  if (!successorDelta) return idsOfChunks(chunks.map((c) => c.data));
+  const uses = new Map<number, number>();
+  for (const c of chunks) {
+    const entries = decodeChunk(c.data);
+    for (let i = 0; i < entries.length; i++) if (entries[i] > 0) uses.set(entries[i], (uses.get(entries[i]) ?? 0) + c.count);
+  }
+  const out: number[] = [];
+  for (const [id, n] of uses) if (n + (successorDelta.get(id) ?? 0) <= 0) out.push(id);
+  return out;
+}
+
 /** What cleanup does to one blob, given whether any map references it. */
 export function cleanupDecision(referenced: boolean, unrefSince: number | null, graceMs: number, now: number): 'keep' | 'clear' | 'stamp' | 'delete' | 'wait' {
   if (referenced) return unrefSince !== null ? 'clear' : 'keep';

@@ -127,24 +127,53 @@ export const DELTA_BASE_SQL = `SELECT b.id FROM versions v JOIN versions b ON b.
   AND b.block_size = v.block_size AND (b.uid = v.base_uid OR b.name = v.name)
   WHERE v.id = $1 ORDER BY COALESCE(b.uid = v.base_uid, false) DESC, b.id DESC LIMIT 1`;
 
+/**
+ * For each version about to be removed, the next complete version of its name that stays (the one whose
+ * summary is likely a delta against it: see blobsToStamp). SQL for both engines, taking the removed ids as
+ * the engine passes a list: PostgreSQL an array ($1), SQLite JSON (twice, through json_each).
+ */
+export function successorsSql(engine: 'sqlite' | 'postgresql'): string {
+  const isDoomed = (col: string) => (engine === 'sqlite' ? `${col} IN (SELECT value FROM json_each(?))` : `${col} = ANY($1::bigint[])`);
+  return `SELECT d.id AS base, (SELECT MIN(s.id) FROM versions s WHERE s.name = d.name AND s.id > d.id AND s.complete = 1 AND NOT (${isDoomed('s.id')})) AS successor
+    FROM versions d WHERE ${isDoomed('d.id')}`;
+}
+
+/** The delta of a summary against version `base` as blob id -> change of uses, or undefined. */
+export function deltaAgainst(s: MapSummary | undefined, base: number): Map<number, number> | undefined {
+  if (!s?.delta || s.delta.base !== base) return undefined;
+  return new Map(s.delta.ids.map((id, k) => [id, s.delta!.counts[k]]));
+}
+
 /** Versions whose summary has no delta, or one against a version that is gone: du reads their chunks. */
 export function rootsOf(summaries: Map<number, MapSummary>): number[] {
   return [...summaries].filter(([, s]) => !s.delta || !summaries.has(s.delta.base)).map(([id]) => id);
 }
 
 /**
- * MapUsage's blob arrays from one hex string, 28 digits per blob: id (12), size (8), stored size (8). Both
- * stores build it in SQL (one value, not a row per blob) and Buffer parses hex natively.
+ * MapUsage's blob arrays from one hex string, 28 digits per blob: id (12), size (8), stored size (8). SQLite
+ * builds it in SQL (one value, not a row per blob) and Buffer parses hex natively.
  */
 export function blobSizesFromHex(hex: string): MapUsage['blobs'] {
   if (hex.length % 28) throw new Error('corrupt blob size list');
-  const b = Buffer.from(hex, 'hex');
-  const n = b.length / 14;
+  return blobSizesFromBytes(Buffer.from(hex, 'hex'));
+}
+
+/** The same from the bytes themselves, 14 per blob, in one or more parts (PostgreSQL sends them so). */
+export function blobSizesFromBytes(parts: Buffer | Buffer[]): MapUsage['blobs'] {
+  const list = Array.isArray(parts) ? parts : [parts];
+  let n = 0;
+  for (const b of list) {
+    if (b.length % 14) throw new Error('corrupt blob size list');
+    n += b.length / 14;
+  }
   const out = { ids: new Float64Array(n), sizes: new Float64Array(n), stored: new Float64Array(n) };
-  for (let k = 0, off = 0; k < n; k++, off += 14) {
-    out.ids[k] = b.readUIntBE(off, 6);
-    out.sizes[k] = b.readUInt32BE(off + 6);
-    out.stored[k] = b.readUInt32BE(off + 10);
+  let k = 0;
+  for (const b of list) {
+    for (let off = 0; off < b.length; k++, off += 14) {
+      out.ids[k] = b.readUInt16BE(off) * 2 ** 32 + b.readUInt32BE(off + 2);
+      out.sizes[k] = b.readUInt32BE(off + 6);
+      out.stored[k] = b.readUInt32BE(off + 10);
+    }
   }
   return out;
 }

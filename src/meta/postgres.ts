@@ -1,17 +1,19 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { blobSizesFromHex, decodeSummary, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, summarizeChunks } from './map-summary';
-import { batches, blobRefFromRow, CleanupTally, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
+import { blobSizesFromBytes, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, successorsSql, summarizeChunks } from './map-summary';
+import { batches, blobRefFromRow, blobsToStamp, CleanupTally, statsFromRow, decideBlob, IdBitmap, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
   BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
-  ProtectedError, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
+  ProtectedError, RemovalResult, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, any>;
+/** A version as listVersions' JSON has it: id, uid, name, snapshot_name, date, size, block_size, valid, complete, protected, expire, base_uid, tags. */
+type VersionTuple = [number, string, string, string, number, number, number, number, number, number, number | null, string | null, string[]];
 
 /** Two-key advisory lock serializing schema creation and migrations of concurrently starting processes. */
 const SCHEMA_MUTEX = [0x6261636b, 1];
@@ -27,6 +29,8 @@ const ID_BATCH = 10_000;
  */
 const ASYNC_COMMIT = 'SET LOCAL synchronous_commit = off';
 const CURSOR_PAGE = 1000;
+/** Map summaries per query of mapUsage (about 500 bytes each for a daily 1 TiB version). */
+const SUMMARY_PAGE = 10_000;
 
 /**
  * BIGINT columns (ids, sizes, ms timestamps) as JavaScript numbers: every value backy stores is far below
@@ -163,10 +167,22 @@ export class PostgresMetaStore implements MetaStore {
   private async *cursor(c: PoolClient, sql: string, params: unknown[] = []): AsyncGenerator<Row[]> {
     const name = `backy_cursor_${++this.cursorNo}`;
     await c.query(`DECLARE ${name} NO SCROLL CURSOR FOR ${sql}`, params);
-    for (;;) {
-      const rows = (await c.query(`FETCH ${CURSOR_PAGE} FROM ${name}`)).rows;
-      if (!rows.length) break;
-      yield rows;
+    const fetch = () => {
+      const p = c.query(`FETCH ${CURSOR_PAGE} FROM ${name}`);
+      p.catch(() => undefined); // awaited in turn; a failure meanwhile must not count as unhandled
+      return p;
+    };
+    let next = fetch();
+    try {
+      for (;;) {
+        const rows = (await next).rows;
+        if (!rows.length) break;
+        // The server reads the next page while the caller works on this one.
+        next = fetch();
+        yield rows;
+      }
+    } finally {
+      await next.catch(() => undefined);
     }
     await c.query(`CLOSE ${name}`);
   }
@@ -272,11 +288,15 @@ export class PostgresMetaStore implements MetaStore {
   }
 
   async listVersions(): Promise<VersionRow[]> {
-    // One query: versions with their tags aggregated (a join with the grouped tags beats a subquery per row).
-    const rows = await this.q(`SELECT v.*, COALESCE(t.tag_list, '{}') AS tag_list FROM versions v
-      LEFT JOIN (SELECT version_id, array_agg(name ORDER BY name) AS tag_list FROM tags GROUP BY version_id) t ON t.version_id = v.id
-      ORDER BY v.date, v.id`);
-    return rows.map((r) => this.toVersion(r, r.tag_list));
+    // One query: versions with their tags aggregated (a join with the grouped tags beats a subquery per row),
+    // as one JSON text: parsing it is far quicker than the driver building and converting a row per version.
+    const j = (await this.q(`SELECT json_agg(json_build_array(v.id, v.uid, v.name, v.snapshot_name, v.date, v.size, v.block_size, v.valid,
+        v.complete, v.protected, v.expire, v.base_uid, COALESCE(t.tag_list, '{}')) ORDER BY v.date, v.id)::text AS j
+      FROM versions v
+      LEFT JOIN (SELECT version_id, array_agg(name ORDER BY name) AS tag_list FROM tags GROUP BY version_id) t ON t.version_id = v.id`))[0].j;
+    return (JSON.parse(j ?? '[]') as VersionTuple[]).map(([id, uid, name, snapshotName, date, size, blockSize, valid, complete, prot, expire, baseUid, tags]) => ({
+      id, uid, name, snapshotName, date, size, blockSize, valid: !!valid, complete: !!complete, protected: !!prot, expire, baseUid, tags,
+    }));
   }
 
   async updateVersion(id: number, f: Partial<Pick<VersionRow, 'valid' | 'complete' | 'protected' | 'expire'>>): Promise<boolean> {
@@ -311,26 +331,69 @@ export class PostgresMetaStore implements MetaStore {
   }
 
   async removeVersion(id: number): Promise<boolean> {
+    const [r] = await this.removeVersions([id]);
+    if (r.result === 'protected') throw new ProtectedError(r.uid!);
+    return r.result === 'removed';
+  }
+
+  async removeVersions(ids: number[]): Promise<RemovalResult[]> {
     const now = Date.now();
-    const removed = await this.tx(async (c) => {
+    const found = await this.tx(async (c) => {
       await c.query('LOCK TABLE blobs IN ROW EXCLUSIVE MODE');
-      // Waits for a differential backup copying this version's map (FOR KEY SHARE) to commit first, and for
-      // a `protect` updating the row: `protected` is read as it is once the row is ours.
-      const v = (await c.query(`SELECT uid, protected FROM versions WHERE id = $1 FOR UPDATE`, [id])).rows[0];
-      if (!v) return false;
-      if (v.protected) throw new ProtectedError(v.uid);
-      // Each distinct chunk once: through the summary (3 of a 1 TiB version's 256 chunks, say), or all chunks.
-      const chunks = (await c.query(`SELECT data FROM block_maps WHERE version_id = $1 AND (
-          NOT EXISTS (SELECT 1 FROM map_summaries WHERE version_id = $1) OR chunk = ANY($2::int[]))`,
-      [id, await this.summaryChunks(c, id)])).rows.map((r) => r.data as Buffer);
-      for (const ids of batches(idsOfChunks(chunks), ID_BATCH)) {
-        await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, ids]);
+      // Waits for a differential backup copying one of these maps (FOR KEY SHARE) to commit first, and for a
+      // `protect` updating a row: `protected` is read as it is once the row is ours. Rows are locked in id
+      // order, so two removals of overlapping sets wait for each other instead of deadlocking.
+      const rows = (await c.query(`SELECT id, uid, protected FROM versions WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE`,
+        [[...new Set(ids)]])).rows;
+      const out = new Map<number, RemovalResult>(rows.map((r) => [Number(r.id), { id: Number(r.id), uid: r.uid, result: r.protected ? 'protected' : 'removed' }]));
+      const doomed = rows.filter((r) => !r.protected).map((r) => Number(r.id));
+      if (!doomed.length) return out;
+      // Each distinct chunk of each map once, with how many chunks have it: through its summary (3 of a 1 TiB
+      // version's 256 chunks, say), or all its chunks when it has none.
+      const places: [number, number, number][] = [];
+      const whole = new Set(doomed);
+      for (const r of (await c.query(`SELECT version_id, data FROM map_summaries WHERE version_id = ANY($1::bigint[])`, [doomed])).rows) {
+        const v = Number(r.version_id);
+        whole.delete(v);
+        for (const ch of decodeSummary(r.data).chunks) places.push([v, ch.chunk, ch.count]);
       }
-      await c.query(`DELETE FROM versions WHERE id = $1`, [id]);
-      return true;
+      const chunks = new Map<number, { data: Uint8Array; count: number }[]>(doomed.map((id) => [id, []]));
+      if (whole.size) {
+        for (const r of (await c.query(`SELECT version_id, data FROM block_maps WHERE version_id = ANY($1::bigint[])`, [[...whole]])).rows) {
+          chunks.get(Number(r.version_id))!.push({ data: r.data, count: 1 });
+        }
+      }
+      const count = new Map(places.map(([v, chunk, n]) => [`${v}:${chunk}`, n]));
+      for (const part of batches(places, ID_BATCH)) {
+        for (const r of (await c.query(`SELECT m.version_id, m.chunk, m.data FROM block_maps m JOIN unnest($1::bigint[], $2::int[]) AS u(version_id, chunk)
+          ON m.version_id = u.version_id AND m.chunk = u.chunk`, [part.map((p) => p[0]), part.map((p) => p[1])])).rows) {
+          chunks.get(Number(r.version_id))!.push({ data: r.data, count: count.get(`${r.version_id}:${r.chunk}`)! });
+        }
+      }
+      // The successors whose maps are deltas against removed ones, locked so they stay until this commits
+      // (their removal waits for it, and then stamps what they used): see blobsToStamp.
+      const next = (await c.query(successorsSql('postgresql'), [doomed])).rows.filter((r) => r.successor !== null);
+      const kept = new Set((await c.query(`SELECT id FROM versions WHERE id = ANY($1::bigint[]) ORDER BY id FOR KEY SHARE`,
+        [[...new Set(next.map((r) => Number(r.successor)))]])).rows.map((r) => Number(r.id)));
+      const deltas = new Map<number, Map<number, number>>();
+      if (kept.size) {
+        const summaries = new Map<number, MapSummary>((await c.query(`SELECT version_id, data FROM map_summaries WHERE version_id = ANY($1::bigint[])`,
+          [[...kept]])).rows.map((r) => [Number(r.version_id), decodeSummary(r.data)]));
+        for (const r of next) {
+          const delta = kept.has(Number(r.successor)) ? deltaAgainst(summaries.get(Number(r.successor)), Number(r.base)) : undefined;
+          if (delta) deltas.set(Number(r.base), delta);
+        }
+      }
+      const stamp = new Set<number>();
+      for (const id of doomed) for (const b of blobsToStamp(chunks.get(id)!, deltas.get(id))) stamp.add(b);
+      for (const part of batches([...stamp].sort((a, b) => a - b), ID_BATCH)) {
+        await c.query(`UPDATE blobs SET unref_since = $1 WHERE id = ANY($2::bigint[])`, [now, part]);
+      }
+      await c.query(`DELETE FROM versions WHERE id = ANY($1::bigint[])`, [doomed]);
+      return out;
     });
-    this.forgetChunks(id);
-    return removed;
+    for (const id of ids) this.forgetChunks(id);
+    return ids.map((id) => found.get(id) ?? { id, uid: null, result: 'missing' });
   }
 
   async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
@@ -677,12 +740,6 @@ export class PostgresMetaStore implements MetaStore {
     return { versions: Number(r.v), blobs: Number(r.n), storedBytes: Number(r.s), plainBytes: Number(r.p) };
   }
 
-  /** The first chunk number of each distinct content of a version's map, from its summary ([] without one). */
-  private async summaryChunks(c: PoolClient, versionId: number): Promise<number[]> {
-    const r = (await c.query(`SELECT data FROM map_summaries WHERE version_id = $1`, [versionId])).rows[0];
-    return r ? decodeSummary(r.data).chunks.map((x) => x.chunk) : [];
-  }
-
   /** A version's summary from its chunks; for a complete version with a delta against an earlier one. */
   private async summarize(c: PoolClient, versionId: number, complete: boolean, keep?: (digest: string, data: Uint8Array) => void): Promise<MapSummary> {
     const chunksOf = async (id: number) => (await c.query(`SELECT chunk, data FROM block_maps WHERE version_id = $1`, [id])).rows as { chunk: number; data: Buffer }[];
@@ -704,18 +761,69 @@ export class PostgresMetaStore implements MetaStore {
     }
   }
 
+  /**
+   * Every blob's id, size and stored size (not being deleted) as of an exported snapshot, in one value of 14
+   * bytes per blob: far cheaper than a row per blob.
+   */
+  private async blobSizes(snapshot: string): Promise<MapUsage['blobs']> {
+    if (!/^[0-9A-F-]+$/i.test(snapshot)) throw new DatabaseError(`unexpected snapshot id ${snapshot}`);
+    let c: PoolClient;
+    try {
+      c = await this.p.connect();
+    } catch (e) {
+      throw this.fail(e);
+    }
+    let broken: unknown;
+    try {
+      await c.query(`BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '${snapshot}'`);
+      // Built from each row's binary forms and sent as base64: the cheapest to build and to parse (pg 8 reads
+      // every value as text, so binary results are no option). In values of 2,048 blobs (about 40 kB): the
+      // driver gathers each message in one buffer, and copying megabytes into fresh memory costs far more on
+      // a VM than parsing a few hundred rows.
+      const r = await c.query(`SELECT encode(string_agg(substr(int8send(id), 3) || int4send(size) || int4send(stored_size), ''::bytea), 'base64') AS t
+        FROM blobs WHERE state <> 3 GROUP BY id >> 11`);
+      await c.query('COMMIT');
+      return blobSizesFromBytes(r.rows.map((row) => Buffer.from(row.t, 'base64')));
+    } catch (e) {
+      if (isConnectionError(e)) broken = e;
+      else await c.query('ROLLBACK').catch((r) => { broken = r; });
+      throw this.fail(e);
+    } finally {
+      c.release(broken ? (broken as Error) : undefined);
+    }
+  }
+
   async mapUsage(): Promise<MapUsage> {
     const computed: [number, MapSummary][] = [];
     const usage = await this.tx(async (c): Promise<MapUsage> => {
+      // The blob sizes (a scan of every blob, the longest read) come over a second connection in this very
+      // snapshot, while this one reads the summaries: the server scans while this process decodes.
+      const blobs = this.blobSizes((await c.query('SELECT pg_export_snapshot() AS s')).rows[0].s);
+      blobs.catch(() => undefined); // awaited below; a failure meanwhile must not count as unhandled
       const summaries = new Map<number, MapSummary>();
       const contents = new Map<string, Uint8Array>();
       const keep = (digest: string, data: Uint8Array) => { if (!contents.has(digest)) contents.set(digest, data); };
       const missing: { id: number; complete: boolean }[] = [];
-      for await (const rows of this.cursor(c, `SELECT v.id, v.complete, s.data FROM versions v LEFT JOIN map_summaries s ON s.version_id = v.id`)) {
-        for (const r of rows) {
-          if (r.data) summaries.set(Number(r.id), decodeSummary(r.data));
-          else missing.push({ id: Number(r.id), complete: !!r.complete });
+      // The stored summaries a page of versions at a time, as values of 64 versions each (version id, length,
+      // bytes; base64): far cheaper than a row per version with its bytes in hex (and see blobSizes).
+      for (let after = 0; ;) {
+        const rows = (await c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
+          max(version_id) AS last FROM (SELECT version_id, data FROM map_summaries WHERE version_id > $1 ORDER BY version_id LIMIT $2) s
+          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE])).rows;
+        if (!rows.length) break;
+        for (const row of rows) {
+          const b = Buffer.from(row.t, 'base64');
+          for (let off = 0; off < b.length;) {
+            const id = b.readUInt32BE(off) * 2 ** 32 + b.readUInt32BE(off + 4);
+            const end = off + 12 + b.readUInt32BE(off + 8);
+            summaries.set(id, decodeSummary(b.subarray(off + 12, end)));
+            off = end;
+          }
+          after = Math.max(after, Number(row.last));
         }
+      }
+      for (const r of (await c.query(`SELECT id, complete FROM versions v WHERE NOT EXISTS (SELECT 1 FROM map_summaries s WHERE s.version_id = v.id) ORDER BY id`)).rows) {
+        missing.push({ id: Number(r.id), complete: !!r.complete });
       }
       for (const m of missing) {
         const summary = await this.summarize(c, m.id, m.complete, keep);
@@ -733,10 +841,7 @@ export class PostgresMetaStore implements MetaStore {
         for (const r of rows) contents.set(byPlace.get(`${r.version_id}:${r.chunk}`)!, r.data);
       }
       for (const digest of wanted.keys()) if (!contents.has(digest)) throw new DatabaseError(`block map chunk ${wanted.get(digest)!.join('/')} is missing`);
-      // Every blob's id, size and stored size in one hex string: far cheaper than a row per blob.
-      const b = (await c.query(`SELECT string_agg(lpad(to_hex(id), 12, '0') || lpad(to_hex(size), 8, '0') || lpad(to_hex(stored_size), 8, '0'), '') AS t
-        FROM blobs WHERE state <> 3`)).rows[0];
-      return { summaries, contents, blobs: blobSizesFromHex(b.t ?? '') };
+      return { summaries, contents, blobs: await blobs };
     }, { isolation: 'REPEATABLE READ READ ONLY' });
     if (computed.length) {
       // A cache: losing a race with a removal is harmless.
@@ -773,5 +878,13 @@ export class PostgresMetaStore implements MetaStore {
 
   async unlock(name: string, session: string): Promise<void> {
     await this.locks.unlock(name, session);
+  }
+
+  async tryLocks(requests: { name: string; info: LockInfo; conflicts?: string[] }[]): Promise<(LockInfo | undefined)[]> {
+    return this.locks.tryLocks(requests);
+  }
+
+  async unlockAll(names: string[], session: string): Promise<void> {
+    await this.locks.unlockAll(names, session);
   }
 }

@@ -4,12 +4,12 @@ import Database from 'better-sqlite3';
 import { DatabaseError } from '../util/errors';
 import { holderAlive } from '../util/process-info';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, MAP_CHUNK, HOLE } from './block-map';
-import { blobSizesFromHex, decodeSummary, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, summarizeChunks } from './map-summary';
-import { blobRefFromRow, CleanupTally, knownBlobId, statsFromRow, decideBlob, IdBitmap, idsOfChunks, importedChunks, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
+import { blobSizesFromHex, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, successorsSql, summarizeChunks } from './map-summary';
+import { blobRefFromRow, blobsToStamp, CleanupTally, knownBlobId, statsFromRow, decideBlob, IdBitmap, importedChunks, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { fullSchema, migrationsFrom, SCHEMA_VERSION } from './schema';
 import {
   BlobFormat, BlobRef, BlobState, BlockEntry, CleanupMark, ImportBlob, ImportOptions, ImportVersion, LockInfo, MetaStore, NewVersion,
-  ProtectedError, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
+  ProtectedError, RemovalResult, RepositoryStats, ResolvedBlock, StatsRow, VersionRow,
 } from './types';
 
 type Row = Record<string, unknown>;
@@ -199,18 +199,37 @@ export class SqliteMetaStore implements MetaStore {
   }
 
   async removeVersion(id: number): Promise<boolean> {
+    const [r] = await this.removeVersions([id]);
+    if (r.result === 'protected') throw new ProtectedError(r.uid!);
+    return r.result === 'removed';
+  }
+
+  async removeVersions(ids: number[]): Promise<RemovalResult[]> {
     const db = this.d;
     const now = Date.now();
-    const removed = db.transaction(() => {
-      const v = this.st(`SELECT uid, protected FROM versions WHERE id = ?`).get(id) as Row | undefined;
-      if (!v) return false;
-      if (v.protected) throw new ProtectedError(v.uid as string);
-      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify(idsOfChunks(this.distinctChunks(id))));
-      this.st(`DELETE FROM versions WHERE id = ?`).run(id);
-      return true;
+    const results = db.transaction(() => {
+      const out = ids.map((id): RemovalResult => {
+        const v = this.st(`SELECT uid, protected FROM versions WHERE id = ?`).get(id) as Row | undefined;
+        if (!v) return { id, uid: null, result: 'missing' };
+        return { id, uid: v.uid as string, result: v.protected ? 'protected' : 'removed' };
+      });
+      const doomed = [...new Set(out.filter((r) => r.result === 'removed').map((r) => r.id))];
+      if (!doomed.length) return out;
+      // See blobsToStamp: what the next version of the name still uses is left to the removal of that one.
+      const stamp = new Set<number>();
+      const list = JSON.stringify(doomed);
+      for (const r of this.st(successorsSql('sqlite')).all(list, list) as Row[]) {
+        const base = Number(r.base);
+        const next = r.successor === null ? undefined : this.st(`SELECT data FROM map_summaries WHERE version_id = ?`).get(r.successor) as Row | undefined;
+        const delta = next ? deltaAgainst(decodeSummary(next.data as Buffer), base) : undefined;
+        for (const b of blobsToStamp(this.distinctChunks(base), delta)) stamp.add(b);
+      }
+      this.st(`UPDATE blobs SET unref_since = ? WHERE id IN ${IN_LIST}`).run(now, JSON.stringify([...stamp]));
+      this.st(`DELETE FROM versions WHERE id IN ${IN_LIST}`).run(JSON.stringify(doomed));
+      return out;
     }).immediate();
-    for (const k of [...this.writeChunks.keys()]) if (k.startsWith(`${id}:`)) this.writeChunks.delete(k);
-    return removed;
+    for (const k of [...this.writeChunks.keys()]) if (ids.some((id) => k.startsWith(`${id}:`))) this.writeChunks.delete(k);
+    return results;
   }
 
   async importVersion(v: ImportVersion, entries: Float64Array, newBlobs: ImportBlob[], opts: ImportOptions = {}): Promise<{ version: VersionRow; newIds: number[]; metaGen: number }> {
@@ -491,11 +510,13 @@ export class SqliteMetaStore implements MetaStore {
    * Each distinct chunk of a version's map once: through its summary (3 of a 1 TiB version's 256 chunks, say),
    * or all chunks when it has none.
    */
-  private distinctChunks(versionId: number): Buffer[] {
+  /** A map's distinct chunks, each with how many chunks of the map have it (through its summary, if any). */
+  private distinctChunks(versionId: number): { data: Buffer; count: number }[] {
     const s = this.st(`SELECT data FROM map_summaries WHERE version_id = ?`).get(versionId) as Row | undefined;
-    if (!s) return (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(versionId) as Row[]).map((r) => r.data as Buffer);
-    const chunks = decodeSummary(s.data as Buffer).chunks.map((c) => c.chunk);
-    return (this.st(`SELECT data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify(chunks)) as Row[]).map((r) => r.data as Buffer);
+    if (!s) return (this.st(`SELECT data FROM block_maps WHERE version_id = ?`).all(versionId) as Row[]).map((r) => ({ data: r.data as Buffer, count: 1 }));
+    const counts = new Map(decodeSummary(s.data as Buffer).chunks.map((c) => [c.chunk, c.count]));
+    return (this.st(`SELECT chunk, data FROM block_maps WHERE version_id = ? AND chunk IN ${IN_LIST}`).all(versionId, JSON.stringify([...counts.keys()])) as Row[])
+      .map((r) => ({ data: r.data as Buffer, count: counts.get(Number(r.chunk))! }));
   }
 
   /** A version's summary from its chunks; for a complete version with a delta against an earlier one. */
@@ -577,27 +598,40 @@ export class SqliteMetaStore implements MetaStore {
 
   async tryLock(name: string, info: LockInfo, conflicts: string[] = []): Promise<LockInfo | undefined> {
     const db = this.d;
-    return db.transaction(() => {
-      const holders: Row[] = [];
-      for (const c of [name, ...conflicts]) {
-        if (c.endsWith('*')) holders.push(...(this.st(`SELECT * FROM locks WHERE substr(name, 1, ?) = ?`).all(c.length - 1, c.slice(0, -1)) as Row[]));
-        else holders.push(...(this.st(`SELECT * FROM locks WHERE name = ?`).all(c) as Row[]));
-      }
-      for (const h of holders) {
-        const holder: LockInfo = { session: h.session as string, host: h.host as string, pid: Number(h.pid), pidStart: h.pid_start as string, what: h.what as string };
-        if (holder.session === info.session) continue;
-        if (holderAlive(holder)) return holder;
-        this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(h.name, h.session); // stale: its process died
-      }
-      this.st(`INSERT INTO locks (name, session, host, pid, pid_start, what, since) VALUES (?, ?, ?, ?, ?, ?, ?)
-        ON CONFLICT (name) DO UPDATE SET session = excluded.session, host = excluded.host, pid = excluded.pid,
-        pid_start = excluded.pid_start, what = excluded.what, since = excluded.since`)
-        .run(name, info.session, info.host, info.pid, info.pidStart, info.what, Date.now());
-      return undefined;
-    }).immediate();
+    return db.transaction(() => this.take(name, info, conflicts)).immediate();
+  }
+
+  /** One lock of tryLock(s), inside the caller's transaction. */
+  private take(name: string, info: LockInfo, conflicts: string[]): LockInfo | undefined {
+    const holders: Row[] = [];
+    for (const c of [name, ...conflicts]) {
+      if (c.endsWith('*')) holders.push(...(this.st(`SELECT * FROM locks WHERE substr(name, 1, ?) = ?`).all(c.length - 1, c.slice(0, -1)) as Row[]));
+      else holders.push(...(this.st(`SELECT * FROM locks WHERE name = ?`).all(c) as Row[]));
+    }
+    for (const h of holders) {
+      const holder: LockInfo = { session: h.session as string, host: h.host as string, pid: Number(h.pid), pidStart: h.pid_start as string, what: h.what as string };
+      if (holder.session === info.session) continue;
+      if (holderAlive(holder)) return holder;
+      this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(h.name, h.session); // stale: its process died
+    }
+    this.st(`INSERT INTO locks (name, session, host, pid, pid_start, what, since) VALUES (?, ?, ?, ?, ?, ?, ?)
+      ON CONFLICT (name) DO UPDATE SET session = excluded.session, host = excluded.host, pid = excluded.pid,
+      pid_start = excluded.pid_start, what = excluded.what, since = excluded.since`)
+      .run(name, info.session, info.host, info.pid, info.pidStart, info.what, Date.now());
+    return undefined;
   }
 
   async unlock(name: string, session: string): Promise<void> {
     this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(name, session);
+  }
+
+  async tryLocks(requests: { name: string; info: LockInfo; conflicts?: string[] }[]): Promise<(LockInfo | undefined)[]> {
+    const db = this.d;
+    return db.transaction(() => requests.map((r) => this.take(r.name, r.info, r.conflicts ?? []))).immediate();
+  }
+
+  async unlockAll(names: string[], session: string): Promise<void> {
+    const db = this.d;
+    db.transaction(() => { for (const name of names) this.st(`DELETE FROM locks WHERE name = ? AND session = ?`).run(name, session); }).immediate();
   }
 }

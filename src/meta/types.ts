@@ -14,6 +14,13 @@ export class ProtectedError extends BackyError {
   }
 }
 
+/** What removeVersions did with one version (uid: as its row had it; null when there was none). */
+export interface RemovalResult {
+  id: number;
+  uid: string | null;
+  result: 'removed' | 'protected' | 'missing';
+}
+
 export interface VersionRow {
   id: number;
   uid: string;
@@ -209,6 +216,12 @@ export interface MetaStore {
    * and wins, or finds the version gone. false when the version does not exist (any more).
    */
   removeVersion(id: number): Promise<boolean>;
+  /**
+   * removeVersion for several versions in one transaction (enforce, rm --expired): each is checked in it as
+   * removeVersion checks it (rows locked in id order); a protected one is kept and reported, one that does
+   * not exist (any more) is reported, the others are removed. One result per id, in the order given.
+   */
+  removeVersions(ids: number[]): Promise<RemovalResult[]>;
 
   /**
    * Adds a finished version with its map in one transaction (import, db-rebuild). `entries` are its block
@@ -284,4 +297,11 @@ export interface MetaStore {
    */
   tryLock(name: string, info: LockInfo, conflicts?: string[]): Promise<LockInfo | undefined>;
   unlock(name: string, session: string): Promise<void>;
+  /**
+   * tryLock for several locks in one step, each decided as tryLock decides it (in the order given, so a
+   * later one sees the earlier ones): per request the holder, or undefined where the lock was taken.
+   */
+  tryLocks(requests: { name: string; info: LockInfo; conflicts?: string[] }[]): Promise<(LockInfo | undefined)[]>;
+  /** unlock for several locks of one session in one step. */
+  unlockAll(names: string[], session: string): Promise<void>;
 }

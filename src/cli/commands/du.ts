@@ -38,9 +38,10 @@ export const register: Register = (program, wrap) => {
       const { computeUsage } = await import('../../engine/lifecycle/usage');
       const fields = parseFields(o.fields, FIELDS);
       const repo = await ctx.repository();
-      const versions = await repo.meta.listVersions();
+      // Both reads at once (PostgreSQL runs them on connections of their own).
+      const [versions, usage] = await Promise.all([repo.meta.listVersions(), repo.meta.mapUsage()]);
       if (uid !== undefined && !versions.some((v) => v.uid === uid)) throw new NotFoundError(`version ${uid} does not exist`);
-      const { rows, totals } = computeUsage(versions, await repo.meta.mapUsage());
+      const { rows, totals } = computeUsage(versions, usage);
       const shown = rows.filter((r) => uid === undefined || r.version.uid === uid).map(row);
       const mode = ctx.output;
       if (o.totals) {

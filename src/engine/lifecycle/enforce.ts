@@ -1,8 +1,8 @@
 import type { VersionRow } from '../../meta/types';
 import { errorLine } from '../../util/errors';
 import { log } from '../../util/log';
-import { removeVersion } from '../remove';
-import { LOCKS, Repository } from '../repository';
+import { removeVersions } from '../remove';
+import type { Repository } from '../repository';
 import type { Decision } from './retention';
 
 export type Action = 'keep' | 'remove' | 'removed' | 'failed';
@@ -13,31 +13,37 @@ export interface Outcome {
   reason: string;
 }
 
+/** Removals carried out together: one step of locks and one transaction for this many versions. */
+const BATCH = 500;
+
 /**
- * Carries out a plan (enforce, rm --expired): removes the versions it marks, one at a time through `rm`'s
- * own checks (version lock, protected, age), oldest first. With dryRun nothing changes and planned removals
- * read "remove". A removal that fails (locked, protected meanwhile ...) is reported and the rest go on.
+ * Carries out a plan (enforce, rm --expired): removes the versions it marks through `rm`'s own checks
+ * (removal and version locks, protected, overlays, age; removeVersions), oldest first, a batch at a time.
+ * With dryRun nothing changes and planned removals read "remove". A removal that fails (held, locked,
+ * protected meanwhile ...) is reported and the rest go on.
  */
 export async function carryOut(repo: Repository, plan: Decision<VersionRow>[], opts: { dryRun: boolean; force: boolean }): Promise<Outcome[]> {
-  const out: Outcome[] = [];
-  for (const d of plan) {
-    if (!d.remove) {
-      out.push({ version: d.version, action: 'keep', reason: d.reason });
-      continue;
-    }
-    if (opts.dryRun) {
-      out.push({ version: d.version, action: 'remove', reason: d.reason });
-      continue;
-    }
+  const out: Outcome[] = plan.map((d) => ({ version: d.version, action: d.remove ? 'remove' : 'keep', reason: d.reason }));
+  if (opts.dryRun) return out;
+  const doomed = out.filter((o) => o.action === 'remove');
+  for (let i = 0; i < doomed.length; i += BATCH) {
+    const part = doomed.slice(i, i + BATCH);
+    let errors: (Error | undefined)[];
     try {
-      await removeVersion(repo, d.version.uid, opts.force);
-      out.push({ version: d.version, action: 'removed', reason: d.reason });
+      errors = await removeVersions(repo, part.map((o) => o.version), opts.force);
     } catch (e) {
-      log.error(`could not remove version ${d.version.uid}: ${errorLine(e)}`);
-      out.push({ version: d.version, action: 'failed', reason: `${errorLine(e)}; planned: ${d.reason}` });
-    } finally {
-      await repo.unlock(LOCKS.version(d.version.uid));
+      errors = part.map(() => e as Error);
     }
+    part.forEach((o, k) => {
+      const e = errors[k];
+      if (!e) {
+        o.action = 'removed';
+        return;
+      }
+      log.error(`could not remove version ${o.version.uid}: ${errorLine(e)}`);
+      o.action = 'failed';
+      o.reason = `${errorLine(e)}; planned: ${o.reason}`;
+    });
   }
   return out;
 }
