@@ -767,30 +767,15 @@ export class PostgresMetaStore implements MetaStore {
    */
   private async blobSizes(snapshot: string): Promise<MapUsage['blobs']> {
     if (!/^[0-9A-F-]+$/i.test(snapshot)) throw new DatabaseError(`unexpected snapshot id ${snapshot}`);
-    let c: PoolClient;
-    try {
-      c = await this.p.connect();
-    } catch (e) {
-      throw this.fail(e);
-    }
-    let broken: unknown;
-    try {
-      await c.query(`BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '${snapshot}'`);
+    return this.tx(async (c) => {
       // Built from each row's binary forms and sent as base64: the cheapest to build and to parse (pg 8 reads
       // every value as text, so binary results are no option). In values of 2,048 blobs (about 40 kB): the
       // driver gathers each message in one buffer, and copying megabytes into fresh memory costs far more on
       // a VM than parsing a few hundred rows.
       const r = await c.query(`SELECT encode(string_agg(substr(int8send(id), 3) || int4send(size) || int4send(stored_size), ''::bytea), 'base64') AS t
         FROM blobs WHERE state <> 3 GROUP BY id >> 11`);
-      await c.query('COMMIT');
       return blobSizesFromBytes(r.rows.map((row) => Buffer.from(row.t, 'base64')));
-    } catch (e) {
-      if (isConnectionError(e)) broken = e;
-      else await c.query('ROLLBACK').catch((r) => { broken = r; });
-      throw this.fail(e);
-    } finally {
-      c.release(broken ? (broken as Error) : undefined);
-    }
+    }, { isolation: 'REPEATABLE READ READ ONLY', prelude: `SET TRANSACTION SNAPSHOT '${snapshot}'` });
   }
 
   async mapUsage(): Promise<MapUsage> {
