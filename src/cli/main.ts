@@ -3,7 +3,7 @@ import { Command, CommanderError } from 'commander';
 import { BackyError, errorLine, ExitCode } from '../util/errors';
 import { log } from '../util/log';
 import { Context, GlobalOptions } from './context';
-import { commands } from './commands';
+import { commandsFor } from './commands';
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const pkg = require('../../../package.json') as { version: string };
@@ -11,7 +11,7 @@ const pkg = require('../../../package.json') as { version: string };
 export type Action = (ctx: Context, ...args: any[]) => Promise<number | void>;
 
 /** Builds the program; `register` functions of the commands get `wrap` to turn an Action into a handler. */
-export function buildProgram(): Command {
+export function buildProgram(argv: string[] = process.argv): Command {
   const program = new Command('backy');
   program
     .description('Block-level, deduplicating, encrypted backup of disk images and block devices; every version can be served live over NBD or mounted.')
@@ -51,7 +51,7 @@ export function buildProgram(): Command {
     writeErr: (s) => process.stderr.write(s),
     outputError: (s, write) => write(s.split('\n')[0] + '\n'),
   });
-  for (const register of commands) register(program, wrap);
+  for (const register of commandsFor(argv)) register(program, wrap);
   return program;
 }
 
@@ -84,7 +84,7 @@ export function reportError(e: unknown, debug: boolean): number {
 }
 
 async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
+  const program = buildProgram(argv);
   if (argv.length <= 2) {
     program.outputHelp({ error: true });
     process.exit(ExitCode.USAGE);
