@@ -5,6 +5,7 @@
  * is paused (TCP backpressure to the client).
  */
 import { BlockDevice, capabilitiesOf, DeviceCapabilities, DeviceError, Extent } from '../src/device/types';
+import { replyBuffers } from '../src/device/reply-buffers';
 import * as C from './constants';
 import { errnoOf, failingOffset, messageForClient, oneLine } from './errors';
 import { normalizeExtents } from './extents';
@@ -251,8 +252,12 @@ export class Transmission {
       if (structured) return void (await this.replies.send(this.replies.errorOffsetChunk(req, C.REPLY_FLAG_DONE, req.offset, req.length, e)));
       return this.replies.error(req, errnoOf(e), messageForClient(e));
     }
-    if (structured) await this.replies.send(this.replies.dataChunk(req, C.REPLY_FLAG_DONE, req.offset, data), release);
-    else await this.replies.simpleData(req, data, release);
+    const sent = (): void => {
+      release();
+      replyBuffers.give(data);
+    };
+    if (structured) await this.replies.send(this.replies.dataChunk(req, C.REPLY_FLAG_DONE, req.offset, data), sent);
+    else await this.replies.simpleData(req, data, sent);
   }
 
   /**
@@ -299,7 +304,10 @@ export class Transmission {
       await this.replies.send(this.replies.errorOffsetChunk(req, 0, offset, length, e));
       return;
     }
-    await this.replies.send(this.replies.dataChunk(req, 0, offset, data), release);
+    await this.replies.send(this.replies.dataChunk(req, 0, offset, data), () => {
+      release();
+      replyBuffers.give(data);
+    });
   }
 
   /** Splits a read into data and hole segments using the device's zero runs (small holes become data). */

@@ -4,7 +4,7 @@ import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
 import { BlobCorruptError } from '../util/errors';
-import type { BlockCache, PrefetchOutcome } from './block-cache';
+import type { BlockCache, CachedBlock, PrefetchOutcome } from './block-cache';
 import { spareBuffers } from './spare-buffers';
 
 /** Fetches a blob, decrypts and verifies it (on the worker pool), through the shared cache. */
@@ -16,8 +16,8 @@ export class BlobFetcher {
     return ref.checksum.toString('base64');
   }
 
-  fetch(ref: BlobRef): Promise<Buffer> {
-    return this.cache.get(BlobFetcher.cacheKey(ref), () => this.load(ref));
+  fetch(ref: BlobRef): Promise<CachedBlock> {
+    return this.cache.get(BlobFetcher.cacheKey(ref), () => this.loadForCache(ref));
   }
 
   isCached(ref: BlobRef): boolean {
@@ -26,7 +26,19 @@ export class BlobFetcher {
 
   /** Loads the block into the cache when storage is idle (see BlockCache.prefetch); `source` is the asker. */
   prefetch(ref: BlobRef, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
-    return this.cache.prefetch(BlobFetcher.cacheKey(ref), ref.size, () => this.load(ref), source);
+    return this.cache.prefetch(BlobFetcher.cacheKey(ref), ref.size, () => this.loadForCache(ref), source);
+  }
+
+  /**
+   * A load whose result the cache keeps: when the cache copies blocks into shared memory, the plaintext is
+   * decoded into a reused buffer (fresh memory is what made cold reads slow) that the cache gives back.
+   */
+  private async loadForCache(ref: BlobRef): Promise<Buffer> {
+    if (!this.cache.usesSharedMemory) return this.load(ref);
+    const cap = encodedCapacity(ref.size);
+    const r = await this.loadInto(ref, spareBuffers.take(cap) ?? allocBlock(cap));
+    if (r.spareOut) this.recycle(r.spareOut);
+    return r.data;
   }
 
   /**

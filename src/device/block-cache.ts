@@ -1,10 +1,56 @@
 import { LRUCache } from 'lru-cache';
+import { ShmSlab } from './shm-slab';
 
 export interface BlockCacheOptions {
   /** Loads the store serves at once (simultaneous_reads): prefetching uses at most half, and only idle ones. */
   concurrency?: number;
   /** How long a failed load is remembered: reads of that block fail at once meanwhile (no fetch). */
   failureTtlMs?: number;
+  /**
+   * Keep blocks in a shared-memory file (ShmSlab) instead of Buffers (default: when the cache holds at least
+   * one block and /dev/shm is writable). Its slots are `blockSize` bytes (larger blocks stay Buffers).
+   */
+  shm?: boolean;
+  blockSize?: number;
+  /** Gets a loaded Buffer back once its bytes are in the shared-memory file (to reuse its memory). */
+  recycle?: (b: Buffer) => void;
+}
+
+/**
+ * A block as the cache hands it out. Its bytes are copied out with `copyTo`; `buffer` is set when the cache
+ * keeps them as a Buffer (read it without copying; never modify it).
+ */
+export interface CachedBlock {
+  readonly length: number;
+  readonly buffer?: Buffer;
+  /**
+   * Copies bytes [from, to) of the block into `out` at `pos`. False when the block has been evicted and its
+   * slot given to another block since it was handed out: ask the cache again.
+   */
+  copyTo(out: Buffer, pos: number, from: number, to: number): boolean | Promise<boolean>;
+}
+
+/** A block kept in a slot of the shared-memory file. */
+interface SlabEntry {
+  slot: number;
+  gen: number;
+  length: number;
+}
+
+type Entry = Buffer | SlabEntry;
+
+/** Copies out of shared memory from this size on run on the thread pool. */
+const ASYNC_COPY = 128 * 1024;
+
+function inMemory(b: Buffer): CachedBlock {
+  return {
+    length: b.length,
+    buffer: b,
+    copyTo(out, pos, from, to) {
+      b.copy(out, pos, from, to);
+      return true;
+    },
+  };
 }
 
 /** Why a prefetch was not taken, when it was not. */
@@ -35,8 +81,12 @@ interface Queued {
  * of asking storage again, so a missing object does not turn into a storm of GETs.
  */
 export class BlockCache {
-  private lru: LRUCache<string, Buffer> | undefined;
-  private inflight = new Map<string, Promise<Buffer>>();
+  private lru: LRUCache<string, Entry> | undefined;
+  private inflight = new Map<string, Promise<CachedBlock>>();
+  /** Opened with the first block stored (its slot size from the block size); null: not used. */
+  private slab: ShmSlab | undefined | null;
+  private readonly slotSize: number;
+  private readonly recycle?: (b: Buffer) => void;
   private failed = new LRUCache<string, { error: unknown; at: number }>({ max: 4096 });
   private readonly concurrency: number;
   private readonly failureTtlMs: number;
@@ -61,13 +111,67 @@ export class BlockCache {
   constructor(readonly maxBytes: number, opts: BlockCacheOptions = {}) {
     this.concurrency = Math.max(2, opts.concurrency ?? 8);
     this.failureTtlMs = opts.failureTtlMs ?? 5000;
+    this.slotSize = opts.blockSize ?? 4 * 1024 * 1024;
+    this.recycle = opts.recycle;
+    this.slab = opts.shm === false || maxBytes < this.slotSize ? null : undefined;
     if (maxBytes > 0) {
-      this.lru = new LRUCache<string, Buffer>({
+      this.lru = new LRUCache<string, Entry>({
         maxSize: maxBytes,
-        sizeCalculation: (b) => Math.max(1, b.length),
-        dispose: (_v, key) => this.forgetUnread(key),
+        sizeCalculation: (e) => (Buffer.isBuffer(e) ? Math.max(1, e.length) : this.slotSize),
+        dispose: (e, key) => {
+          if (!Buffer.isBuffer(e)) this.slab?.release(e.slot);
+          this.forgetUnread(key);
+        },
       });
     }
+  }
+
+  /** Whether blocks are kept in shared memory (then loads may give their Buffers back through `recycle`). */
+  get usesSharedMemory(): boolean {
+    return this.slab !== null;
+  }
+
+  private handOut(e: Entry): CachedBlock {
+    if (Buffer.isBuffer(e)) return inMemory(e);
+    const slab = this.slab!;
+    return {
+      length: e.length,
+      // Large copies on the thread pool, small ones here (a 4 KiB read is done sooner than it is dispatched).
+      copyTo: (out, pos, from, to) =>
+        to - from >= ASYNC_COPY ? slab.readIntoAsync(e.slot, e.gen, from, out, pos, to - from) : slab.readInto(e.slot, e.gen, from, out, pos, to - from),
+    };
+  }
+
+  /**
+   * Keeps a loaded block: in a slot of the shared-memory file when there is one (evicting the least recently
+   * used blocks for a slot), else as the Buffer itself.
+   */
+  private keep(key: string, b: Buffer): CachedBlock {
+    if (!this.lru) return inMemory(b);
+    if (this.slab === undefined) this.slab = ShmSlab.open(this.slotSize, Math.floor(this.maxBytes / this.slotSize)) ?? null;
+    if (this.slab && b.length <= this.slab.slotSize) {
+      let taken = this.slab.take();
+      while (!taken && this.lru.size > 0) {
+        this.lru.pop();
+        taken = this.slab.take();
+      }
+      if (taken) {
+        try {
+          this.slab.write(taken.slot, b);
+        } catch {
+          // tmpfs full (or gone): this block stays a Buffer
+          this.slab.release(taken.slot);
+          this.lru.set(key, b);
+          return inMemory(b);
+        }
+        const e: SlabEntry = { slot: taken.slot, gen: taken.gen, length: b.length };
+        this.lru.set(key, e);
+        this.recycle?.(b);
+        return this.handOut(e);
+      }
+    }
+    this.lru.set(key, b);
+    return inMemory(b);
   }
 
   has(key: string): boolean {
@@ -75,12 +179,12 @@ export class BlockCache {
   }
 
   /** The cached block, or the result of `load` (shared with every concurrent caller of the same key). */
-  get(key: string, load: () => Promise<Buffer>): Promise<Buffer> {
+  get(key: string, load: () => Promise<Buffer>): Promise<CachedBlock> {
     const hit = this.lru?.get(key);
     if (hit) {
       this.hits++;
       this.forgetUnread(key, true);
-      return Promise.resolve(hit);
+      return Promise.resolve(this.handOut(hit));
     }
     const pending = this.inflight.get(key);
     if (pending) {
@@ -132,14 +236,14 @@ export class BlockCache {
     return { queued: this.queued.size, unreadBytes: this.unreadBytes, demandLoads: this.demandLoads, prefetchLoads: this.prefetchLoads };
   }
 
-  private start(key: string, load: () => Promise<Buffer>, prefetch: boolean): Promise<Buffer> {
+  private start(key: string, load: () => Promise<Buffer>, prefetch: boolean): Promise<CachedBlock> {
     if (prefetch) this.prefetchLoads++;
     else this.demandLoads++;
     const p = load().then(
-      (b) => {
+      (loaded) => {
         this.inflight.delete(key);
         this.failed.delete(key);
-        this.lru?.set(key, b);
+        const b = this.keep(key, loaded);
         const read = this.joined.delete(key);
         if (prefetch) {
           this.prefetchStats.loaded++;
@@ -217,6 +321,13 @@ export class BlockCache {
   clear(): void {
     this.lru?.clear();
     this.failed.clear();
+  }
+
+  /** Frees the shared-memory file (the cache keeps working, with Buffers). */
+  close(): void {
+    this.lru?.clear();
+    this.slab?.close();
+    this.slab = null;
   }
 
   /** Forgets remembered failures (a repaired object is fetched again at once). */

@@ -4,6 +4,8 @@ import { ChunkWithBlobs, readChunkWithBlobs } from '../meta/map-reader';
 import type { BlobRef, MetaStore, VersionRow } from '../meta/types';
 import { errorLine } from '../util/errors';
 import type { BlobFetcher } from './blob-fetcher';
+import type { CachedBlock } from './block-cache';
+import { replyBuffers } from './reply-buffers';
 import { FailureLog } from './failure-log';
 import { BlockDevice, DeviceError, Extent } from './types';
 
@@ -34,7 +36,8 @@ export function zeroes(len: number): Buffer {
 /**
  * A backup version as a read-only block device: block map chunks are loaded on demand (opening a 1 TiB
  * version reads nothing), data blocks come through the BlobFetcher (shared cache, decryption, verification).
- * Buffers returned by `read` may be shared with the cache: never modify them.
+ * Buffers returned by `read` may be shared with the cache: never modify them. Those it copied into come from
+ * `replyBuffers` and are the caller's (a server gives them back there once sent).
  */
 export class VersionDevice implements BlockDevice {
   readonly size: number;
@@ -56,6 +59,8 @@ export class VersionDevice implements BlockDevice {
   }
 
   private readonly log: (line: string) => void;
+  /** Blocks read again because the cache gave their memory to another block before they were copied. */
+  staleCopies = 0;
 
   private chunk(c: number): Promise<ChunkWithBlobs> {
     return this.chunkEntry(c).chunk;
@@ -117,8 +122,8 @@ export class VersionDevice implements BlockDevice {
     return Math.min(this.blockSize, this.size - index * this.blockSize);
   }
 
-  /** The plaintext of block `index`, or undefined for a hole. */
-  async readBlock(index: number): Promise<Buffer | undefined> {
+  /** The plaintext of block `index`, or undefined for a hole; `uncached`: straight from storage. */
+  async readBlock(index: number, uncached = false): Promise<CachedBlock | undefined> {
     const at = index * this.blockSize;
     let s: BlockSlot;
     try {
@@ -135,7 +140,9 @@ export class VersionDevice implements BlockDevice {
       throw new DeviceError(line, 'EIO', at);
     }
     try {
-      return await this.fetcher.fetch(s.ref);
+      if (!uncached) return await this.fetcher.fetch(s.ref);
+      const b = await this.fetcher.load(s.ref);
+      return { length: b.length, buffer: b, copyTo: (out, pos, from, to) => (b.copy(out, pos, from, to), true) };
     } catch (e) {
       const line = `version ${this.version.uid}: cannot read block at offset ${at}: ${errorLine(e)}`;
       this.logFailure(index, line);
@@ -151,21 +158,39 @@ export class VersionDevice implements BlockDevice {
     if (first === last) {
       const b = await this.readBlock(first);
       const from = offset - first * this.blockSize;
-      return b ? b.subarray(from, from + length) : zeroes(length);
+      if (!b) return zeroes(length);
+      if (b.buffer) return b.buffer.subarray(from, from + length);
+      const out = replyBuffers.take(length);
+      await this.copyOut(first, b, out, 0, from, from + length);
+      return out;
     }
     const parts = await Promise.all(Array.from({ length: last - first + 1 }, (_, k) => this.readBlock(first + k)));
-    const out = Buffer.allocUnsafe(length);
+    const out = replyBuffers.take(length);
     let pos = 0;
     for (let k = 0; k < parts.length; k++) {
       const blockStart = (first + k) * this.blockSize;
       const from = Math.max(offset, blockStart) - blockStart;
       const to = Math.min(offset + length, blockStart + this.blockLength(first + k)) - blockStart;
       const p = parts[k];
-      if (p) p.copy(out, pos, from, to);
+      if (p) await this.copyOut(first + k, p, out, pos, from, to);
       else out.fill(0, pos, pos + (to - from));
       pos += to - from;
     }
     return out;
+  }
+
+  /**
+   * Copies bytes of a block the cache handed out. Should it have been evicted and its memory given to another
+   * block before this copy (a cache much smaller than what is read at once), the block is asked for again; after
+   * a few such rounds it is read from storage without the cache, so a read always ends.
+   */
+  private async copyOut(index: number, b: CachedBlock, out: Buffer, pos: number, from: number, to: number): Promise<void> {
+    for (let round = 0; !(await b.copyTo(out, pos, from, to)); round++) {
+      this.staleCopies++;
+      const again = await this.readBlock(index, round >= 2);
+      if (!again) throw new DeviceError(`version ${this.version.uid}: block ${index} changed while read`, 'EIO', index * this.blockSize);
+      b = again;
+    }
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {

@@ -5,6 +5,7 @@ import { Codec } from '../codec/codec';
 import { WorkerPool } from '../codec/pool';
 import { BlobFetcher } from '../device/blob-fetcher';
 import { BlockCache } from '../device/block-cache';
+import { spareBuffers } from '../device/spare-buffers';
 import { VersionDevice } from '../device/version-device';
 import { createMetaStore } from '../meta/open';
 import type { BlobFormat, LockInfo, MetaStore, VersionRow } from '../meta/types';
@@ -141,7 +142,14 @@ export class Repository {
 
   /** The process-wide block cache (created on first use with `cache_size`, or `bytes` if given first). */
   cache(bytes = this.cfg.cacheSize): BlockCache {
-    if (!this.cacheInstance) this.cacheInstance = new BlockCache(bytes, { concurrency: this.cfg.data.simultaneousReads });
+    if (!this.cacheInstance) {
+      this.cacheInstance = new BlockCache(bytes, {
+        concurrency: this.cfg.data.simultaneousReads,
+        blockSize: this.cfg.blockSize,
+        // A block's memory, once in shared memory, goes back to the pool its next load decodes into.
+        recycle: (b) => spareBuffers.give(Buffer.from(b.buffer, 0, b.buffer.byteLength)),
+      });
+    }
     return this.cacheInstance;
   }
 
@@ -252,6 +260,7 @@ export class Repository {
       }
     }
     await this.codecInstance?.close().catch(() => undefined);
+    this.cacheInstance?.close();
     await this.store.close().catch(() => undefined);
     await this.meta.close().catch(() => undefined);
   }

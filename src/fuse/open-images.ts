@@ -1,4 +1,5 @@
 import type { BlockDevice } from '../device/types';
+import { replyBuffers } from '../device/reply-buffers';
 import type { VersionRow } from '../meta/types';
 
 interface OpenImage {
@@ -57,6 +58,7 @@ export async function readInto(device: BlockDevice, blockSize: number, buf: Buff
   if (end <= firstBlockEnd) {
     const data = await device.read(pos, n);
     if (owned()) data.copy(buf, 0, 0, n);
+    replyBuffers.give(data);
     return n;
   }
   const pieces: Promise<void>[] = [];
@@ -64,7 +66,10 @@ export async function readInto(device: BlockDevice, blockSize: number, buf: Buff
     const to = Math.min(end, (Math.floor(from / blockSize) + 1) * blockSize);
     const at = from - pos;
     const n = to - from;
-    pieces.push(device.read(from, n).then((data) => void (owned() && data.copy(buf, at, 0, n))));
+    pieces.push(device.read(from, n).then((data) => {
+      if (owned()) data.copy(buf, at, 0, n);
+      replyBuffers.give(data);
+    }));
     from = to;
   }
   const results = await Promise.allSettled(pieces);
