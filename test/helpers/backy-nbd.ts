@@ -90,6 +90,23 @@ export function peakRss(pid: number): number {
 }
 
 /**
+ * Bytes a process holds in shared-memory files it has open (the block cache keeps its blocks in an unlinked
+ * file in /dev/shm, which RSS does not count): the allocated size of every /dev/shm file among its fds.
+ */
+export function sharedMemoryBytes(pid: number): number {
+  let total = 0;
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (!fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/dev/shm/')) continue;
+      total += fs.statSync(`/proc/${pid}/fd/${fd}`).blocks * 512;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return total;
+}
+
+/**
  * Creates a complete, valid version of `size` bytes directly through the repository API: every block a hole
  * except `data` (block index → contents, at most one block each), stored encrypted like a backup would.
  * Returns its uid. The repository must not be in use by a writer.
