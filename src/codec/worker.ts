@@ -1,3 +1,4 @@
+import { writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero } from './blob-format';
 import { ownArrayBuffer } from './transfer';
@@ -10,12 +11,30 @@ import { decodeBacky2Blob } from './backy2-blob';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: StoreTarget };
+
+/** Where a decoded block is written instead of being sent back (a slot of the block cache's shared memory). */
+export interface StoreTarget {
+  fd: number;
+  position: number;
+  capacity: number;
+}
+
+/** Writes `data` at `t`; false when it does not fit or the write fails (then it goes back as usual). */
+function storeAt(t: StoreTarget, data: Buffer): boolean {
+  if (data.length > t.capacity) return false;
+  try {
+    for (let done = 0; done < data.length;) done += writeSync(t.fd, data, done, data.length - done, t.position + done);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
   | { id: number; op: 'encode'; blob: ArrayBuffer; len: number; buf: ArrayBuffer }
-  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer };
+  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
 
 export interface WorkerInit {
   keyHex?: string;
@@ -70,7 +89,11 @@ if (parentPort) {
           const data = req.format
             ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, keys: keyOf, hashFunction: opts.hashFunction }, out, req.recompute)
             : decodeBlob(blob, Buffer.from(req.sum), req.size, opts, out, req.recompute);
-          if (req.out && data.buffer === req.out && data.byteOffset === 0) {
+          if (req.store && storeAt(req.store, data)) {
+            // Written where the cache keeps it: only the memory goes back, for the next decode.
+            reply = { id: req.id, op: 'decode', len: data.length, out: req.out, blob: req.blob, stored: true };
+            if (req.out) transfer.push(req.out);
+          } else if (req.out && data.buffer === req.out && data.byteOffset === 0) {
             reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
             transfer.push(req.out);
           } else if (data.buffer === req.blob) {

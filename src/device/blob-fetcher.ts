@@ -4,7 +4,8 @@ import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
 import { BlobCorruptError } from '../util/errors';
-import type { BlockCache, CachedBlock, PrefetchOutcome } from './block-cache';
+import type { BlockCache, CachedBlock, LoadResult, PrefetchOutcome } from './block-cache';
+import type { SlabTarget } from './shm-slab';
 import { spareBuffers } from './spare-buffers';
 
 /** Fetches a blob, decrypts and verifies it (on the worker pool), through the shared cache. */
@@ -17,7 +18,7 @@ export class BlobFetcher {
   }
 
   fetch(ref: BlobRef): Promise<CachedBlock> {
-    return this.cache.get(BlobFetcher.cacheKey(ref), () => this.loadForCache(ref));
+    return this.cache.get(BlobFetcher.cacheKey(ref), (slot) => this.loadForCache(ref, slot));
   }
 
   isCached(ref: BlobRef): boolean {
@@ -26,19 +27,21 @@ export class BlobFetcher {
 
   /** Loads the block into the cache when storage is idle (see BlockCache.prefetch); `source` is the asker. */
   prefetch(ref: BlobRef, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
-    return this.cache.prefetch(BlobFetcher.cacheKey(ref), ref.size, () => this.loadForCache(ref), source);
+    return this.cache.prefetch(BlobFetcher.cacheKey(ref), ref.size, (slot) => this.loadForCache(ref, slot), source);
   }
 
   /**
-   * A load whose result the cache keeps: when the cache copies blocks into shared memory, the plaintext is
-   * decoded into a reused buffer (fresh memory is what made cold reads slow) that the cache gives back.
+   * A load whose result the cache keeps. When the cache keeps blocks in shared memory, the plaintext is decoded
+   * into a reused buffer (fresh memory is what made cold reads slow) and, given a slot, the worker writes it
+   * there itself (this thread only learns that it is stored).
    */
-  private async loadForCache(ref: BlobRef): Promise<Buffer> {
+  private async loadForCache(ref: BlobRef, slot?: SlabTarget): Promise<LoadResult> {
     if (!this.cache.usesSharedMemory) return this.load(ref);
     const cap = encodedCapacity(ref.size);
-    const r = await this.loadInto(ref, spareBuffers.take(cap) ?? allocBlock(cap));
+    const r = await this.decode(ref, spareBuffers.take(cap) ?? allocBlock(cap), undefined, slot);
     if (r.spareOut) this.recycle(r.spareOut);
-    return r.data;
+    if (r.stored !== undefined) return { stored: r.stored };
+    return r.data!;
   }
 
   /**
@@ -52,6 +55,12 @@ export class BlobFetcher {
 
   /** Loads and decodes; with `out`, the plaintext goes into it when possible (spareOut returns it if not). */
   async loadInto(ref: BlobRef, out?: Buffer, recompute?: boolean): Promise<{ data: Buffer; spareOut?: Buffer }> {
+    const r = await this.decode(ref, out, recompute);
+    return { data: r.data!, spareOut: r.spareOut };
+  }
+
+  /** Reads and decodes; with `slot`, the worker writes the plaintext there (`stored`) when it fits. */
+  private async decode(ref: BlobRef, out?: Buffer, recompute?: boolean, slot?: SlabTarget): Promise<{ data?: Buffer; stored?: number; spareOut?: Buffer }> {
     const key = this.keyOf(ref);
     let raw: Buffer;
     if (this.store.getInto) {
@@ -66,10 +75,13 @@ export class BlobFetcher {
     } else {
       raw = await this.store.get(key);
     }
-    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute, ref);
+    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute, ref, slot);
     this.recycle(r.spareBlob);
-    if (r.error !== undefined) throw new BlobCorruptError(key, r.error);
-    return { data: r.data!, spareOut: r.spareOut };
+    if (r.error !== undefined) {
+      if (r.spareOut) this.recycle(r.spareOut);
+      throw new BlobCorruptError(key, r.error);
+    }
+    return { data: r.data, stored: r.stored, spareOut: r.spareOut };
   }
 
   private recycle(b: Buffer): void {

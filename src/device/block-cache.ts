@@ -1,5 +1,5 @@
 import { LRUCache } from 'lru-cache';
-import { ShmSlab } from './shm-slab';
+import { ShmSlab, SlabTarget } from './shm-slab';
 
 export interface BlockCacheOptions {
   /** Loads the store serves at once (simultaneous_reads): prefetching uses at most half, and only idle ones. */
@@ -39,6 +39,13 @@ interface SlabEntry {
 
 type Entry = Buffer | SlabEntry;
 
+/**
+ * What a load gives the cache: the block, or (when it was given a slot to write into) how many bytes of it it
+ * wrote there.
+ */
+export type LoadResult = Buffer | { stored: number };
+export type Loader = (slot?: SlabTarget) => Promise<LoadResult>;
+
 /** Copies out of shared memory from this size on run on the thread pool. */
 const ASYNC_COPY = 128 * 1024;
 
@@ -59,7 +66,7 @@ export type PrefetchOutcome = 'cached' | 'queued' | 'full';
 interface Queued {
   key: string;
   size: number;
-  load: () => Promise<Buffer>;
+  load: Loader;
   source: object;
   done: Promise<void>;
   resolve: () => void;
@@ -146,15 +153,15 @@ export class BlockCache {
    * Keeps a loaded block: in a slot of the shared-memory file when there is one (evicting the least recently
    * used blocks for a slot), else as the Buffer itself.
    */
-  private keep(key: string, b: Buffer): CachedBlock {
+  private keep(key: string, b: Buffer, reserved?: { slot: number; gen: number }): CachedBlock {
     if (!this.lru) return inMemory(b);
-    if (this.slab === undefined) this.slab = ShmSlab.open(this.slotSize, Math.floor(this.maxBytes / this.slotSize)) ?? null;
+    if (reserved && !(this.slab && b.length <= this.slab.slotSize)) {
+      this.slab?.release(reserved.slot);
+      reserved = undefined;
+    }
+    if (this.slab === undefined) this.openSlab();
     if (this.slab && b.length <= this.slab.slotSize) {
-      let taken = this.slab.take();
-      while (!taken && this.lru.size > 0) {
-        this.lru.pop();
-        taken = this.slab.take();
-      }
+      const taken = reserved ?? this.reserveSlot();
       if (taken) {
         try {
           this.slab.write(taken.slot, b);
@@ -174,12 +181,29 @@ export class BlockCache {
     return inMemory(b);
   }
 
+  private openSlab(): void {
+    this.slab = ShmSlab.open(this.slotSize, Math.floor(this.maxBytes / this.slotSize)) ?? null;
+  }
+
+  /** A free slot of the shared-memory file, evicting the least recently used blocks for one if need be. */
+  private reserveSlot(): { slot: number; gen: number } | undefined {
+    if (!this.lru) return undefined;
+    if (this.slab === undefined) this.openSlab();
+    if (!this.slab) return undefined;
+    let taken = this.slab.take();
+    while (!taken && this.lru.size > 0) {
+      this.lru.pop();
+      taken = this.slab.take();
+    }
+    return taken;
+  }
+
   has(key: string): boolean {
     return !!this.lru?.has(key) || this.inflight.has(key);
   }
 
   /** The cached block, or the result of `load` (shared with every concurrent caller of the same key). */
-  get(key: string, load: () => Promise<Buffer>): Promise<CachedBlock> {
+  get(key: string, load: Loader): Promise<CachedBlock> {
     const hit = this.lru?.get(key);
     if (hit) {
       this.hits++;
@@ -206,7 +230,7 @@ export class BlockCache {
    * Asks for `key` to be loaded when storage is idle. 'cached': there or on its way; 'queued': `done` resolves
    * once loaded (or failed); 'full': dropped, the prefetch budget is used up (stop asking for more).
    */
-  prefetch(key: string, size: number, load: () => Promise<Buffer>, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
+  prefetch(key: string, size: number, load: Loader, source: object): { outcome: PrefetchOutcome; done: Promise<void> } {
     if (!this.lru || this.has(key)) return { outcome: 'cached', done: Promise.resolve() };
     const q = this.queued.get(key);
     if (q) return { outcome: 'cached', done: q.done };
@@ -236,14 +260,24 @@ export class BlockCache {
     return { queued: this.queued.size, unreadBytes: this.unreadBytes, demandLoads: this.demandLoads, prefetchLoads: this.prefetchLoads };
   }
 
-  private start(key: string, load: () => Promise<Buffer>, prefetch: boolean): Promise<CachedBlock> {
+  private start(key: string, load: Loader, prefetch: boolean): Promise<CachedBlock> {
     if (prefetch) this.prefetchLoads++;
     else this.demandLoads++;
-    const p = load().then(
+    // The slot is taken before the load, so the load can write the block into it where it decodes it.
+    const reserved = this.reserveSlot();
+    const p = load(reserved && this.slab ? this.slab.target(reserved.slot) : undefined).then(
       (loaded) => {
         this.inflight.delete(key);
         this.failed.delete(key);
-        const b = this.keep(key, loaded);
+        let b: CachedBlock;
+        if (Buffer.isBuffer(loaded)) {
+          b = this.keep(key, loaded, reserved);
+        } else {
+          if (!reserved || !this.slab || !this.lru) throw new Error('block cache: a load stored a block without a slot');
+          const e: SlabEntry = { slot: reserved.slot, gen: reserved.gen, length: loaded.stored };
+          this.lru.set(key, e);
+          b = this.handOut(e);
+        }
         const read = this.joined.delete(key);
         if (prefetch) {
           this.prefetchStats.loaded++;
@@ -257,6 +291,7 @@ export class BlockCache {
         return b;
       },
       (e) => {
+        if (reserved) this.slab?.release(reserved.slot);
         this.inflight.delete(key);
         this.joined.delete(key);
         if (this.failureTtlMs > 0) this.failed.set(key, { error: e, at: Date.now() });

@@ -15,6 +15,13 @@ import { randomBytes } from 'node:crypto';
  * it), created mode 0600. Each slot carries a generation that changes when the slot is given to another block,
  * so a reader holding an old reference finds out instead of reading another block's bytes.
  */
+/** A slot to write one block into: `capacity` bytes at `position` of file descriptor `fd`. */
+export interface SlabTarget {
+  fd: number;
+  position: number;
+  capacity: number;
+}
+
 export class ShmSlab {
   private readonly free: number[] = [];
   private readonly generation: Uint32Array;
@@ -42,6 +49,11 @@ export class ShmSlab {
       return undefined;
     }
     return new ShmSlab(fd, slotSize, slots);
+  }
+
+  /** Where a slot's bytes go, for a writer in another thread (a codec worker stores a decoded block itself). */
+  target(slot: number): SlabTarget {
+    return { fd: this.fd, position: slot * this.slotSize, capacity: this.slotSize };
   }
 
   get freeSlots(): number {
