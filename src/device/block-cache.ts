@@ -46,8 +46,12 @@ type Entry = Buffer | SlabEntry;
 export type LoadResult = Buffer | { stored: number };
 export type Loader = (slot?: SlabTarget) => Promise<LoadResult>;
 
-/** Copies out of shared memory from this size on run on the thread pool. */
-const ASYNC_COPY = 128 * 1024;
+/**
+ * Copies out of shared memory from this size on run on the thread pool. Larger than FUSE's reads (128 KiB):
+ * one FUSE reader waits for each read, and the hop to the pool cost more than the copy (warm cat 0.75x of the
+ * FUSE ceiling with it, 0.98x without); NBD clients keep many 256 KiB reads in flight, which the pool overlaps.
+ */
+const ASYNC_COPY = 256 * 1024;
 
 function inMemory(b: Buffer): CachedBlock {
   return {
