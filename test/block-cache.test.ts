@@ -137,6 +137,28 @@ describe('BlockCache in shared memory', () => {
   });
 });
 
+describe('cache_memory', () => {
+  test('shared (the default) keeps blocks in shared memory, heap in the process; anything else is refused', async () => {
+    const text = fs.readFileSync(tr.cfg, 'utf8');
+    assert.equal(loadConfig(tr.cfg).cacheMemory, 'shared');
+    for (const [value, shared] of [['heap', false], ['shared', true]] as const) {
+      const cfgFile = path.join(tr.dir, `cache-${value}.cfg`);
+      fs.writeFileSync(cfgFile, `${text}\n[DEFAULTS]\ncache_memory = ${value}\n`);
+      const r = await Repository.open(loadConfig(cfgFile));
+      try {
+        const dev = r.device(await r.version(uid), r.cache(4 * BS));
+        assert.ok((await dev.read(BS, BS)).equals(image.subarray(BS, 2 * BS)));
+        assert.equal(r.cache().usesSharedMemory, shared, value);
+      } finally {
+        await r.close();
+      }
+    }
+    const bad = path.join(tr.dir, 'cache-bad.cfg');
+    fs.writeFileSync(bad, `${text}\n[DEFAULTS]\ncache_memory = disk\n`);
+    assert.throws(() => loadConfig(bad), /cache_memory/);
+  });
+});
+
 describe('ReplyBuffers', () => {
   test('buffers come back for reuse; foreign ones and second returns are ignored', () => {
     const pool = new ReplyBuffers(1024 * KiB);

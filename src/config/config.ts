@@ -56,6 +56,8 @@ export interface Config {
   compressionLevel: number;
   /** Bytes of the shared block cache (NBD, FUSE). */
   cacheSize: number;
+  /** shared: the block cache keeps blocks in a /dev/shm file; heap: in the process's memory. */
+  cacheMemory: 'shared' | 'heap';
   /** Where copy-on-write overlays of writable exports and mounts are kept (`[DEFAULTS] overlay_dir`). */
   overlayDir: string;
   /** checksum: reads recompute the plaintext checksum besides the GCM tag; tag: the tag alone (encrypted blobs). */
@@ -87,6 +89,7 @@ encryption = aes-256-gcm
 compression = zstd
 compression_level = 1
 cache_size = 1G
+cache_memory = shared
 overlay_dir = /var/lib/backy/overlays
 read_verification = checksum
 simultaneous_reads = 8
@@ -246,6 +249,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
     compression: oneOf('defaults', 'compression', ['zstd', 'none'] as const, { off: 'none', no: 'none' }),
     compressionLevel: int('defaults', 'compression_level', 1, 19),
     cacheSize: size('defaults', 'cache_size', 0, 2 ** 50),
+    cacheMemory: oneOf('defaults', 'cache_memory', ['shared', 'heap'] as const),
     overlayDir: pathOf('defaults', 'overlay_dir'),
     readVerification: oneOf('defaults', 'read_verification', ['checksum', 'tag'] as const),
     workers: get('defaults', 'workers') !== undefined ? int('defaults', 'workers', 1, 256) : Math.max(1, os.availableParallelism()),

@@ -146,6 +146,7 @@ export class Repository {
       this.cacheInstance = new BlockCache(bytes, {
         concurrency: this.cfg.data.simultaneousReads,
         blockSize: this.cfg.blockSize,
+        shm: this.cfg.cacheMemory === 'shared',
         // A block's memory, once in shared memory, goes back to the pool its next load decodes into.
         recycle: (b) => spareBuffers.give(Buffer.from(b.buffer, 0, b.buffer.byteLength)),
       });
