@@ -7,6 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { loadConfig } from '../src/config/config';
 import { BlockCache } from '../src/device/block-cache';
@@ -99,6 +100,29 @@ describe('BlockCache in shared memory', () => {
       assert.ok(cache.size <= 2 * BS);
     } finally {
       cache.close();
+    }
+  });
+
+  test('a full tmpfs: the blocks that do not fit stay Buffers, every read right', async () => {
+    const dir = path.join(tr.dir, 'small-shm');
+    fs.mkdirSync(dir);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${2 * BS}`, 'tmpfs', dir]);
+    const saved = process.env.BACKY_SHM_DIR;
+    process.env.BACKY_SHM_DIR = dir;
+    const v = await repo.version(uid);
+    const cache = new BlockCache(BLOCKS * BS, { blockSize: BS });
+    try {
+      const dev = new VersionDevice(repo.meta, v, repo.fetcher(cache));
+      for (let i = 0; i < BLOCKS; i++) assert.ok((await dev.read(i * BS, BS)).equals(image.subarray(i * BS, (i + 1) * BS)), `block ${i}`);
+      assert.ok(cache.usesSharedMemory);
+      const held = await Promise.all(Array.from({ length: BLOCKS }, (_, i) => cache.get(`probe-${i}`, async () => Buffer.alloc(BS, i))));
+      assert.ok(held.every((b) => b.buffer), 'once tmpfs was full, blocks are kept as Buffers');
+      for (let i = 0; i < BLOCKS; i++) assert.ok((await dev.read(i * BS, BS)).equals(image.subarray(i * BS, (i + 1) * BS)), `block ${i} again`);
+    } finally {
+      cache.close();
+      if (saved === undefined) delete process.env.BACKY_SHM_DIR;
+      else process.env.BACKY_SHM_DIR = saved;
+      execFileSync('umount', [dir]);
     }
   });
 

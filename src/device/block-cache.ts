@@ -98,6 +98,8 @@ export class BlockCache {
   private slab: ShmSlab | undefined | null;
   private readonly slotSize: number;
   private readonly recycle?: (b: Buffer) => void;
+  /** A write into the shared-memory file failed (tmpfs full): new blocks are kept as Buffers. */
+  private slabFull = false;
   private failed = new LRUCache<string, { error: unknown; at: number }>({ max: 4096 });
   private readonly concurrency: number;
   private readonly failureTtlMs: number;
@@ -164,14 +166,15 @@ export class BlockCache {
       reserved = undefined;
     }
     if (this.slab === undefined) this.openSlab();
-    if (this.slab && b.length <= this.slab.slotSize) {
+    if (this.slab && !this.slabFull && b.length <= this.slab.slotSize) {
       const taken = reserved ?? this.reserveSlot();
       if (taken) {
         try {
           this.slab.write(taken.slot, b);
         } catch {
-          // tmpfs full (or gone): this block stays a Buffer
+          // tmpfs full (or gone): this block stays a Buffer, and so do later ones (no write attempt per load)
           this.slab.release(taken.slot);
+          this.slabFull = true;
           this.lru.set(key, b);
           return inMemory(b);
         }
@@ -193,7 +196,7 @@ export class BlockCache {
   private reserveSlot(): { slot: number; gen: number } | undefined {
     if (!this.lru) return undefined;
     if (this.slab === undefined) this.openSlab();
-    if (!this.slab) return undefined;
+    if (!this.slab || this.slabFull) return undefined;
     let taken = this.slab.take();
     while (!taken && this.lru.size > 0) {
       this.lru.pop();
