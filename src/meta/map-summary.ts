@@ -73,7 +73,126 @@ export function encodeSummary(s: MapSummary): Buffer {
   return packr.pack([s.chunks.map((c) => [Buffer.from(c.digest, 'hex'), c.count, c.chunk]), s.last, d]);
 }
 
+/**
+ * A stored summary, decoded as far as `du` needs it for most versions: the delta at once, the chunk list and
+ * the last digest on first use (only the roots' are read; building a hex string and an object per chunk of
+ * 10,000 summaries was a large part of du). Reads msgpackr's encoding of the few types a summary holds.
+ */
+class StoredSummary implements MapSummary {
+  delta?: MapDelta;
+  private chunkList?: MapSummary['chunks'];
+  private lastDigest?: string;
+
+  constructor(private readonly raw: Uint8Array, private readonly chunksAt: number, private readonly chunkCount: number,
+    private readonly lastAt: number, private readonly lastEnd: number) {}
+
+  get chunks(): MapSummary['chunks'] {
+    if (!this.chunkList) {
+      const b = Buffer.from(this.raw.buffer, this.raw.byteOffset, this.raw.byteLength);
+      const list: MapSummary['chunks'] = new Array(this.chunkCount);
+      at = this.chunksAt;
+      for (let k = 0; k < this.chunkCount; k++) {
+        at += 1; // the entry's array header (checked when the summary was decoded)
+        const len = b[at + 1];
+        const digest = b.toString('hex', at + 2, at + 2 + len);
+        at += 2 + len;
+        const count = readInt(b);
+        list[k] = { digest, count, chunk: readInt(b) };
+      }
+      this.chunkList = list;
+    }
+    return this.chunkList;
+  }
+
+  get last(): string {
+    this.lastDigest ??= Buffer.from(this.raw.buffer, this.raw.byteOffset, this.raw.byteLength).toString('utf8', this.lastAt, this.lastEnd);
+    return this.lastDigest;
+  }
+}
+
+/** Read position of readInt/readArray in the bytes being decoded (one decoder runs at a time: no await inside). */
+let at = 0;
+
+/** An integer as msgpackr writes one up to 32 bits; NaN for anything else (then the generic decoder decides). */
+function readInt(b: Uint8Array): number {
+  const t = b[at++];
+  if (t < 0x80) return t;
+  if (t >= 0xe0) return t - 0x100;
+  let v: number;
+  switch (t) {
+    case 0xcc: v = b[at]; at += 1; return v;
+    case 0xcd: v = (b[at] << 8) | b[at + 1]; at += 2; return v;
+    case 0xce: v = ((b[at] << 24) >>> 0) + ((b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]); at += 4; return v;
+    case 0xd0: v = (b[at] << 24) >> 24; at += 1; return v;
+    case 0xd1: v = ((b[at] << 24) >> 16) | b[at + 1]; at += 2; return v;
+    case 0xd2: v = (b[at] << 24) | (b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]; at += 4; return v;
+    default: return NaN;
+  }
+}
+
+/** An array header's length, or -1. */
+function readArray(b: Uint8Array): number {
+  const t = b[at++];
+  if ((t & 0xf0) === 0x90) return t & 0x0f;
+  if (t === 0xdc) { const n = (b[at] << 8) | b[at + 1]; at += 2; return n; }
+  if (t === 0xdd) { const n = ((b[at] << 24) >>> 0) + ((b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]); at += 4; return n; }
+  return -1;
+}
+
+/** A list of n integers, or undefined when one is not a plain integer. */
+function readInts(b: Uint8Array, n: number): number[] | undefined {
+  if (n < 0 || n > b.length - at) return undefined;
+  const out: number[] = new Array(n);
+  for (let k = 0; k < n; k++) {
+    const v = readInt(b);
+    if (v !== v) return undefined;
+    out[k] = v;
+  }
+  return out;
+}
+
+function decodeFast(b: Uint8Array): StoredSummary | undefined {
+  at = 0;
+  if (readArray(b) !== 3) return undefined;
+  const count = readArray(b);
+  if (count < 0 || count > b.length) return undefined;
+  const chunksAt = at;
+  for (let k = 0; k < count; k++) {
+    if (b[at] !== 0x93 || b[at + 1] !== 0xc4) return undefined;
+    at += 3 + b[at + 2];
+    const n = readInt(b);
+    const chunk = readInt(b);
+    if (n !== n || chunk !== chunk || at > b.length) return undefined; // NaN: not a plain integer
+  }
+  return decodeTail(b, chunksAt, count);
+}
+
+function decodeTail(b: Uint8Array, chunksAt: number, count: number): StoredSummary | undefined {
+  const t = b[at++];
+  let len: number;
+  if ((t & 0xe0) === 0xa0) len = t & 0x1f;
+  else if (t === 0xd9) len = b[at++];
+  else return undefined;
+  const lastAt = at;
+  at += len;
+  const s = new StoredSummary(b, chunksAt, count, lastAt, at);
+  if (b[at] === 0xc0) {
+    at++;
+  } else {
+    if (readArray(b) !== 3) return undefined;
+    const base = readInt(b);
+    if (base !== base) return undefined;
+    const ids = readInts(b, readArray(b));
+    const counts = ids && readInts(b, readArray(b));
+    if (!counts) return undefined;
+    s.delta = { base, ids, counts };
+  }
+  return at === b.length ? s : undefined;
+}
+
 export function decodeSummary(data: Uint8Array): MapSummary {
+  const fast = decodeFast(data);
+  if (fast) return fast;
   const v = packr.unpack(data) as [[Uint8Array, number, number][], string, [number, number[], number[]] | null | undefined];
   if (!Array.isArray(v) || !Array.isArray(v[0])) throw new Error('corrupt map summary');
   const out: MapSummary = { chunks: v[0].map(([d, count, chunk]) => ({ digest: Buffer.from(d).toString('hex'), count, chunk })), last: v[1] };
