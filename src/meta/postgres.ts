@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { blobSizesFromBytes, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, successorsSql, summarizeChunks } from './map-summary';
+import { blobSizesFromBytes, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, successorsSql, summarizeChunks, SummaryTable } from './map-summary';
 import { batches, blobRefFromRow, blobsToStamp, CleanupTally, statsFromRow, decideBlob, IdBitmap, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
@@ -773,7 +773,7 @@ export class PostgresMetaStore implements MetaStore {
       // driver gathers each message in one buffer, and copying megabytes into fresh memory costs far more on
       // a VM than parsing a few hundred rows.
       const r = await c.query(`SELECT encode(string_agg(substr(int8send(id), 3) || int4send(size) || int4send(stored_size), ''::bytea), 'base64') AS t
-        FROM blobs WHERE state <> 3 GROUP BY id >> 11`);
+        FROM blobs WHERE state <> 3 GROUP BY id >> 13`);
       return blobSizesFromBytes(r.rows.map((row) => Buffer.from(row.t, 'base64')));
     }, { isolation: 'REPEATABLE READ READ ONLY', prelude: `SET TRANSACTION SNAPSHOT '${snapshot}'` });
   }
@@ -785,7 +785,7 @@ export class PostgresMetaStore implements MetaStore {
       // snapshot, while this one reads the summaries: the server scans while this process decodes.
       const blobs = this.blobSizes((await c.query('SELECT pg_export_snapshot() AS s')).rows[0].s);
       blobs.catch(() => undefined); // awaited below; a failure meanwhile must not count as unhandled
-      const summaries = new Map<number, MapSummary>();
+      const summaries = new SummaryTable();
       const contents = new Map<string, Uint8Array>();
       const keep = (digest: string, data: Uint8Array) => { if (!contents.has(digest)) contents.set(digest, data); };
       const missing: { id: number; complete: boolean }[] = [];
@@ -794,14 +794,14 @@ export class PostgresMetaStore implements MetaStore {
       for (let after = 0; ;) {
         const rows = (await c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
           max(version_id) AS last FROM (SELECT version_id, data FROM map_summaries WHERE version_id > $1 ORDER BY version_id LIMIT $2) s
-          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE])).rows;
+          GROUP BY version_id >> 9`, [after, SUMMARY_PAGE])).rows;
         if (!rows.length) break;
         for (const row of rows) {
           const b = Buffer.from(row.t, 'base64');
           for (let off = 0; off < b.length;) {
             const id = b.readUInt32BE(off) * 2 ** 32 + b.readUInt32BE(off + 4);
             const end = off + 12 + b.readUInt32BE(off + 8);
-            summaries.set(id, decodeSummary(b.subarray(off + 12, end)));
+            summaries.addEncoded(id, b, off + 12, end);
             off = end;
           }
           after = Math.max(after, Number(row.last));
@@ -812,12 +812,12 @@ export class PostgresMetaStore implements MetaStore {
       }
       for (const m of missing) {
         const summary = await this.summarize(c, m.id, m.complete, keep);
-        summaries.set(m.id, summary);
+        summaries.add(m.id, summary);
         if (m.complete) computed.push([m.id, summary]);
       }
       // One representative chunk per distinct content of the roots, fetched in batches.
       const wanted = new Map<string, [number, number]>();
-      for (const id of rootsOf(summaries)) for (const ch of summaries.get(id)!.chunks) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
+      for (const id of summaries.roots()) for (const ch of summaries.chunksOf(summaries.slotOf(id))) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
       const byPlace = new Map<string, string>([...wanted].map(([digest, [id, chunk]]) => [`${id}:${chunk}`, digest]));
       for (const part of batches([...wanted.values()], ID_BATCH)) {
         const rows = (await c.query(`SELECT m.version_id, m.chunk, m.data FROM block_maps m
