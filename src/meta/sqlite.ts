@@ -563,9 +563,9 @@ export class SqliteMetaStore implements MetaStore {
       const digests = [...wanted.keys()];
       for (const r of rows) contents.set(digests[Number(r.k)], r.data as Buffer);
       if (rows.length !== places.length) throw new DatabaseError('a block map chunk of the summaries is missing');
-      // Every blob's id, size and stored size in one hex string: far cheaper than a row per blob. NOT INDEXED: the
-      // partial checksum index matches "state <> 3" but would visit the rows in random order.
-      const b = this.st(`SELECT group_concat(printf('%012x%08x%08x', id, size, stored_size), '') AS t FROM blobs NOT INDEXED WHERE state <> 3`).get() as Row;
+      // Every blob's id, size and stored size in one hex string: far cheaper than a row per blob. From the covering
+      // index of just these (schema 4), a fraction of the table to read.
+      const b = this.st(`SELECT group_concat(printf('%012x%08x%08x', id, size, stored_size), '') AS t FROM blobs INDEXED BY blobs_sizes WHERE state <> 3`).get() as Row;
       return { summaries, contents, blobs: blobSizesFromHex((b.t as string | null) ?? '') };
     })();
     if (computed.length) {
