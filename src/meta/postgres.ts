@@ -773,7 +773,7 @@ export class PostgresMetaStore implements MetaStore {
       // driver gathers each message in one buffer, and copying megabytes into fresh memory costs far more on
       // a VM than parsing a few hundred rows.
       const r = await c.query(`SELECT encode(string_agg(substr(int8send(id), 3) || int4send(size) || int4send(stored_size), ''::bytea), 'base64') AS t
-        FROM blobs WHERE state <> 3 GROUP BY id >> 13`);
+        FROM blobs WHERE state <> 3 GROUP BY id >> 11`);
       return blobSizesFromBytes(r.rows.map((row) => Buffer.from(row.t, 'base64')));
     }, { isolation: 'REPEATABLE READ READ ONLY', prelude: `SET TRANSACTION SNAPSHOT '${snapshot}'` });
   }
@@ -794,7 +794,7 @@ export class PostgresMetaStore implements MetaStore {
       for (let after = 0; ;) {
         const rows = (await c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
           max(version_id) AS last FROM (SELECT version_id, data FROM map_summaries WHERE version_id > $1 ORDER BY version_id LIMIT $2) s
-          GROUP BY version_id >> 9`, [after, SUMMARY_PAGE])).rows;
+          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE])).rows;
         if (!rows.length) break;
         for (const row of rows) {
           const b = Buffer.from(row.t, 'base64');
