@@ -30,7 +30,7 @@ const ID_BATCH = 10_000;
 const ASYNC_COMMIT = 'SET LOCAL synchronous_commit = off';
 const CURSOR_PAGE = 1000;
 /** Map summaries per query of mapUsage (about 500 bytes each for a daily 1 TiB version). */
-const SUMMARY_PAGE = 10_000;
+const SUMMARY_PAGE = 16_384;
 
 /**
  * BIGINT columns (ids, sizes, ms timestamps) as JavaScript numbers: every value backy stores is far below
@@ -791,14 +791,19 @@ export class PostgresMetaStore implements MetaStore {
       const missing: { id: number; complete: boolean }[] = [];
       // The stored summaries a page of versions at a time, as values of 64 versions each (version id, length,
       // bytes; base64): far cheaper than a row per version with its bytes in hex (and see blobSizes).
-      for (let after = 0; ;) {
-        const rows = (await c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
+      const page = (after: number) => c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
           max(version_id) AS last FROM (SELECT version_id, data FROM map_summaries WHERE version_id > $1 ORDER BY version_id LIMIT $2) s
-          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE])).rows;
-        if (!rows.length) break;
-        for (const row of rows) {
+          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE]);
+      let next = page(0);
+      // Queued behind the first page: the server answers it while this process decodes that page.
+      const unsummarized = c.query(`SELECT id, complete FROM versions v WHERE NOT EXISTS (SELECT 1 FROM map_summaries s WHERE s.version_id = v.id) ORDER BY id`);
+      unsummarized.catch(() => undefined); // awaited below; a failure meanwhile must not count as unhandled
+      for (;;) {
+        let after = 0;
+        let count = 0;
+        for (const row of (await next).rows) {
           const b = Buffer.from(row.t, 'base64');
-          for (let off = 0; off < b.length;) {
+          for (let off = 0; off < b.length; count++) {
             const id = b.readUInt32BE(off) * 2 ** 32 + b.readUInt32BE(off + 4);
             const end = off + 12 + b.readUInt32BE(off + 8);
             summaries.addEncoded(id, b, off + 12, end);
@@ -806,10 +811,10 @@ export class PostgresMetaStore implements MetaStore {
           }
           after = Math.max(after, Number(row.last));
         }
+        if (count < SUMMARY_PAGE) break; // a short page is the last: no query for an empty one
+        next = page(after);
       }
-      for (const r of (await c.query(`SELECT id, complete FROM versions v WHERE NOT EXISTS (SELECT 1 FROM map_summaries s WHERE s.version_id = v.id) ORDER BY id`)).rows) {
-        missing.push({ id: Number(r.id), complete: !!r.complete });
-      }
+      for (const r of (await unsummarized).rows) missing.push({ id: Number(r.id), complete: !!r.complete });
       for (const m of missing) {
         const summary = await this.summarize(c, m.id, m.complete, keep);
         summaries.add(m.id, summary);
