@@ -14,6 +14,8 @@ import { parseDuration, schedulersFrom } from '../src/engine/lifecycle/scheduler
 import { slaBreaches } from '../src/engine/lifecycle/sla';
 import { scanChunk } from '../src/engine/lifecycle/usage';
 import { encodeChunk } from '../src/meta/block-map';
+import { decodeSummary, encodeSummary, MapSummary, SummaryTable } from '../src/meta/map-summary';
+import { Packr } from 'msgpackr';
 import { ConfigError, UsageError } from '../src/util/errors';
 import { ENFORCE_KEPT, ENFORCE_RULES, FixtureVersion, SLA_VM1, vid, YEAR_NOW, yearOfVersions } from './helpers/lifecycle';
 
@@ -264,4 +266,63 @@ test('du reads encoded chunks like the generic decoder: holes, pending, small an
   scanChunk(encodeChunk(Float64Array.from([9, 9])), pool);
   assert.deepEqual([...pool.ids.subarray(0, pool.length)], [3, 1, 2, 9, 9], 'chunks are appended to one pool');
   assert.throws(() => scanChunk(encodeChunk(Float64Array.from([2 ** 33]))), /beyond what du counts/);
+});
+
+test('map summaries: the fast decoder and the summary table read what encodeSummary wrote, odd values through the generic decoder', () => {
+  const packr = new Packr({ useRecords: false });
+  /** What the generic msgpack decoder makes of a summary: the reference. */
+  const generic = (data: Uint8Array): MapSummary => {
+    const v = packr.unpack(data) as [[Uint8Array, number, number][], string, [number, number[], number[]] | null];
+    const out: MapSummary = { chunks: v[0].map(([d, count, chunk]) => ({ digest: Buffer.from(d).toString('hex'), count, chunk })), last: v[1] };
+    if (v[2]) out.delta = { base: v[2][0], ids: v[2][1], counts: v[2][2] };
+    return out;
+  };
+  const plain = (s: MapSummary): MapSummary => ({ chunks: s.chunks, last: s.last, ...(s.delta ? { delta: s.delta } : {}) });
+  const digest = (k: number) => k.toString(16).padStart(32, '0');
+  const summaries: MapSummary[] = [
+    { chunks: [], last: '' },
+    { chunks: [{ digest: digest(1), count: 254, chunk: 2 }, { digest: digest(2), count: 1, chunk: 0 }], last: digest(1) },
+    // every integer width msgpack has up to 32 bits, negative counts, a delta of 70,000 entries (array32)
+    { chunks: [{ digest: digest(3), count: 70000, chunk: 65536 }], last: digest(3), delta: { base: 2 ** 32 - 1, ids: [1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1], counts: [-1, -32, -33, -128, -129, -32768, -32769, -(2 ** 31)] } },
+    { chunks: [{ digest: digest(4), count: 1, chunk: 0 }], last: digest(4), delta: { base: 7, ids: Array.from({ length: 70000 }, (_, k) => k + 1), counts: Array.from({ length: 70000 }, (_, k) => (k % 2 ? 1 : -1)) } },
+    // beyond 32 bits: msgpackr writes doubles, which only the generic decoder reads
+    { chunks: [{ digest: digest(5), count: 1, chunk: 0 }], last: digest(5), delta: { base: 2 ** 40, ids: [2 ** 33], counts: [1] } },
+    { chunks: [{ digest: digest(6), count: 2 ** 35, chunk: 1 }], last: digest(6) },
+  ];
+  const table = new SummaryTable();
+  // back to back in one buffer, as PostgreSQL sends them
+  const encoded = summaries.map((s) => encodeSummary(s));
+  const joined = Buffer.concat(encoded);
+  let off = 0;
+  encoded.forEach((e, k) => {
+    assert.deepEqual(plain(decodeSummary(e)), generic(e), `summary ${k}`);
+    assert.deepEqual(plain(decodeSummary(e)), summaries[k], `summary ${k} round trip`);
+    // the first four are read by the fast decoder (its own class), the two with doubles by the generic one
+    assert.equal(Object.getPrototypeOf(decodeSummary(e)) === Object.prototype, k >= 4, `summary ${k}: which decoder`);
+    table.addEncoded(100 + k, joined, off, off + e.length);
+    off += e.length;
+  });
+  table.add(200, summaries[2]);
+  assert.equal(table.size, summaries.length + 1);
+  summaries.forEach((s, k) => {
+    const slot = table.slotOf(100 + k);
+    assert.deepEqual(plain(table.get(100 + k)!), s, `table ${k}`);
+    assert.deepEqual(table.chunksOf(slot), s.chunks);
+    assert.equal(table.lastOf(slot), s.last);
+    assert.equal(table.deltaBase(slot), s.delta ? s.delta.base : -1);
+    assert.deepEqual([...table.deltaIds.subarray(table.deltaStart(slot), table.deltaEnd(slot))], s.delta?.ids ?? []);
+    assert.deepEqual([...table.deltaCounts.subarray(table.deltaStart(slot), table.deltaEnd(slot))], s.delta?.counts ?? []);
+  });
+  assert.deepEqual(plain(table.get(200)!), summaries[2]);
+  assert.equal(table.slotOf(999), -1);
+  assert.equal(table.get(999), undefined);
+  // roots: no delta, or a delta against a version the table does not hold
+  assert.deepEqual(table.roots().sort((a, b) => a - b), [100, 101, 102, 103, 104, 105, 200]);
+  const empty = encodeSummary({ chunks: [], last: '' });
+  table.addEncoded(7, empty, 0, empty.length);
+  assert.deepEqual(table.roots().sort((a, b) => a - b), [7, 100, 101, 102, 104, 105, 200], '103 is a delta against 7 now');
+  assert.throws(() => table.add(7, summaries[0]), /two summaries of version 7/);
+  // damaged bytes: the generic decoder's error, never a wrong summary
+  assert.throws(() => decodeSummary(Buffer.from([0x93, 0x01])));
+  assert.throws(() => decodeSummary(encodeSummary(summaries[1]).subarray(0, 10)));
 });

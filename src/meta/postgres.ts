@@ -1,7 +1,7 @@
 import { Pool, PoolClient, PoolConfig, types as pgTypes } from 'pg';
 import { DatabaseError } from '../util/errors';
 import { blockCount, chunkLength, decodeChunk, encodeChunk, HOLE, MAP_CHUNK } from './block-map';
-import { blobSizesFromBytes, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, rootsOf, successorsSql, summarizeChunks } from './map-summary';
+import { blobSizesFromBytes, decodeSummary, deltaAgainst, DELTA_BASE_SQL, encodeSummary, mapDelta, MapSummary, MapUsage, successorsSql, summarizeChunks, SummaryTable } from './map-summary';
 import { batches, blobRefFromRow, blobsToStamp, CleanupTally, statsFromRow, decideBlob, IdBitmap, importedChunks, knownBlobId, newBlobUid, newVersionChunks, ownBlobUsable } from './logic';
 import { isConnectionError, maskEngineUrl, pgError } from './pg-errors';
 import { PgLocks } from './pg-locks';
@@ -30,7 +30,7 @@ const ID_BATCH = 10_000;
 const ASYNC_COMMIT = 'SET LOCAL synchronous_commit = off';
 const CURSOR_PAGE = 1000;
 /** Map summaries per query of mapUsage (about 500 bytes each for a daily 1 TiB version). */
-const SUMMARY_PAGE = 10_000;
+const SUMMARY_PAGE = 16_384;
 
 /**
  * BIGINT columns (ids, sizes, ms timestamps) as JavaScript numbers: every value backy stores is far below
@@ -785,39 +785,44 @@ export class PostgresMetaStore implements MetaStore {
       // snapshot, while this one reads the summaries: the server scans while this process decodes.
       const blobs = this.blobSizes((await c.query('SELECT pg_export_snapshot() AS s')).rows[0].s);
       blobs.catch(() => undefined); // awaited below; a failure meanwhile must not count as unhandled
-      const summaries = new Map<number, MapSummary>();
+      const summaries = new SummaryTable();
       const contents = new Map<string, Uint8Array>();
       const keep = (digest: string, data: Uint8Array) => { if (!contents.has(digest)) contents.set(digest, data); };
       const missing: { id: number; complete: boolean }[] = [];
       // The stored summaries a page of versions at a time, as values of 64 versions each (version id, length,
       // bytes; base64): far cheaper than a row per version with its bytes in hex (and see blobSizes).
-      for (let after = 0; ;) {
-        const rows = (await c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
+      const page = (after: number) => c.query(`SELECT encode(string_agg(int8send(version_id) || int4send(length(data)) || data, ''::bytea), 'base64') AS t,
           max(version_id) AS last FROM (SELECT version_id, data FROM map_summaries WHERE version_id > $1 ORDER BY version_id LIMIT $2) s
-          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE])).rows;
-        if (!rows.length) break;
-        for (const row of rows) {
+          GROUP BY version_id >> 6`, [after, SUMMARY_PAGE]);
+      let next = page(0);
+      // Queued behind the first page: the server answers it while this process decodes that page.
+      const unsummarized = c.query(`SELECT id, complete FROM versions v WHERE NOT EXISTS (SELECT 1 FROM map_summaries s WHERE s.version_id = v.id) ORDER BY id`);
+      unsummarized.catch(() => undefined); // awaited below; a failure meanwhile must not count as unhandled
+      for (;;) {
+        let after = 0;
+        let count = 0;
+        for (const row of (await next).rows) {
           const b = Buffer.from(row.t, 'base64');
-          for (let off = 0; off < b.length;) {
+          for (let off = 0; off < b.length; count++) {
             const id = b.readUInt32BE(off) * 2 ** 32 + b.readUInt32BE(off + 4);
             const end = off + 12 + b.readUInt32BE(off + 8);
-            summaries.set(id, decodeSummary(b.subarray(off + 12, end)));
+            summaries.addEncoded(id, b, off + 12, end);
             off = end;
           }
           after = Math.max(after, Number(row.last));
         }
+        if (count < SUMMARY_PAGE) break; // a short page is the last: no query for an empty one
+        next = page(after);
       }
-      for (const r of (await c.query(`SELECT id, complete FROM versions v WHERE NOT EXISTS (SELECT 1 FROM map_summaries s WHERE s.version_id = v.id) ORDER BY id`)).rows) {
-        missing.push({ id: Number(r.id), complete: !!r.complete });
-      }
+      for (const r of (await unsummarized).rows) missing.push({ id: Number(r.id), complete: !!r.complete });
       for (const m of missing) {
         const summary = await this.summarize(c, m.id, m.complete, keep);
-        summaries.set(m.id, summary);
+        summaries.add(m.id, summary);
         if (m.complete) computed.push([m.id, summary]);
       }
       // One representative chunk per distinct content of the roots, fetched in batches.
       const wanted = new Map<string, [number, number]>();
-      for (const id of rootsOf(summaries)) for (const ch of summaries.get(id)!.chunks) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
+      for (const id of summaries.roots()) for (const ch of summaries.chunksOf(summaries.slotOf(id))) if (!contents.has(ch.digest) && !wanted.has(ch.digest)) wanted.set(ch.digest, [id, ch.chunk]);
       const byPlace = new Map<string, string>([...wanted].map(([digest, [id, chunk]]) => [`${id}:${chunk}`, digest]));
       for (const part of batches([...wanted.values()], ID_BATCH)) {
         const rows = (await c.query(`SELECT m.version_id, m.chunk, m.data FROM block_maps m

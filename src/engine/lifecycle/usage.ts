@@ -1,5 +1,5 @@
 import { blockCount, decodeChunk, HOLE, PENDING } from '../../meta/block-map';
-import type { MapUsage } from '../../meta/map-summary';
+import type { MapSummary, MapUsage } from '../../meta/map-summary';
 import type { VersionRow } from '../../meta/types';
 
 /** backy2's du columns for one version, in logical (plaintext) bytes, plus what storage would free. */
@@ -139,6 +139,123 @@ function scanFast(b: Uint8Array, pool: Pick<IdPool, 'ids' | 'length' | 'reserve'
   return { holes, pending, last, start, end: count };
 }
 
+// The long loops of computeUsage are small functions of their own: du runs once per process, so its loops
+// start in the interpreter, and V8 optimizes a small function's loop at once but a big function's only after
+// compiling all of it (per loop). Over 400,000 blobs that was most of computeUsage's time.
+
+function maxOf(a: Float64Array): number {
+  let max = 0;
+  for (let k = 0; k < a.length; k++) if (a[k] > max) max = a[k];
+  return max;
+}
+
+/** values[k] at ids[k], in an array indexed by id. */
+function byId(ids: Float64Array, values: Float64Array, maxId: number): Uint32Array {
+  const out = new Uint32Array(maxId + 1);
+  for (let k = 0; k < ids.length; k++) out[ids[k]] = values[k];
+  return out;
+}
+
+/** Adds `weight` (times counts[k], if given) uses to each blob of ids[start, end); returns Σ size of them. */
+function addUses(ids: ArrayLike<number>, start: number, end: number, weight: number, total: Float64Array, size?: Uint32Array, counts?: Float64Array): number {
+  let sum = 0;
+  const maxId = total.length - 1;
+  for (let k = start; k < end; k++) {
+    const id = ids[k];
+    if (id > maxId) continue;
+    total[id] += counts ? weight * counts[k] : weight;
+    if (size) sum += size[id];
+  }
+  return sum;
+}
+
+/** Σ of per[id] over ids[start, end). */
+function sumOf(ids: Uint32Array, start: number, end: number, per: Float64Array): number {
+  let sum = 0;
+  const maxId = per.length - 1;
+  for (let k = start; k < end; k++) if (ids[k] <= maxId) sum += per[ids[k]];
+  return sum;
+}
+
+/** Counts each blob of ids[start, end) `count` times in `mine`, noting in `touched` the ones counted first. */
+function countUses(ids: Uint32Array, start: number, end: number, count: number, mine: Float64Array, touched: number[]): void {
+  const maxId = mine.length - 1;
+  for (let k = start; k < end; k++) {
+    const id = ids[k];
+    if (id > maxId) continue;
+    if (mine[id] === 0) touched.push(id);
+    mine[id] += count;
+  }
+}
+
+/** Root vi's exclusive blobs: those of `touched` whose uses are all its own; clears `mine` and `touched`. */
+function exclusiveOfRoot(vi: number, touched: number[], mine: Float64Array, total: Float64Array, exclusive: (vi: number, id: number, uses: number) => void): void {
+  for (let k = 0; k < touched.length; k++) {
+    const id = touched[k];
+    if (mine[id] === total[id]) exclusive(vi, id, mine[id]);
+    mine[id] = 0;
+  }
+  touched.length = 0;
+}
+
+/** Child vi's figures: its parent's (already in its columns) plus its delta [start, end); `exclusive` for blobs only it uses. */
+function applyDelta(vi: number, start: number, end: number,
+  a: { ids: Float64Array; counts: Float64Array; size: Uint32Array; perUse: Float64Array; storedPerUse: Float64Array; total: Float64Array; real: Float64Array; estSpace: Float64Array; estStored: Float64Array },
+  exclusive: (vi: number, id: number, count: number) => void): void {
+  const maxId = a.total.length - 1;
+  let real = a.real[vi];
+  let estSpace = a.estSpace[vi];
+  let estStored = a.estStored[vi];
+  for (let k = start; k < end; k++) {
+    const id = a.ids[k];
+    const count = a.counts[k];
+    if (id > maxId) continue;
+    real += count * a.size[id];
+    estSpace += count * a.perUse[id];
+    estStored += count * a.storedPerUse[id];
+    if (count > 0 && a.total[id] === count) exclusive(vi, id, count);
+  }
+  a.real[vi] = real;
+  a.estSpace[vi] = estSpace;
+  a.estStored[vi] = estStored;
+}
+
+/** The repository totals over every blob (versions, logical and sparse bytes and the ratios are the caller's). */
+function totalsOf(blobIds: Float64Array, size: Uint32Array, stored: Uint32Array, total: Float64Array): RepositoryUsage & { usedPlain: number; usedStored: number } {
+  let storedBytes = 0;
+  let plainBytes = 0;
+  let usedPlain = 0;
+  let usedStored = 0;
+  let unreferencedBlobs = 0;
+  let unreferencedStoredBytes = 0;
+  for (let k = 0; k < blobIds.length; k++) {
+    const id = blobIds[k];
+    storedBytes += stored[id];
+    plainBytes += size[id];
+    if (total[id] > 0) {
+      usedPlain += size[id];
+      usedStored += stored[id];
+    } else {
+      unreferencedBlobs++;
+      unreferencedStoredBytes += stored[id];
+    }
+  }
+  return {
+    versions: 0, blobs: blobIds.length, storedBytes, plainBytes, unreferencedBlobs, unreferencedStoredBytes, logicalBytes: 0, sparseBytes: 0,
+    dedupRatio: 0, compressionRatio: 0, usedPlain, usedStored,
+  };
+}
+
+/** Each blob's size divided by its uses (0 for unused blobs). */
+function perUseOf(size: Uint32Array, total: Float64Array): Float64Array {
+  const out = new Float64Array(total.length);
+  for (let id = 1; id < total.length; id++) {
+    if (total[id] < 0) throw new Error(`inconsistent map summaries: blob ${id} is used ${total[id]} times`);
+    if (total[id] > 0) out[id] = size[id] / total[id];
+  }
+  return out;
+}
+
 /**
  * du for every version from the block maps alone (storage is never touched). Each version's map is its
  * root's map plus the deltas on the way down (map-summary.ts): so a blob's uses over all versions are the
@@ -149,21 +266,23 @@ function scanFast(b: Uint8Array, pool: Pick<IdPool, 'ids' | 'length' | 'reserve'
  */
 export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: VersionUsage[]; totals: RepositoryUsage } {
   const n = versions.length;
-  const index = new Map<number, number>(versions.map((v, i) => [v.id, i]));
-  let maxId = 0;
-  for (const id of usage.blobs.ids) if (id > maxId) maxId = id;
-  const size = new Uint32Array(maxId + 1);
-  const stored = new Uint32Array(maxId + 1);
-  usage.blobs.ids.forEach((id, k) => { size[id] = usage.blobs.sizes[k]; stored[id] = usage.blobs.stored[k]; });
-  const sizeOf = (id: number) => (id <= maxId ? size[id] : 0);
-  const storedOf = (id: number) => (id <= maxId ? stored[id] : 0);
-  const summaryOf = (vi: number) => usage.summaries.get(versions[vi].id);
+  const index = new Map<number, number>();
+  for (let vi = 0; vi < n; vi++) index.set(versions[vi].id, vi);
+  const maxId = maxOf(usage.blobs.ids);
+  const size = byId(usage.blobs.ids, usage.blobs.sizes, maxId);
+  const stored = byId(usage.blobs.ids, usage.blobs.stored, maxId);
+  const sums = usage.summaries;
+  // Each version's slot in the summary table (-1: none) and its delta's range in the table's id/count pools.
+  const slot = new Int32Array(n);
+  for (let vi = 0; vi < n; vi++) slot[vi] = sums.slotOf(versions[vi].id);
+  const dIds = sums.deltaIds;
+  const dCounts = sums.deltaCounts;
 
   // The delta forest, parents (lower ids) before children.
   const parent = new Int32Array(n).fill(-1);
   for (let vi = 0; vi < n; vi++) {
-    const base = summaryOf(vi)?.delta?.base;
-    if (base === undefined || !usage.summaries.has(base)) continue;
+    const base = slot[vi] < 0 ? -1 : sums.deltaBase(slot[vi]);
+    if (base < 0 || !sums.has(base)) continue;
     const p = index.get(base);
     if (p === undefined || versions[p].id >= versions[vi].id) throw new Error('the repository changed while du read it: run du again');
     parent[vi] = p;
@@ -172,7 +291,10 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   // How many versions share each version's map up to its delta: itself and all descending from it.
   const weight = new Float64Array(n).fill(1);
   for (let k = n - 1; k >= 0; k--) if (parent[order[k]] >= 0) weight[parent[order[k]]] += weight[order[k]];
-  const isRoot = (vi: number) => parent[vi] < 0 && summaryOf(vi) !== undefined;
+  const isRoot = (vi: number) => parent[vi] < 0 && slot[vi] >= 0;
+  // The roots' chunk lists (only theirs are decoded).
+  const rootChunks: MapSummary['chunks'][] = [];
+  for (let vi = 0; vi < n; vi++) if (isRoot(vi)) rootChunks[vi] = sums.chunksOf(slot[vi]);
 
   // The roots' distinct chunks, each decoded once into the pool (every entry takes at least one encoded byte).
   let capacity = 0;
@@ -181,7 +303,7 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   const contents = new Map<string, Content>();
   for (let vi = 0; vi < n; vi++) {
     if (!isRoot(vi)) continue;
-    for (const c of summaryOf(vi)!.chunks) {
+    for (const c of rootChunks[vi]) {
       let content = contents.get(c.digest);
       if (!content) {
         const raw = usage.contents.get(c.digest);
@@ -198,53 +320,37 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   const ids = pool.ids;
   const total = new Float64Array(maxId + 1);
   for (const c of contents.values()) {
-    let real = 0;
-    for (let k = c.start; k < c.end; k++) {
-      const id = ids[k];
-      if (id > maxId) continue; // a blob row that vanished: counts as nothing
-      total[id] += c.uses;
-      real += size[id];
-    }
-    c.real = real;
+    // a blob row that vanished (id beyond maxId) counts as nothing
+    c.real = addUses(ids, c.start, c.end, c.uses, total, size);
   }
   for (let vi = 0; vi < n; vi++) {
-    if (parent[vi] < 0) continue;
-    const d = summaryOf(vi)!.delta!;
-    for (let k = 0; k < d.ids.length; k++) if (d.ids[k] <= maxId) total[d.ids[k]] += weight[vi] * d.counts[k];
+    if (parent[vi] >= 0) addUses(dIds, sums.deltaStart(slot[vi]), sums.deltaEnd(slot[vi]), weight[vi], total, undefined, dCounts);
   }
   // Each blob's size and stored size divided by its uses, once per blob; then summed per chunk.
-  const perUse = new Float64Array(maxId + 1);
-  const storedPerUse = new Float64Array(maxId + 1);
-  for (let id = 1; id <= maxId; id++) {
-    if (total[id] < 0) throw new Error(`inconsistent map summaries: blob ${id} is used ${total[id]} times`);
-    if (total[id] > 0) {
-      perUse[id] = size[id] / total[id];
-      storedPerUse[id] = stored[id] / total[id];
-    }
-  }
+  const perUse = perUseOf(size, total);
+  const storedPerUse = perUseOf(stored, total);
   for (const c of contents.values()) {
-    let share = 0;
-    let storedShare = 0;
-    for (let k = c.start; k < c.end; k++) {
-      const id = ids[k];
-      if (id > maxId) continue;
-      share += perUse[id];
-      storedShare += storedPerUse[id];
-    }
-    c.share = share;
-    c.storedShare = storedShare;
+    c.share = sumOf(ids, c.start, c.end, perUse);
+    c.storedShare = sumOf(ids, c.start, c.end, storedPerUse);
   }
 
-  const rows: VersionUsage[] = versions.map((version) => ({
-    version, real: 0, null: 0, dedupOwn: 0, dedupOthers: 0, individual: 0, estSpace: 0, estSpaceFreed: 0, storedFreed: 0, estStored: 0,
-  }));
-  const exclusiveUses = new Float64Array(n);
+  // The figures per version as columns (typed arrays): the loops below add up doubles, which in fields of
+  // 10,000 objects cost an allocation each while the code is not optimized yet. Objects are built at the end.
+  const col = () => new Float64Array(n);
+  const real = col();
+  const nul = col();
+  const dedupOwn = col();
+  const individual = col();
+  const estSpace = col();
+  const estSpaceFreed = col();
+  const storedFreed = col();
+  const estStored = col();
+  const exclusiveUses = col();
   const exclusive = (vi: number, id: number, uses: number) => {
-    const r = rows[vi];
-    if (uses === 1) r.individual += size[id];
-    else r.dedupOwn += size[id] * (uses - 1);
-    r.estSpaceFreed += size[id];
-    r.storedFreed += stored[id];
+    if (uses === 1) individual[vi] += size[id];
+    else dedupOwn[vi] += size[id] * (uses - 1);
+    estSpaceFreed[vi] += size[id];
+    storedFreed[vi] += stored[id];
     exclusiveUses[vi] += size[id] * uses;
   };
   // Roots: from their chunks; a scratch count per blob finds what only they use.
@@ -253,83 +359,52 @@ export function computeUsage(versions: VersionRow[], usage: MapUsage): { rows: V
   for (let vi = 0; vi < n; vi++) {
     if (!isRoot(vi)) continue;
     const v = versions[vi];
-    const s = summaryOf(vi)!;
-    const r = rows[vi];
     let holes = 0;
-    for (const ch of s.chunks) {
+    for (const ch of rootChunks[vi]) {
       const c = contents.get(ch.digest)!;
-      r.real += ch.count * c.real;
+      real[vi] += ch.count * c.real;
       holes += ch.count * c.holes;
-      r.estSpace += ch.count * c.share;
-      r.estStored += ch.count * c.storedShare;
-      for (let k = c.start; k < c.end; k++) {
-        const id = ids[k];
-        if (id > maxId) continue;
-        if (mine[id] === 0) touched.push(id);
-        mine[id] += ch.count;
-      }
+      estSpace[vi] += ch.count * c.share;
+      estStored[vi] += ch.count * c.storedShare;
+      countUses(ids, c.start, c.end, ch.count, mine, touched);
     }
-    for (const id of touched) {
-      if (mine[id] === total[id]) exclusive(vi, id, mine[id]);
-      mine[id] = 0;
-    }
-    touched.length = 0;
+    exclusiveOfRoot(vi, touched, mine, total, exclusive);
     const blocks = blockCount(v.size, v.blockSize);
     const lastLen = v.size - (blocks - 1) * v.blockSize;
-    const lastIsHole = s.last !== '' && contents.get(s.last)!.last === HOLE;
-    r.null = holes * v.blockSize - (lastIsHole ? v.blockSize - lastLen : 0);
+    const last = sums.lastOf(slot[vi]);
+    const lastIsHole = last !== '' && contents.get(last)!.last === HOLE;
+    nul[vi] = holes * v.blockSize - (lastIsHole ? v.blockSize - lastLen : 0);
   }
   // The others (complete, no pending blocks): their parent's figures plus their delta.
-  for (const vi of order) {
+  const arrays = { ids: dIds, counts: dCounts, size, perUse, storedPerUse, total, real, estSpace, estStored };
+  for (let k = 0; k < n; k++) {
+    const vi = order[k];
     const p = parent[vi];
     if (p < 0) continue;
-    const d = summaryOf(vi)!.delta!;
-    const r = rows[vi];
-    r.real = rows[p].real;
-    r.estSpace = rows[p].estSpace;
-    r.estStored = rows[p].estStored;
-    for (let k = 0; k < d.ids.length; k++) {
-      const id = d.ids[k];
-      const count = d.counts[k];
-      if (id > maxId) continue;
-      r.real += count * size[id];
-      r.estSpace += count * perUse[id];
-      r.estStored += count * storedPerUse[id];
-      if (count > 0 && total[id] === count) exclusive(vi, id, count);
-    }
-    r.null = versions[vi].size - r.real;
+    real[vi] = real[p];
+    estSpace[vi] = estSpace[p];
+    estStored[vi] = estStored[p];
+    applyDelta(vi, sums.deltaStart(slot[vi]), sums.deltaEnd(slot[vi]), arrays, exclusive);
+    nul[vi] = versions[vi].size - real[vi];
   }
-  rows.forEach((r, vi) => {
-    r.dedupOthers = r.real - exclusiveUses[vi];
-  });
   // Rounded only now: children start from their parent's exact share.
-  for (const r of rows) {
-    r.estSpace = Math.round(r.estSpace);
-    r.estStored = Math.round(r.estStored);
+  const rows: VersionUsage[] = new Array(n);
+  for (let vi = 0; vi < n; vi++) {
+    rows[vi] = {
+      version: versions[vi], real: real[vi], null: nul[vi], dedupOwn: dedupOwn[vi], dedupOthers: real[vi] - exclusiveUses[vi],
+      individual: individual[vi], estSpace: Math.round(estSpace[vi]), estSpaceFreed: estSpaceFreed[vi], storedFreed: storedFreed[vi],
+      estStored: Math.round(estStored[vi]),
+    };
   }
 
-  const totals: RepositoryUsage = {
-    versions: versions.length, blobs: usage.blobs.ids.length, storedBytes: 0, plainBytes: 0, unreferencedBlobs: 0,
-    unreferencedStoredBytes: 0, logicalBytes: 0, sparseBytes: 0, dedupRatio: 0, compressionRatio: 0,
-  };
-  let usedPlain = 0;
-  let usedStored = 0;
-  for (const id of usage.blobs.ids) {
-    totals.storedBytes += storedOf(id);
-    totals.plainBytes += sizeOf(id);
-    if (total[id] > 0) {
-      usedPlain += sizeOf(id);
-      usedStored += storedOf(id);
-    } else {
-      totals.unreferencedBlobs++;
-      totals.unreferencedStoredBytes += storedOf(id);
-    }
+  const totals = totalsOf(usage.blobs.ids, size, stored, total);
+  totals.versions = n;
+  for (let vi = 0; vi < n; vi++) {
+    totals.logicalBytes += real[vi];
+    totals.sparseBytes += nul[vi];
   }
-  for (const r of rows) {
-    totals.logicalBytes += r.real;
-    totals.sparseBytes += r.null;
-  }
-  totals.dedupRatio = usedPlain ? totals.logicalBytes / usedPlain : 0;
-  totals.compressionRatio = usedStored ? usedPlain / usedStored : 0;
-  return { rows, totals };
+  totals.dedupRatio = totals.usedPlain ? totals.logicalBytes / totals.usedPlain : 0;
+  totals.compressionRatio = totals.usedStored ? totals.usedPlain / totals.usedStored : 0;
+  const { usedPlain: _p, usedStored: _s, ...repository } = totals;
+  return { rows, totals: repository };
 }
