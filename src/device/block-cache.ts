@@ -365,7 +365,11 @@ export class BlockCache {
     this.failed.clear();
   }
 
-  /** Frees the shared-memory file (the cache keeps working, with Buffers). */
+  /**
+   * Frees the shared-memory file (the cache keeps working, with Buffers). Only once no load can still write
+   * into it: a codec worker given a slot writes to the file's descriptor, which the system may hand to another
+   * file once closed (Repository closes its codec pool first).
+   */
   close(): void {
     this.lru?.clear();
     this.slab?.close();
