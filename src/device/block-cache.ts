@@ -27,7 +27,7 @@ export interface CachedBlock {
    * Copies bytes [from, to) of the block into `out` at `pos`. False when the block has been evicted and its
    * slot given to another block since it was handed out: ask the cache again.
    */
-  copyTo(out: Buffer, pos: number, from: number, to: number): boolean | Promise<boolean>;
+  copyTo(out: Buffer, pos: number, from: number, to: number): boolean;
 }
 
 /** A block kept in a slot of the shared-memory file. */
@@ -46,12 +46,6 @@ type Entry = Buffer | SlabEntry;
 export type LoadResult = Buffer | { stored: number };
 export type Loader = (slot?: SlabTarget) => Promise<LoadResult>;
 
-/**
- * Copies out of shared memory from this size on run on the thread pool. Larger than FUSE's reads (128 KiB):
- * one FUSE reader waits for each read, and the hop to the pool cost more than the copy (warm cat 0.75x of the
- * FUSE ceiling with it, 0.98x without); NBD clients keep many 256 KiB reads in flight, which the pool overlaps.
- */
-const ASYNC_COPY = 256 * 1024;
 
 function inMemory(b: Buffer): CachedBlock {
   return {
@@ -149,9 +143,9 @@ export class BlockCache {
     const slab = this.slab!;
     return {
       length: e.length,
-      // Large copies on the thread pool, small ones here (a 4 KiB read is done sooner than it is dispatched).
-      copyTo: (out, pos, from, to) =>
-        to - from >= ASYNC_COPY ? slab.readIntoAsync(e.slot, e.gen, from, out, pos, to - from) : slab.readInto(e.slot, e.gen, from, out, pos, to - from),
+      // Synchronous: copies on the thread pool made warm NBD reads slower (nbdcopy 0.76x of nbdkit, 0.96x
+      // without), and nothing can take the slot between the generation check and the copy.
+      copyTo: (out, pos, from, to) => slab.readInto(e.slot, e.gen, from, out, pos, to - from),
     };
   }
 

@@ -96,28 +96,6 @@ export class ShmSlab {
     return true;
   }
 
-  /**
-   * readInto on the thread pool (a large copy then leaves this thread free). The generation is checked before
-   * and after: a slot is only written after it was released, and a release changes the generation, so bytes
-   * read while nothing changed it are the block's.
-   */
-  readIntoAsync(slot: number, gen: number, from: number, out: Buffer, pos: number, length: number): Promise<boolean> {
-    if (this.closed || this.generation[slot] !== gen) return Promise.resolve(false);
-    return new Promise((resolve, reject) => {
-      fs.read(this.fd, out, pos, length, slot * this.slotSize + from, (err, n) => {
-        if (err) return this.closed ? resolve(false) : reject(err);
-        if (this.closed || this.generation[slot] !== gen) return resolve(false);
-        if (n === length) return resolve(true);
-        // A short read (not seen on tmpfs): the rest synchronously.
-        try {
-          resolve(this.readInto(slot, gen, from + n, out, pos + n, length - n));
-        } catch (e) {
-          reject(e);
-        }
-      });
-    });
-  }
-
   close(): void {
     if (this.closed) return;
     this.closed = true;

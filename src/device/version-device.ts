@@ -185,7 +185,7 @@ export class VersionDevice implements BlockDevice {
    * a few such rounds it is read from storage without the cache, so a read always ends.
    */
   private async copyOut(index: number, b: CachedBlock, out: Buffer, pos: number, from: number, to: number): Promise<void> {
-    for (let round = 0; !(await b.copyTo(out, pos, from, to)); round++) {
+    for (let round = 0; !b.copyTo(out, pos, from, to); round++) {
       this.staleCopies++;
       const again = await this.readBlock(index, round >= 2);
       if (!again) throw new DeviceError(`version ${this.version.uid}: block ${index} changed while read`, 'EIO', index * this.blockSize);
