@@ -66,7 +66,7 @@ export function encodedCapacity(size: number): number {
 
 // Cipher output is copied into the caller's buffer a piece at a time, so encrypting a 4 MiB block leaves
 // small garbage behind instead of a second 4 MiB buffer per block.
-const PIECE = 64 * 1024;
+const PIECE = 256 * 1024;
 
 function updateInto(c: { update(b: Buffer): Buffer }, src: Buffer, dst: Buffer, at: number): number {
   let pos = at;
