@@ -252,10 +252,7 @@ export class Transmission {
       if (structured) return void (await this.replies.send(this.replies.errorOffsetChunk(req, C.REPLY_FLAG_DONE, req.offset, req.length, e)));
       return this.replies.error(req, errnoOf(e), messageForClient(e));
     }
-    const sent = (): void => {
-      release();
-      replyBuffers.give(data);
-    };
+    const sent = releasing(release, data);
     if (structured) await this.replies.send(this.replies.dataChunk(req, C.REPLY_FLAG_DONE, req.offset, data), sent);
     else await this.replies.simpleData(req, data, sent);
   }
@@ -304,10 +301,7 @@ export class Transmission {
       await this.replies.send(this.replies.errorOffsetChunk(req, 0, offset, length, e));
       return;
     }
-    await this.replies.send(this.replies.dataChunk(req, 0, offset, data), () => {
-      release();
-      replyBuffers.give(data);
-    });
+    await this.replies.send(this.replies.dataChunk(req, 0, offset, data), releasing(release, data));
   }
 
   /** Splits a read into data and hole segments using the device's zero runs (small holes become data). */
@@ -441,6 +435,14 @@ export class Transmission {
     else if (extents.length > C.MAX_BLOCK_STATUS_DESCRIPTORS) extents = extents.slice(0, C.MAX_BLOCK_STATUS_DESCRIPTORS);
     return this.replies.blockStatus(req, BASE_ALLOCATION_ID, extents, (e) => (e.zero ? C.STATE_HOLE | C.STATE_ZERO : 0));
   }
+}
+
+/** Once a reply has left: its budget back, and its data buffer back to the pool when it came from there. */
+function releasing(release: () => void, data: Buffer): () => void {
+  return () => {
+    release();
+    replyBuffers.give(data);
+  };
 }
 
 async function readExact(device: BlockDevice, offset: number, length: number): Promise<Buffer> {

@@ -7,7 +7,7 @@ export interface StoredFormat {
   keyInfo: Buffer | null;
 }
 import { WorkerPool } from './pool';
-import type { StoreTarget } from './worker';
+import type { SlabTarget } from '../device/shm-slab';
 import { ownArrayBuffer } from './transfer';
 
 export { allocBlock } from './transfer';
@@ -54,7 +54,7 @@ export class Codec {
    * `out` is given, the plaintext is written into it if possible (else `spareOut` returns it unused).
    * `stored`: the blob's format (a BlobRef), for blobs in another format than backy's own.
    */
-  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: StoreTarget): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
+  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: SlabTarget): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
     const { ab, outAb, transfer } = transferWith(blob, out);
     const foreign = stored && stored.format !== BlobFormat.Backy ? { format: stored.format, keyInfo: stored.keyInfo ? new Uint8Array(stored.keyInfo) : undefined } : {};
     const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);

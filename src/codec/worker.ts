@@ -1,8 +1,8 @@
-import { writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero } from './blob-format';
 import { ownArrayBuffer } from './transfer';
 import { decodeBacky2Blob } from './backy2-blob';
+import { SlabTarget, writeAllAt } from '../device/shm-slab';
 
 /**
  * CPU work off the main thread: zero detection, hashing, compression, encryption and their inverse.
@@ -11,20 +11,13 @@ import { decodeBacky2Blob } from './backy2-blob';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: StoreTarget };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
-/** Where a decoded block is written instead of being sent back (a slot of the block cache's shared memory). */
-export interface StoreTarget {
-  fd: number;
-  position: number;
-  capacity: number;
-}
-
-/** Writes `data` at `t`; false when it does not fit or the write fails (then it goes back as usual). */
-function storeAt(t: StoreTarget, data: Buffer): boolean {
+/** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
+function storeAt(t: SlabTarget, data: Buffer): boolean {
   if (data.length > t.capacity) return false;
   try {
-    for (let done = 0; done < data.length;) done += writeSync(t.fd, data, done, data.length - done, t.position + done);
+    writeAllAt(t.fd, data, t.position);
     return true;
   } catch {
     return false;

@@ -46,7 +46,8 @@ type Entry = Buffer | SlabEntry;
 export type LoadResult = Buffer | { stored: number };
 export type Loader = (slot?: SlabTarget) => Promise<LoadResult>;
 
-function inMemory(b: Buffer): CachedBlock {
+/** A block held as a Buffer, handed out as a CachedBlock. */
+export function inMemory(b: Buffer): CachedBlock {
   return {
     length: b.length,
     buffer: b,
@@ -154,46 +155,47 @@ export class BlockCache {
    */
   private keep(key: string, b: Buffer, reserved?: { slot: number; gen: number }): CachedBlock {
     if (!this.lru) return inMemory(b);
-    if (reserved && !(this.slab && !this.slabFull && b.length <= this.slab.slotSize)) {
-      this.slab?.release(reserved.slot);
-      reserved = undefined;
-    }
-    if (this.slab === undefined) this.openSlab();
-    if (this.slab && !this.slabFull && b.length <= this.slab.slotSize) {
-      const taken = reserved ?? this.reserveSlot();
-      if (taken) {
-        try {
-          this.slab.write(taken.slot, b);
-        } catch {
-          // tmpfs full (or gone): this block stays a Buffer, and so do later ones (no write attempt per load)
-          this.slab.release(taken.slot);
-          this.slabFull = true;
-          this.lru.set(key, b);
-          return inMemory(b);
-        }
-        const e: SlabEntry = { slot: taken.slot, gen: taken.gen, length: b.length };
-        this.lru.set(key, e);
+    const slab = this.usableSlab();
+    const fits = slab !== undefined && b.length <= slab.slotSize;
+    if (!fits && reserved) this.slab?.release(reserved.slot);
+    const taken = fits ? reserved ?? this.reserveSlot() : undefined;
+    if (taken) {
+      try {
+        slab!.write(taken.slot, b);
         this.recycle?.(b);
-        return this.handOut(e);
+        return this.keepInSlot(key, taken, b.length);
+      } catch {
+        // tmpfs full (or gone): this block stays a Buffer, and so do later ones (no write attempt per load)
+        slab!.release(taken.slot);
+        this.slabFull = true;
       }
     }
     this.lru.set(key, b);
     return inMemory(b);
   }
 
-  private openSlab(): void {
-    this.slab = ShmSlab.open(this.slotSize, Math.floor(this.maxBytes / this.slotSize)) ?? null;
+  /** Records a block whose bytes are in `taken`. */
+  private keepInSlot(key: string, taken: { slot: number; gen: number }, length: number): CachedBlock {
+    const e: SlabEntry = { slot: taken.slot, gen: taken.gen, length };
+    this.lru!.set(key, e);
+    return this.handOut(e);
+  }
+
+  /** The shared-memory file (opened on first use), unless it is not used, could not be opened, or is full. */
+  private usableSlab(): ShmSlab | undefined {
+    if (this.slab === undefined) this.slab = ShmSlab.open(this.slotSize, Math.floor(this.maxBytes / this.slotSize)) ?? null;
+    return this.slab && !this.slabFull ? this.slab : undefined;
   }
 
   /** A free slot of the shared-memory file, evicting the least recently used blocks for one if need be. */
   private reserveSlot(): { slot: number; gen: number } | undefined {
     if (!this.lru) return undefined;
-    if (this.slab === undefined) this.openSlab();
-    if (!this.slab || this.slabFull) return undefined;
-    let taken = this.slab.take();
+    if (!this.usableSlab()) return undefined;
+    const slab = this.slab!;
+    let taken = slab.take();
     while (!taken && this.lru.size > 0) {
       this.lru.pop();
-      taken = this.slab.take();
+      taken = slab.take();
     }
     return taken;
   }
@@ -269,15 +271,8 @@ export class BlockCache {
       (loaded) => {
         this.inflight.delete(key);
         this.failed.delete(key);
-        let b: CachedBlock;
-        if (Buffer.isBuffer(loaded)) {
-          b = this.keep(key, loaded, reserved);
-        } else {
-          if (!reserved || !this.slab || !this.lru) throw new Error('block cache: a load stored a block without a slot');
-          const e: SlabEntry = { slot: reserved.slot, gen: reserved.gen, length: loaded.stored };
-          this.lru.set(key, e);
-          b = this.handOut(e);
-        }
+        if (!Buffer.isBuffer(loaded) && !(reserved && this.slab && this.lru)) throw new Error('block cache: a load stored a block without a slot');
+        const b = Buffer.isBuffer(loaded) ? this.keep(key, loaded, reserved) : this.keepInSlot(key, reserved!, loaded.stored);
         const read = this.joined.delete(key);
         if (prefetch) {
           this.prefetchStats.loaded++;

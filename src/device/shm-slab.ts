@@ -22,6 +22,11 @@ export interface SlabTarget {
   capacity: number;
 }
 
+/** Writes all of `data` at `position` of `fd` (a short write continues; errors such as ENOSPC throw). */
+export function writeAllAt(fd: number, data: Buffer, position: number): void {
+  for (let done = 0; done < data.length;) done += fs.writeSync(fd, data, done, data.length - done, position + done);
+}
+
 export class ShmSlab {
   private readonly free: number[] = [];
   private readonly generation: Uint32Array;
@@ -76,8 +81,7 @@ export class ShmSlab {
   /** Stores `data` in `slot` (throws, e.g. ENOSPC when tmpfs is full; the slot stays taken). */
   write(slot: number, data: Buffer): void {
     if (data.length > this.slotSize) throw new RangeError(`block of ${data.length} bytes in a slot of ${this.slotSize}`);
-    let done = 0;
-    while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, slot * this.slotSize + done);
+    writeAllAt(this.fd, data, slot * this.slotSize);
   }
 
   /**

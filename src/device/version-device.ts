@@ -4,7 +4,7 @@ import { ChunkWithBlobs, readChunkWithBlobs } from '../meta/map-reader';
 import type { BlobRef, MetaStore, VersionRow } from '../meta/types';
 import { errorLine } from '../util/errors';
 import type { BlobFetcher } from './blob-fetcher';
-import type { CachedBlock } from './block-cache';
+import { CachedBlock, inMemory } from './block-cache';
 import { replyBuffers } from './reply-buffers';
 import { FailureLog } from './failure-log';
 import { BlockDevice, DeviceError, Extent } from './types';
@@ -141,8 +141,7 @@ export class VersionDevice implements BlockDevice {
     }
     try {
       if (!uncached) return await this.fetcher.fetch(s.ref);
-      const b = await this.fetcher.load(s.ref);
-      return { length: b.length, buffer: b, copyTo: (out, pos, from, to) => (b.copy(out, pos, from, to), true) };
+      return inMemory(await this.fetcher.load(s.ref));
     } catch (e) {
       const line = `version ${this.version.uid}: cannot read block at offset ${at}: ${errorLine(e)}`;
       this.logFailure(index, line);
