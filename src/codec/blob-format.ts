@@ -1,5 +1,6 @@
-import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createHasher } from './hashes';
+import { gcm } from './aes-gcm';
 import { compress } from 'zstd-napi';
 // The low-level context: decompresses into a buffer we size, never one sized by the frame's own header.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -64,18 +65,15 @@ export function encodedCapacity(size: number): number {
   return HEADER_AES + size + TAG;
 }
 
-// Cipher output is copied into the caller's buffer a piece at a time, so encrypting a 4 MiB block leaves
-// small garbage behind instead of a second 4 MiB buffer per block.
+// Decrypted data is hashed a piece at a time, while the piece is still in the CPU cache.
 const PIECE = 256 * 1024;
 
-function updateInto(c: { update(b: Buffer): Buffer }, src: Buffer, dst: Buffer, at: number): number {
-  let pos = at;
-  for (let i = 0; i < src.length; i += PIECE) {
-    const part = c.update(src.subarray(i, Math.min(src.length, i + PIECE)));
-    part.copy(dst, pos);
-    pos += part.length;
-  }
-  return pos;
+/** Holds a compressed payload between decryption and decompression; reused, as blocks are decoded one at a time. */
+let scratch = Buffer.alloc(0);
+
+function scratchOf(size: number): Buffer {
+  if (scratch.length < size) scratch = Buffer.allocUnsafe(size);
+  return scratch.subarray(0, size);
 }
 
 /** Encodes a block; writes into `out` (capacity encodedCapacity(data.length)) when given. */
@@ -100,13 +98,10 @@ export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions, out?: 
   flags |= FLAG_AES;
   dst.writeUInt32LE(flags, 4);
   randomBytes(12).copy(dst, 8);
-  const cipher = createCipheriv('aes-256-gcm', opts.key, dst.subarray(8, 20));
-  cipher.setAAD(Buffer.concat([dst.subarray(0, HEADER_AES), sum]));
-  let end = updateInto(cipher, payload, dst, HEADER_AES);
-  const fin = cipher.final();
-  fin.copy(dst, end);
-  end += fin.length;
-  cipher.getAuthTag().copy(dst, end);
+  const cipher = gcm(opts.key, dst.subarray(8, 20), Buffer.concat([dst.subarray(0, HEADER_AES), sum]), false);
+  const end = HEADER_AES + payload.length;
+  cipher.update(payload, dst.subarray(HEADER_AES, end));
+  cipher.finish(dst.subarray(end, end + TAG));
   return dst.subarray(0, end + TAG);
 }
 
@@ -179,32 +174,22 @@ export function decodeBlob(blob: Buffer, sum: Buffer, size: number, opts: CodecO
   let hashed: Buffer | undefined;
   if (format.encrypted && opts.key) {
     if (blob.length < HEADER_AES + TAG) throw new BlobFormatError('truncated');
-    const decipher = createDecipheriv('aes-256-gcm', opts.key, blob.subarray(8, 20));
-    decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER_AES), sum]));
-    decipher.setAuthTag(blob.subarray(blob.length - TAG));
+    const decipher = gcm(opts.key, blob.subarray(8, 20), Buffer.concat([blob.subarray(0, HEADER_AES), sum]), true);
     const body = blob.subarray(HEADER_AES, blob.length - TAG);
-    let plain: Buffer;
+    // Uncompressed: straight into the caller's buffer; compressed: into scratch memory, then decompressed into it.
+    const plain = compressed ? scratchOf(body.length) : out && out.length >= body.length ? out.subarray(0, body.length) : Buffer.allocUnsafe(body.length);
     if (recompute && !compressed) {
-      const dst = out && out.length >= body.length ? out : Buffer.allocUnsafe(body.length);
       const hash = createHasher(opts.hashFunction);
-      let pos = 0;
       for (let i = 0; i < body.length; i += PIECE) {
-        const part = decipher.update(body.subarray(i, Math.min(body.length, i + PIECE)));
-        part.copy(dst, pos);
-        pos += part.length;
-        hash.update(part);
+        const end = Math.min(body.length, i + PIECE);
+        decipher.update(body.subarray(i, end), plain.subarray(i, end));
+        hash.update(plain.subarray(i, end));
       }
-      plain = dst.subarray(0, pos);
       hashed = hash.digest();
-    } else if (!compressed && out && out.length >= body.length) {
-      // Into the caller's buffer (memory reuse); a compressed payload decompresses into it instead.
-      plain = out.subarray(0, updateInto(decipher, body, out, 0));
     } else {
-      plain = decipher.update(body); // one piece: the result is the plaintext itself, no copy
+      decipher.update(body, plain);
     }
-    try {
-      decipher.final();
-    } catch {
+    if (!decipher.finish(blob.subarray(blob.length - TAG))) {
       throw new BlobFormatError('authentication failed (corrupt, tampered with, or another key)');
     }
     payload = plain;
