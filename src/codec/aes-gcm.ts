@@ -1,5 +1,5 @@
-import * as path from 'node:path';
 import { createCipheriv, createDecipheriv, type CipherGCM, type DecipherGCM } from 'node:crypto';
+import { native, type NativeModule } from './native';
 
 /**
  * AES-256-GCM that writes into the caller's buffers. The native module (src/native/aes-gcm.c, built by
@@ -15,25 +15,6 @@ export interface Gcm {
 }
 
 export const GCM_TAG_BYTES = 16;
-
-interface NativeModule {
-  gcmStart(key: Buffer, nonce: Buffer, aad: Buffer, decrypt: boolean): unknown;
-  gcmUpdate(context: unknown, src: Buffer, dst: Buffer): void;
-  gcmFinish(context: unknown, tag: Buffer): boolean;
-}
-
-function loadNative(): NativeModule | undefined {
-  if (process.env.BACKY_NATIVE === '0') return undefined;
-  try {
-    // dist/src/codec → the package root, where node-gyp builds.
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    return require(path.join(__dirname, '..', '..', '..', 'build', 'Release', 'backy_native.node')) as NativeModule;
-  } catch {
-    return undefined;
-  }
-}
-
-const native = loadNative();
 
 /** Which implementation this process uses ('native' unless the module was not built or BACKY_NATIVE=0). */
 export const gcmImplementation: 'native' | 'node' = native ? 'native' : 'node';

@@ -8,7 +8,7 @@ export interface StoredFormat {
 }
 import { WorkerPool } from './pool';
 import type { SlabTarget } from '../device/shm-slab';
-import { ownArrayBuffer } from './transfer';
+import { owned, ownArrayBuffer } from './transfer';
 
 export { allocBlock } from './transfer';
 
@@ -43,10 +43,14 @@ export class Codec {
    * into it, so a backup can reuse the same few output buffers: `blob.buffer` is then that memory.
    */
   async encode(buf: Buffer, len: number, sum: Buffer, out?: Buffer): Promise<{ blob: Buffer; buf: Buffer }> {
-    const { ab, outAb, transfer } = transferWith(buf, out);
-    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum), out: outAb }, transfer);
+    const ab = ownArrayBuffer(buf);
+    // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning).
+    const outAb = out ? (owned(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
+    const outAt = out && outAb === out.buffer ? { outOffset: out.byteOffset, outLength: out.length } : {};
+    const transfer = outAb && outAb !== ab ? [ab, outAb] : [ab];
+    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum), out: outAb, ...outAt }, transfer);
     if (r.op !== 'encode') throw new Error('codec: unexpected reply');
-    return { blob: Buffer.from(r.blob, 0, r.len), buf: Buffer.from(r.buf) };
+    return { blob: Buffer.from(r.blob, r.offset ?? 0, r.len), buf: Buffer.from(r.buf) };
   }
 
   /**

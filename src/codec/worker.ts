@@ -10,7 +10,7 @@ import { SlabTarget, writeAllAt } from '../device/shm-slab';
  */
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
-  | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer }
+  | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer; outOffset?: number; outLength?: number }
   | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
 /** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
@@ -26,7 +26,7 @@ function storeAt(t: SlabTarget, data: Buffer): boolean {
 
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
-  | { id: number; op: 'encode'; blob: ArrayBuffer; len: number; buf: ArrayBuffer }
+  | { id: number; op: 'encode'; blob: ArrayBuffer; offset?: number; len: number; buf: ArrayBuffer }
   | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
 
 export interface WorkerInit {
@@ -63,13 +63,14 @@ if (parentPort) {
       }
       case 'encode': {
         const data = Buffer.from(req.buf, 0, req.len);
-        const out = req.out ? Buffer.from(req.out) : undefined;
+        const out = req.out ? Buffer.from(req.out, req.outOffset ?? 0, req.outLength) : undefined;
         const blob = encodeBlob(data, Buffer.from(req.sum), opts, out);
-        // Written into the caller's buffer: hand it back as it is (no copy); else a fresh one.
-        const ab = out && blob.buffer === req.out ? req.out : ownArrayBuffer(blob);
+        // Written into the caller's buffer: hand it back as it is (no copy), saying where the blob starts.
+        const inOut = out !== undefined && blob.buffer === req.out;
+        const ab = inOut ? req.out! : ownArrayBuffer(blob);
         const transfer = [ab, req.buf];
         if (req.out && ab !== req.out) transfer.push(req.out);
-        port.postMessage({ id: req.id, op: 'encode', blob: ab, len: blob.length, buf: req.buf } satisfies WorkerReply, transfer);
+        port.postMessage({ id: req.id, op: 'encode', blob: ab, offset: inOut ? blob.byteOffset : 0, len: blob.length, buf: req.buf } satisfies WorkerReply, transfer);
         break;
       }
       case 'decode': {

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { allocBlock } from '../codec/codec';
+import { allocAligned, reusable } from '../codec/transfer';
 import { encodedCapacity } from '../codec/blob-format';
 import { openSource } from '../io/registry';
 import type { ChangeSupplier, Source, TlsFiles } from '../io/types';
@@ -275,14 +276,15 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
       c.bytesDedup += len;
       return;
     }
-    const enc = await codec.encode(buf, len, scan.sum!, freeOut.pop() ?? allocBlock(encodedCapacity(bs)));
+    // Aligned: file storage writes blobs with O_DIRECT from them, sparing the page cache.
+    const enc = await codec.encode(buf, len, scan.sum!, freeOut.pop() ?? allocAligned(encodedCapacity(bs)));
     free.push(enc.buf);
     // Read before the buffer goes back to the pool: once another block takes it to a worker it is detached.
     const storedSize = enc.blob.length;
     try {
       await repo.store.put(blobKey(r.uid), enc.blob);
     } finally {
-      freeOut.push(Buffer.from(enc.blob.buffer));
+      freeOut.push(reusable(enc.blob));
     }
     await uploaded.push({ id: r.blobId, storedSize });
     c.blocksWritten++;

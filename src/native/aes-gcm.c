@@ -6,6 +6,7 @@
  */
 #include <node_api.h>
 #include <openssl/evp.h>
+#include "backy-native.h"
 
 #define TAG_BYTES 16
 
@@ -118,14 +119,11 @@ static napi_value finish(napi_env env, napi_callback_info info) {
   return result;
 }
 
-static napi_value init(napi_env env, napi_value exports) {
+void register_aes_gcm(napi_env env, napi_value exports) {
   napi_property_descriptor methods[] = {
     {"gcmStart", NULL, start, NULL, NULL, NULL, napi_default, NULL},
     {"gcmUpdate", NULL, update, NULL, NULL, NULL, napi_default, NULL},
     {"gcmFinish", NULL, finish, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);
-  return exports;
 }
-
-NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -4,8 +4,11 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
+import { directView } from '../codec/transfer';
 
 const TMP_PREFIX = '.tmp.';
+/** open(2) flags of a new blob file written with direct I/O */
+const DIRECT_CREATE = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT;
 /** The repository marker (see engine/repository-settings.ts), beside the shard directories. */
 export const MARKER_NAME = 'backy-repository.json';
 const MARKER = MARKER_NAME;
@@ -20,6 +23,8 @@ const SAFE_KEY = /^[0-9A-Za-z._-]+(\/[0-9A-Za-z._-]+)*$/;
 export class FileStore implements BlobStore {
   readonly description: string;
   private knownDirs = new Set<string>();
+  /** false once the filesystem refused O_DIRECT */
+  private direct = true;
 
   constructor(readonly root: string, private readonly fsync = true) {
     this.description = `directory ${root}`;
@@ -80,14 +85,24 @@ export class FileStore implements BlobStore {
     const final = this.file(key);
     const dir = path.dirname(final);
     const tmp = path.join(dir, `${TMP_PREFIX}${path.basename(final)}.${randomBytes(4).toString('hex')}`);
+    // With fsync (the blob waits for the disk anyway) and a buffer allocAligned gave: O_DIRECT, from the buffer
+    // to the disk. Through the page cache, each blob took fresh pages, and filling them cost a backup more CPU
+    // than hashing and encrypting (35% of its samples on the benchmark VM).
+    const direct = this.fsync && this.direct ? directView(data) : undefined;
     try {
       if (!this.knownDirs.has(dir)) {
         await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
         this.knownDirs.add(dir);
       }
-      const fh = await fsp.open(tmp, 'wx', 0o600);
+      const fh = await fsp.open(tmp, direct ? DIRECT_CREATE : 'wx', 0o600);
       try {
-        await writeAll(fh, data);
+        if (direct) {
+          // Whole aligned blocks (past the blob: whatever the buffer holds there), then cut to the blob's size.
+          await writeAll(fh, direct);
+          await fh.truncate(data.length);
+        } else {
+          await writeAll(fh, data);
+        }
         if (this.fsync) await fh.datasync();
         // The last word before the blob gets its final name: the file holds exactly the blob.
         const { size } = await fh.stat();
@@ -100,6 +115,11 @@ export class FileStore implements BlobStore {
       if (this.fsync) await syncDir(dir);
     } catch (e) {
       await fsp.unlink(tmp).catch(() => undefined);
+      if (direct && (e as NodeJS.ErrnoException).code === 'EINVAL') {
+        // A filesystem without direct I/O (or other alignment rules): the page cache from now on.
+        this.direct = false;
+        return this.put(key, data);
+      }
       throw new StorageError(`cannot write blob ${key} to ${this.root}: ${writeFailure(e)}`);
     }
   }

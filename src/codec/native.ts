@@ -1,0 +1,23 @@
+import * as path from 'node:path';
+
+/** backy's native module (src/native/*.c, built by `npm install` with node-gyp), when it is built. */
+export interface NativeModule {
+  gcmStart(key: Buffer, nonce: Buffer, aad: Buffer, decrypt: boolean): unknown;
+  gcmUpdate(context: unknown, src: Buffer, dst: Buffer): void;
+  gcmFinish(context: unknown, tag: Buffer): boolean;
+  alignedOffset(memory: ArrayBuffer, alignment: number): number;
+}
+
+function load(): NativeModule | undefined {
+  // BACKY_NATIVE=0: plain JavaScript, as on a machine where the module could not be built (for tests).
+  if (process.env.BACKY_NATIVE === '0') return undefined;
+  try {
+    // dist/src/codec → the package root, where node-gyp builds.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(path.join(__dirname, '..', '..', '..', 'build', 'Release', 'backy_native.node')) as NativeModule;
+  } catch {
+    return undefined;
+  }
+}
+
+export const native = load();
