@@ -74,7 +74,7 @@ class NodeGcm implements Gcm {
 
 export function gcm(key: Buffer, nonce: Buffer, aad: Buffer, decrypt: boolean, use: 'native' | 'node' = gcmImplementation): Gcm {
   if (use === 'native') {
-    if (!native) throw new Error('the native module (build/Release/backy_native.node) is not built: run npm install');
+    if (!native) throw new Error('the native module (src/native/build/Release/backy_native.node) is not built: run npm install');
     return new NativeGcm(native, key, nonce, aad, decrypt);
   }
   return new NodeGcm(key, nonce, aad, decrypt);

@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 
-/** backy's native module (src/native/*.c, built by `npm install` with node-gyp), when it is built. */
+/** backy's native module (src/native/*.c, built by `npm install` with node-gyp into src/native/build), when it is built. */
 export interface NativeModule {
   gcmStart(key: Buffer, nonce: Buffer, aad: Buffer, decrypt: boolean): unknown;
   gcmUpdate(context: unknown, src: Buffer, dst: Buffer): void;
@@ -12,9 +12,9 @@ function load(): NativeModule | undefined {
   // BACKY_NATIVE=0: plain JavaScript, as on a machine where the module could not be built (for tests).
   if (process.env.BACKY_NATIVE === '0') return undefined;
   try {
-    // dist/src/codec → the package root, where node-gyp builds.
+    // dist/src/codec → the package root → src/native, where node-gyp builds.
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    return require(path.join(__dirname, '..', '..', '..', 'build', 'Release', 'backy_native.node')) as NativeModule;
+    return require(path.join(__dirname, '..', '..', '..', 'src', 'native', 'build', 'Release', 'backy_native.node')) as NativeModule;
   } catch {
     return undefined;
   }
