@@ -14,12 +14,12 @@ function residentPages(file: string): number {
 }
 
 function filled(size: number, aligned: boolean): Buffer {
-  const b = aligned ? allocAligned(size).subarray(0, size) : Buffer.from(new ArrayBuffer(size + 3), 3, size);
+  const b = aligned ? allocAligned(size) : Buffer.from(new ArrayBuffer(size + 3), 3, size);
   randomBytes(size).copy(b);
   return b;
 }
 
-test('file store: blobs from and into aligned buffers are written and read with O_DIRECT (no page cache), exact in size and bytes', async () => {
+test('file store: blobs from aligned buffers are written with O_DIRECT (no page cache), exact in size and bytes', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'backy-direct-'));
   try {
     const store = new FileStore(dir);
@@ -35,31 +35,7 @@ test('file store: blobs from and into aligned buffers are written and read with 
       assert.equal(fs.statSync(file).size, size);
       assert.equal(residentPages(file), 0, `${size} bytes: written around the page cache`);
       assert.ok((await store.get(key)).equals(data), `${size} bytes read back`);
-      // Read back with O_DIRECT into an aligned buffer: the bytes, and still nothing in the page cache.
-      fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
-      const into = allocAligned(size + 100);
-      const back = await store.getInto(key, into, true);
-      assert.ok(back.equals(data), `${size} bytes read back with O_DIRECT`);
-      assert.equal(back.buffer, into.buffer, 'read into the given buffer');
-      assert.equal(back.byteOffset, into.byteOffset);
-      assert.equal(residentPages(file), 0, `${size} bytes: read around the page cache`);
     }
-    // Into an unaligned buffer: through the page cache; into one too small: a buffer of its own.
-    const big = path.join(dir, 'blobs/aa/direct-4194340');
-    const plainInto = Buffer.from(new ArrayBuffer(5_000_000), 5, 4_999_000);
-    fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
-    const viaCache = Buffer.from(await store.getInto('blobs/aa/direct-4194340', plainInto, true));
-    assert.ok(residentPages(big) > 0);
-    // Without `direct` (a reader that does not keep the block): the page cache, even into an aligned buffer.
-    fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
-    const notKept = Buffer.from(await store.getInto('blobs/aa/direct-4194340', allocAligned(4194340)));
-    assert.ok(residentPages(big) > 0);
-    assert.ok(viaCache.equals(fs.readFileSync(big)));
-    assert.ok(notKept.equals(viaCache));
-    const small = allocAligned(4096);
-    const whole = await store.getInto('blobs/aa/direct-4194340', small, true);
-    assert.equal(whole.length, 4194340);
-    assert.notEqual(whole.buffer, small.buffer);
     // A buffer that is not aligned goes through the page cache, as before.
     const plain = filled(100_000, false);
     assert.equal(directView(plain), undefined);
@@ -91,7 +67,6 @@ test('file store: a filesystem without O_DIRECT (ramfs) gets the blob through th
         await store.put(`blobs/bb/r-${size}`, data);
         assert.equal(fs.statSync(path.join(dir, `blobs/bb/r-${size}`)).size, size);
         assert.ok((await store.get(`blobs/bb/r-${size}`)).equals(data));
-        assert.ok((await store.getInto(`blobs/bb/r-${size}`, allocAligned(size), true)).equals(data));
       }
       assert.deepEqual(fs.readdirSync(path.join(dir, 'blobs/bb')).filter((n) => n.startsWith('.tmp')), []);
     } finally {

@@ -12,10 +12,11 @@ import { owned, ownArrayBuffer } from './transfer';
 
 export { allocBlock } from './transfer';
 
-/** The memory to transfer for `b`, and where b starts in it (see Codec.decodeReusing's `reused`). */
-function placed(b: Buffer, reused: boolean): { ab: ArrayBuffer; offset: number } {
-  if (reused && owned(b)) return { ab: b.buffer as ArrayBuffer, offset: b.byteOffset };
-  return { ab: ownArrayBuffer(b), offset: 0 };
+/** `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). */
+function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; transfer: ArrayBuffer[] } {
+  const ab = ownArrayBuffer(main);
+  const outAb = out ? ownArrayBuffer(out) : undefined;
+  return { ab, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab] };
 }
 
 /**
@@ -57,24 +58,17 @@ export class Codec {
    * `out` is given, the plaintext is written into it if possible (else `spareOut` returns it unused).
    * `stored`: the blob's format (a BlobRef), for blobs in another format than backy's own.
    */
-  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: SlabTarget, reused = false): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
-    // `reused`: blob and out are views of memory the caller owns whole (its reusable buffers, which may start
-    // past the beginning of their memory): that memory travels as it is, with the offsets.
-    const blobAt = placed(blob, reused);
-    const outAt = out ? placed(out, reused) : undefined;
-    const transfer = outAt && outAt.ab !== blobAt.ab ? [blobAt.ab, outAt.ab] : [blobAt.ab];
+  async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: SlabTarget): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
+    const { ab, outAb, transfer } = transferWith(blob, out);
     const foreign = stored && stored.format !== BlobFormat.Backy ? { format: stored.format, keyInfo: stored.keyInfo ? new Uint8Array(stored.keyInfo) : undefined } : {};
-    const r = await this.pool.run({
-      op: 'decode', blob: blobAt.ab, blobOffset: blobAt.offset, len: blob.length, sum: new Uint8Array(sum), size,
-      out: outAt?.ab, outOffset: outAt?.offset, recompute, ...foreign, ...(store ? { store } : {}),
-    }, transfer);
+    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);
     if (r.op !== 'decode') throw new Error('codec: unexpected reply');
     return {
-      data: r.data ? Buffer.from(r.data, r.dataOffset ?? 0, r.len) : undefined,
+      data: r.data ? Buffer.from(r.data, 0, r.len) : undefined,
       stored: r.stored ? r.len : undefined,
       error: r.error,
-      spareBlob: Buffer.from(r.blob, blobAt.offset),
-      spareOut: r.out ? Buffer.from(r.out, outAt?.offset ?? 0) : undefined,
+      spareBlob: Buffer.from(r.blob),
+      spareOut: r.out ? Buffer.from(r.out) : undefined,
     };
   }
 

@@ -30,36 +30,28 @@ export function allocBlock(size: number): Buffer {
 /** What direct I/O (O_DIRECT) needs buffers, lengths and file offsets aligned to: a page covers every device. */
 export const DIRECT_ALIGNMENT = 4096;
 
-/** `n` rounded up to whole aligned blocks. */
-export const alignedLength = (n: number) => Math.ceil(n / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+const roundUp = (n: number) => Math.ceil(n / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
 
 /**
- * A buffer of at least `size` bytes (whole aligned blocks) that can travel between threads like allocBlock's
- * and, when the native module is built, starts at an aligned address: O_DIRECT can then write it or read into
- * it (see directView).
+ * A buffer of `size` bytes that can travel between threads like allocBlock's and, when the native module is
+ * built, starts at an aligned address with memory up to the next aligned length behind it: directView() then
+ * lets it be written or read with O_DIRECT.
  */
 export function allocAligned(size: number): Buffer {
-  const length = alignedLength(Math.max(1, size));
-  const ab = new ArrayBuffer(length + DIRECT_ALIGNMENT);
-  return Buffer.from(ab, native ? native.alignedOffset(ab, DIRECT_ALIGNMENT) : 0, length);
+  const ab = new ArrayBuffer(roundUp(Math.max(1, size)) + DIRECT_ALIGNMENT);
+  return Buffer.from(ab, native ? native.alignedOffset(ab, DIRECT_ALIGNMENT) : 0, size);
 }
 
 /**
- * `length` bytes (b.length by default) from b's start, rounded up to whole aligned blocks, for O_DIRECT: when b
- * starts at an aligned address and its memory reaches that far (past b.length it holds whatever is there);
- * undefined otherwise.
+ * `b` extended to a multiple of DIRECT_ALIGNMENT bytes, for O_DIRECT, when it starts at an aligned address and
+ * its memory reaches that far (the bytes past b.length are whatever is there); undefined otherwise.
  */
-export function directView(b: Buffer, length = b.length): Buffer | undefined {
+export function directView(b: Buffer): Buffer | undefined {
   if (!native || !(b.buffer instanceof ArrayBuffer)) return undefined;
-  const whole = alignedLength(Math.max(1, length));
-  if (b.byteOffset + whole > b.buffer.byteLength) return undefined;
+  const length = roundUp(Math.max(1, b.length));
+  if (b.byteOffset + length > b.buffer.byteLength) return undefined;
   if ((b.byteOffset - native.alignedOffset(b.buffer, DIRECT_ALIGNMENT)) % DIRECT_ALIGNMENT !== 0) return undefined;
-  return Buffer.from(b.buffer, b.byteOffset, whole);
-}
-
-/** Whether O_DIRECT can use b's memory from its start: it starts at an aligned address. */
-export function directAligned(b: Buffer): boolean {
-  return directView(b, 1) !== undefined;
+  return Buffer.from(b.buffer, b.byteOffset, length);
 }
 
 /** A buffer to reuse from the memory behind `b`: from b's start to the end of that memory. */

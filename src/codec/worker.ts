@@ -11,7 +11,7 @@ import { SlabTarget, writeAllAt } from '../device/shm-slab';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer; outOffset?: number; outLength?: number }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; blobOffset?: number; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; outOffset?: number; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
 /** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
 function storeAt(t: SlabTarget, data: Buffer): boolean {
@@ -27,7 +27,7 @@ function storeAt(t: SlabTarget, data: Buffer): boolean {
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
   | { id: number; op: 'encode'; blob: ArrayBuffer; offset?: number; len: number; buf: ArrayBuffer }
-  | { id: number; op: 'decode'; data?: ArrayBuffer; dataOffset?: number; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
+  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
 
 export interface WorkerInit {
   keyHex?: string;
@@ -75,13 +75,11 @@ if (parentPort) {
       }
       case 'decode': {
         // The blob's memory goes back too, so the caller can read the next blob into it.
-        // Both may start past the beginning of their memory (aligned for direct I/O).
-        const outOffset = req.outOffset ?? 0;
-        const out = req.out ? Buffer.from(req.out, outOffset) : undefined;
+        const out = req.out ? Buffer.from(req.out) : undefined;
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
-          const blob = Buffer.from(req.blob, req.blobOffset ?? 0, req.len);
+          const blob = Buffer.from(req.blob, 0, req.len);
           const data = req.format
             ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, keys: keyOf, hashFunction: opts.hashFunction }, out, req.recompute)
             : decodeBlob(blob, Buffer.from(req.sum), req.size, opts, out, req.recompute);
@@ -89,8 +87,8 @@ if (parentPort) {
             // Written where the cache keeps it: only the memory goes back, for the next decode.
             reply = { id: req.id, op: 'decode', len: data.length, out: req.out, blob: req.blob, stored: true };
             if (req.out) transfer.push(req.out);
-          } else if (req.out && data.buffer === req.out && data.byteOffset === outOffset) {
-            reply = { id: req.id, op: 'decode', data: req.out, dataOffset: outOffset, len: data.length, blob: req.blob };
+          } else if (req.out && data.buffer === req.out && data.byteOffset === 0) {
+            reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
             transfer.push(req.out);
           } else if (data.buffer === req.blob) {
             // Unencrypted, uncompressed: the data is part of the blob buffer; copy it out.

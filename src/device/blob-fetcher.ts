@@ -1,5 +1,5 @@
 import { encodedCapacity } from '../codec/blob-format';
-import { allocAligned } from '../codec/transfer';
+import { allocBlock } from '../codec/codec';
 import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
@@ -38,7 +38,7 @@ export class BlobFetcher {
   private async loadForCache(ref: BlobRef, slot?: SlabTarget): Promise<LoadResult> {
     if (!this.cache.usesSharedMemory) return this.load(ref);
     const cap = encodedCapacity(ref.size);
-    const r = await this.decode(ref, spareBuffers.take(cap) ?? allocAligned(cap), undefined, slot, true);
+    const r = await this.decode(ref, spareBuffers.take(cap) ?? allocBlock(cap), undefined, slot);
     if (r.spareOut) this.recycle(r.spareOut);
     if (r.stored !== undefined) return { stored: r.stored };
     return r.data!;
@@ -60,17 +60,14 @@ export class BlobFetcher {
   }
 
   /** Reads and decodes; with `slot`, the worker writes the plaintext there (`stored`) when it fits. */
-  private async decode(ref: BlobRef, out?: Buffer, recompute?: boolean, slot?: SlabTarget, forCache = false): Promise<{ data?: Buffer; stored?: number; spareOut?: Buffer }> {
+  private async decode(ref: BlobRef, out?: Buffer, recompute?: boolean, slot?: SlabTarget): Promise<{ data?: Buffer; stored?: number; spareOut?: Buffer }> {
     const key = this.keyOf(ref);
     let raw: Buffer;
-    let reused = false;
     if (this.store.getInto) {
       // Blob read buffers come back from the worker after decoding and are reused (one pool per process).
-      // Aligned: for the cache, file storage reads around the page cache (O_DIRECT; the cache keeps the block).
-      const into = spareBuffers.take(encodedCapacity(ref.size)) ?? allocAligned(encodedCapacity(ref.size));
+      const into = spareBuffers.take(encodedCapacity(ref.size)) ?? allocBlock(encodedCapacity(ref.size));
       try {
-        raw = await this.store.getInto(key, into, forCache);
-        reused = raw.buffer === into.buffer;
+        raw = await this.store.getInto(key, into);
       } catch (e) {
         this.recycle(into);
         throw e;
@@ -78,8 +75,7 @@ export class BlobFetcher {
     } else {
       raw = await this.store.get(key);
     }
-    // `out` is the caller's own too: a spare of this pool, or a buffer it reuses.
-    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute, ref, slot, reused);
+    const r = await this.codec.decodeReusing(raw, ref.checksum, ref.size, out, recompute, ref, slot);
     this.recycle(r.spareBlob);
     if (r.error !== undefined) {
       if (r.spareOut) this.recycle(r.spareOut);

@@ -4,12 +4,11 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
-import { DIRECT_ALIGNMENT, directAligned, directView, alignedLength } from '../codec/transfer';
+import { directView } from '../codec/transfer';
 
 const TMP_PREFIX = '.tmp.';
 /** open(2) flags of a new blob file written with direct I/O */
 const DIRECT_CREATE = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT;
-const DIRECT_READ = fs.constants.O_RDONLY | fs.constants.O_DIRECT;
 /** The repository marker (see engine/repository-settings.ts), beside the shard directories. */
 export const MARKER_NAME = 'backy-repository.json';
 const MARKER = MARKER_NAME;
@@ -24,7 +23,7 @@ const SAFE_KEY = /^[0-9A-Za-z._-]+(\/[0-9A-Za-z._-]+)*$/;
 export class FileStore implements BlobStore {
   readonly description: string;
   private knownDirs = new Set<string>();
-  /** false once the filesystem refused O_DIRECT (reads and writes then go through the page cache) */
+  /** false once the filesystem refused O_DIRECT */
   private direct = true;
 
   constructor(readonly root: string, private readonly fsync = true) {
@@ -134,39 +133,16 @@ export class FileStore implements BlobStore {
     }
   }
 
-  async getInto(key: string, into: Buffer, direct = false): Promise<Buffer> {
-    // For a caller that keeps what it reads, a buffer allocAligned gave is read with O_DIRECT: the disk writes the
-    // blob straight into it, and the kernel takes no fresh page-cache pages (dear on a VM) for a second copy.
-    if (direct && this.direct && directAligned(into)) {
-      try {
-        const blob = await this.read(key, into, true);
-        if (blob) return blob;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
-        this.direct = false; // a filesystem without direct I/O: the page cache from now on
-      }
-    }
-    return (await this.read(key, into))!;
-  }
-
-  /** getInto's read, with O_DIRECT when `direct`; undefined when the blob does not fit `into` for that. */
-  private async read(key: string, into: Buffer, direct = false): Promise<Buffer | undefined> {
+  async getInto(key: string, into: Buffer): Promise<Buffer> {
     let fh: fsp.FileHandle;
     try {
-      fh = await fsp.open(this.file(key), direct ? DIRECT_READ : 'r');
+      fh = await fsp.open(this.file(key), 'r');
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw new BlobNotFoundError(key);
-      if (direct && code === 'EINVAL') throw e;
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new BlobNotFoundError(key);
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
     }
     try {
       const size = (await fh.stat()).size;
-      if (direct) {
-        // Whole aligned blocks, all inside `into`.
-        const view = alignedLength(size) <= into.length ? directView(into, size) : undefined;
-        return view ? await readDirect(fh, view, size) : undefined;
-      }
       const buf = size <= into.length ? into.subarray(0, size) : Buffer.allocUnsafe(size);
       let done = 0;
       while (done < size) {
@@ -176,7 +152,6 @@ export class FileStore implements BlobStore {
       }
       return buf.subarray(0, done);
     } catch (e) {
-      if (direct && (e as NodeJS.ErrnoException).code === 'EINVAL') throw e;
       throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
     } finally {
       await fh.close();
@@ -247,22 +222,6 @@ export class FileStore implements BlobStore {
   async close(): Promise<void> {
     /* nothing held open */
   }
-}
-
-/**
- * Reads a file of `size` bytes into `view` (aligned, `size` rounded up to aligned blocks) with O_DIRECT: every
- * read asks for whole blocks and the last one comes back short at the end of the file. A read cut short before
- * the end would leave the next offset unaligned; it cannot happen on a local filesystem, and is refused.
- */
-async function readDirect(fh: fsp.FileHandle, view: Buffer, size: number): Promise<Buffer> {
-  let done = 0;
-  while (done < size) {
-    if (done % DIRECT_ALIGNMENT !== 0) throw Object.assign(new Error(`short direct read at ${done}`), { code: 'EIO' });
-    const { bytesRead } = await fh.read(view, done, view.length - done, done);
-    if (!bytesRead) break;
-    done += bytesRead;
-  }
-  return view.subarray(0, Math.min(done, size));
 }
 
 /**

@@ -35,9 +35,9 @@ export class LimitedStore implements BlobStore {
     });
   }
 
-  getInto(key: string, into: Buffer, direct?: boolean): Promise<Buffer> {
+  getInto(key: string, into: Buffer): Promise<Buffer> {
     return this.readers.use(async () => {
-      const data = this.inner.getInto ? await this.inner.getInto(key, into, direct) : await this.inner.get(key);
+      const data = this.inner.getInto ? await this.inner.getInto(key, into) : await this.inner.get(key);
       await this.readThrottle.take(data.length);
       return data;
     });

@@ -18,12 +18,8 @@ export interface BlobStore {
   put(key: string, data: Buffer): Promise<void>;
   /** The whole blob; throws BlobNotFoundError when the key does not exist, StorageError for other failures. */
   get(key: string): Promise<Buffer>;
-  /**
-   * Like get, but reads into `into` when the blob fits (returning a view of it), so callers can reuse memory.
-   * `direct`: the caller keeps what it reads (a block cache), so the blob need not stay in the page cache
-   * (file storage then reads an aligned `into` with O_DIRECT).
-   */
-  getInto?(key: string, into: Buffer, direct?: boolean): Promise<Buffer>;
+  /** Like get, but reads into `into` when the blob fits (returning a view of it), so callers can reuse memory. */
+  getInto?(key: string, into: Buffer): Promise<Buffer>;
   /** Deletes keys; keys that do not exist are not an error. */
   delete(keys: string[]): Promise<void>;
   /** Every stored key, page by page (never all keys in memory at once). Leftovers of interrupted writes are
