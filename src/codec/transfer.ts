@@ -35,7 +35,7 @@ const roundUp = (n: number) => Math.ceil(n / DIRECT_ALIGNMENT) * DIRECT_ALIGNMEN
 /**
  * A buffer of `size` bytes that can travel between threads like allocBlock's and, when the native module is
  * built, starts at an aligned address with memory up to the next aligned length behind it: directView() then
- * lets it be written or read with O_DIRECT.
+ * lets file storage write it with O_DIRECT.
  */
 export function allocAligned(size: number): Buffer {
   const ab = new ArrayBuffer(roundUp(Math.max(1, size)) + DIRECT_ALIGNMENT);
