@@ -39,8 +39,9 @@ export class Codec {
   }
 
   /**
-   * Compresses and encrypts. With `out` (an allocBlock of encodedCapacity(len) bytes) the blob is written
-   * into it, so a backup can reuse the same few output buffers: `blob.buffer` is then that memory.
+   * Compresses and encrypts. With `out` (allocAligned or allocBlock of encodedCapacity(len) bytes, memory the
+   * caller owns whole) the blob is written into it, so a backup can reuse the same few output buffers:
+   * `blob.buffer` is then that memory, and the blob starts where `out` starts in it.
    */
   async encode(buf: Buffer, len: number, sum: Buffer, out?: Buffer): Promise<{ blob: Buffer; buf: Buffer }> {
     const ab = ownArrayBuffer(buf);

@@ -66,7 +66,7 @@ if (parentPort) {
         const out = req.out ? Buffer.from(req.out, req.outOffset ?? 0, req.outLength) : undefined;
         const blob = encodeBlob(data, Buffer.from(req.sum), opts, out);
         // Written into the caller's buffer: hand it back as it is (no copy), saying where the blob starts.
-        const inOut = out !== undefined && blob.buffer === req.out;
+        const inOut = req.out !== undefined && blob.buffer === req.out;
         const ab = inOut ? req.out! : ownArrayBuffer(blob);
         const transfer = [ab, req.buf];
         if (req.out && ab !== req.out) transfer.push(req.out);
