@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { loadConfig } from '../src/config/config';
 import { allocBlock } from '../src/codec/codec';
+import { allocAligned, directView } from '../src/codec/transfer';
 import { BlockCache } from '../src/device/block-cache';
 import { DeviceError } from '../src/device/types';
 import { PENDING_RECHECK_MS, VersionDevice } from '../src/device/version-device';
@@ -65,6 +66,29 @@ describe('device stack', () => {
     await Promise.all(devices.map((d) => Promise.all(Array.from({ length: 8 }, (_, i) => d.read(i * BS, BS)))));
     const kept = await sparesKept(fetchers);
     assert.ok(kept <= 16, `${kept} spare buffers kept by 40 devices`);
+  });
+
+  test('a block decoded into an aligned buffer comes back in that place, so O_DIRECT writes it without a copy', async () => {
+    const rnd = new SeededRandom('aligned decode');
+    const plain = allocBlock(BS);
+    rnd.bytes(BS).copy(plain);
+    const expected = Buffer.from(plain);
+    const scan = await repo.codec.scan(plain, BS);
+    const { blob } = await repo.codec.encode(scan.buf, BS, scan.sum!);
+    const out = allocAligned(BS);
+    const at = out.byteOffset;
+    assert.ok(at > 0 && directView(out), 'an aligned buffer starts past the beginning of its memory');
+    const r = await repo.codec.decodeReusing(Buffer.from(blob), scan.sum!, BS, out);
+    assert.equal(r.error, undefined);
+    assert.ok(r.data!.equals(expected));
+    assert.equal(r.data!.byteOffset, at, 'decoded where the buffer was (the buffer itself went to the worker)');
+    assert.ok(directView(r.data!), 'still aligned');
+    // A blob that fails verification hands the buffer back, also in its place.
+    const wrong = Buffer.from(scan.sum!);
+    wrong[0] ^= 1;
+    const bad = await repo.codec.decodeReusing(Buffer.from(blob), wrong, BS, allocAligned(BS));
+    assert.ok(bad.error);
+    assert.ok(bad.spareOut && bad.spareOut.length >= BS && directView(bad.spareOut.subarray(0, BS)));
   });
 
   test('a block recorded after the device was opened becomes readable (it used to fail with EIO for the device\'s life)', async () => {

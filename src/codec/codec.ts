@@ -13,10 +13,12 @@ import { owned, ownArrayBuffer } from './transfer';
 export { allocBlock } from './transfer';
 
 /** `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). */
-function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; transfer: ArrayBuffer[] } {
+function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; outOffset?: number; transfer: ArrayBuffer[] } {
   const ab = ownArrayBuffer(main);
-  const outAb = out ? ownArrayBuffer(out) : undefined;
-  return { ab, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab] };
+  // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning).
+  const outAb = out ? (owned(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
+  const outOffset = out && outAb === out.buffer && out.byteOffset ? out.byteOffset : undefined;
+  return { ab, outAb, outOffset, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab] };
 }
 
 /**
@@ -60,16 +62,16 @@ export class Codec {
    * `stored`: the blob's format (a BlobRef), for blobs in another format than backy's own.
    */
   async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: SlabTarget): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
-    const { ab, outAb, transfer } = transferWith(blob, out);
+    const { ab, outAb, outOffset, transfer } = transferWith(blob, out);
     const foreign = stored && stored.format !== BlobFormat.Backy ? { format: stored.format, keyInfo: stored.keyInfo ? new Uint8Array(stored.keyInfo) : undefined } : {};
-    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);
+    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, outOffset, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);
     if (r.op !== 'decode') throw new Error('codec: unexpected reply');
     return {
-      data: r.data ? Buffer.from(r.data, 0, r.len) : undefined,
+      data: r.data ? Buffer.from(r.data, r.offset ?? 0, r.len) : undefined,
       stored: r.stored ? r.len : undefined,
       error: r.error,
       spareBlob: Buffer.from(r.blob),
-      spareOut: r.out ? Buffer.from(r.out) : undefined,
+      spareOut: r.out ? Buffer.from(r.out, outOffset ?? 0) : undefined,
     };
   }
 

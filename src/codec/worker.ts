@@ -11,7 +11,7 @@ import { SlabTarget, writeAllAt } from '../device/shm-slab';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer; outOffset?: number; outLength?: number }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; outOffset?: number; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
 /** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
 function storeAt(t: SlabTarget, data: Buffer): boolean {
@@ -27,7 +27,7 @@ function storeAt(t: SlabTarget, data: Buffer): boolean {
 export type WorkerReply =
   | { id: number; op: 'scan'; zero: boolean; sum?: Uint8Array; buf: ArrayBuffer }
   | { id: number; op: 'encode'; blob: ArrayBuffer; offset?: number; len: number; buf: ArrayBuffer }
-  | { id: number; op: 'decode'; data?: ArrayBuffer; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
+  | { id: number; op: 'decode'; data?: ArrayBuffer; offset?: number; len: number; error?: string; out?: ArrayBuffer; blob: ArrayBuffer; stored?: boolean };
 
 export interface WorkerInit {
   keyHex?: string;
@@ -75,7 +75,8 @@ if (parentPort) {
       }
       case 'decode': {
         // The blob's memory goes back too, so the caller can read the next blob into it.
-        const out = req.out ? Buffer.from(req.out) : undefined;
+        const outAt = req.outOffset ?? 0;
+        const out = req.out ? Buffer.from(req.out, outAt) : undefined;
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
@@ -87,8 +88,8 @@ if (parentPort) {
             // Written where the cache keeps it: only the memory goes back, for the next decode.
             reply = { id: req.id, op: 'decode', len: data.length, out: req.out, blob: req.blob, stored: true };
             if (req.out) transfer.push(req.out);
-          } else if (req.out && data.buffer === req.out && data.byteOffset === 0) {
-            reply = { id: req.id, op: 'decode', data: req.out, len: data.length, blob: req.blob };
+          } else if (req.out && data.buffer === req.out && data.byteOffset === outAt) {
+            reply = { id: req.id, op: 'decode', data: req.out, offset: outAt, len: data.length, blob: req.blob };
             transfer.push(req.out);
           } else if (data.buffer === req.blob) {
             // Unencrypted, uncompressed: the data is part of the blob buffer; copy it out.

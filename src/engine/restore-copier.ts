@@ -2,7 +2,7 @@ import type { BlobFetcher } from '../device/blob-fetcher';
 import type { VersionDevice } from '../device/version-device';
 import type { Target } from '../io/types';
 import type { BlobRef } from '../meta/types';
-import { allocBlock } from '../codec/codec';
+import { allocAligned, reusable } from '../codec/transfer';
 import { errorLine } from '../util/errors';
 import { JobRunner } from '../util/job-runner';
 import { planBlock, planRestore, PlanStep } from './restore-plan';
@@ -253,7 +253,8 @@ export class BlockCopier {
   }
 
   private buffer(): Buffer {
-    return this.pool.pop() ?? allocBlock(this.bs);
+    // Aligned: a target opened around the page cache (O_DIRECT) writes the block from where it was decoded.
+    return this.pool.pop() ?? allocAligned(this.bs);
   }
 
   private recycle(b: Buffer): void {
@@ -296,7 +297,7 @@ export class BlockCopier {
       settle(false);
       throw e;
     } finally {
-      this.recycle(loaded.spareOut ?? Buffer.from(loaded.data.buffer));
+      this.recycle(loaded.spareOut ?? reusable(loaded.data));
     }
   }
 

@@ -4,6 +4,7 @@ import { execFile } from 'node:child_process';
 import { IoError } from '../util/errors';
 import { log } from '../util/log';
 import { zeroes } from '../device/version-device';
+import { directView } from '../codec/transfer';
 import type { Source, Target, TargetOptions } from './types';
 
 /** Size of a regular file or block device (block devices report 0 in stat; sysfs knows). */
@@ -133,7 +134,16 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
     throw new IoError(`cannot open target ${p}: ${errCode(e)}`);
   }
   let direct = opts.direct ? await DirectWriter.open(p) : undefined;
-  const buffered = async (buf: Buffer, offset: number) => {
+  // Buffered writes go one at a time. Writers of one file in parallel contend for its inode lock, and the
+  // kernel spins waiting for it: a restore to the page cache measured 6.5 s (8.6 s of system CPU) with them in
+  // parallel and under 2 s with them in a row; one thread copies into the page cache at several GB/s.
+  let lastBuffered: Promise<void> = Promise.resolve();
+  const buffered = (buf: Buffer, offset: number): Promise<void> => {
+    const mine = lastBuffered.then(() => writeBuffered(buf, offset));
+    lastBuffered = mine.catch(() => undefined);
+    return mine;
+  };
+  const writeBuffered = async (buf: Buffer, offset: number) => {
     let done = 0;
     while (done < buf.length) {
       try {
@@ -246,6 +256,15 @@ class DirectWriter {
 
   /** `buf.length` and `offset` are multiples of DIRECT_ALIGN. */
   async write(buf: Buffer, offset: number): Promise<void> {
+    if (directView(buf)) {
+      // Aligned memory already (a restore's block buffers): written from where it is, in one request.
+      for (let done = 0; done < buf.length;) {
+        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
+        if (bytesWritten <= 0 || bytesWritten % DIRECT_ALIGN) throw Object.assign(new Error('short direct write'), { code: 'EIO' });
+        done += bytesWritten;
+      }
+      return;
+    }
     const stage = this.spare.pop() ?? alignedBuffer(STAGE);
     try {
       for (let at = 0; at < buf.length; at += STAGE) {
