@@ -5,6 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
 import { directView } from '../codec/transfer';
+import { PAGE_CACHE_WRITE } from '../util/fd-io';
 
 const TMP_PREFIX = '.tmp.';
 /** open(2) flags of a new blob file written with direct I/O */
@@ -98,7 +99,7 @@ export class FileStore implements BlobStore {
       try {
         if (direct) {
           // Whole aligned blocks (past the blob: whatever the buffer holds there), then cut to the blob's size.
-          await writeAll(fh, direct);
+          await writeAll(fh, direct, true);
           await fh.truncate(data.length);
         } else {
           await writeAll(fh, data);
@@ -229,10 +230,11 @@ export class FileStore implements BlobStore {
  * quota, a file size limit): the rest is written by further calls, and the first that stores nothing
  * fails with the reason the kernel gives (ENOSPC, EDQUOT, EFBIG).
  */
-async function writeAll(fh: fsp.FileHandle, data: Buffer): Promise<void> {
+async function writeAll(fh: fsp.FileHandle, data: Buffer, whole = false): Promise<void> {
   let done = 0;
   while (done < data.length) {
-    const { bytesWritten } = await fh.write(data, done, data.length - done, done);
+    // Through the page cache in pieces (see PAGE_CACHE_WRITE); an O_DIRECT write (`whole`) goes at once.
+    const { bytesWritten } = await fh.write(data, done, whole ? data.length - done : Math.min(PAGE_CACHE_WRITE, data.length - done), done);
     if (bytesWritten <= 0) throw Object.assign(new Error('write stored nothing'), { code: 'EIO' });
     done += bytesWritten;
   }
