@@ -14,7 +14,7 @@ import { BACKY, makeTestRepo, TestRepo } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { PAGE_CACHE_WRITE } from '../src/util/fd-io';
 
-// Larger than PAGE_CACHE_WRITE and than the O_DIRECT staging buffers, so the tests can tell a write from its pieces.
+// Larger than PAGE_CACHE_WRITE and than the O_DIRECT staging buffers (1 MiB), so the tests can tell a write from its pieces.
 const BS = 2 * 1024 * 1024;
 
 /**
@@ -93,7 +93,7 @@ describe('restore to a file with O_DIRECT', () => {
     assert.equal(sha256File(out), sha256File(img));
   });
 
-  test('--no-sync writes to the page cache one at a time, 1 MiB at most; O_DIRECT writes overlap, a block at once', async () => {
+  test('--no-sync writes to the page cache one at a time, PAGE_CACHE_WRITE at most; O_DIRECT writes overlap, a block at once', async () => {
     // Buffered writers of one file in parallel contend for its inode lock, and the kernel spins for it: a
     // 2 GiB restore took 6.5 s with 8.6 s of system CPU that way, 1.7 s one write at a time. Writes larger
     // than PAGE_CACHE_WRITE took large folios, slow to fill on the benchmark VM (see fd-io.ts).

@@ -32,12 +32,13 @@ export async function fsyncDir(dir: string): Promise<void> {
 }
 
 /**
- * The most one write() through the page cache stores. Larger writes to ext4 (Linux 6.x) get large folios, and
- * in a VM that hands free memory back to its host (virtio-balloon free page reporting) those come from the
- * very blocks handed back: 1.4 GiB in 4 MiB writes measured 3.3-4.5 s of system CPU, in 1 or 2 MiB writes
- * 0.25 s, every time. More, smaller calls cost nothing measurable anywhere else.
+ * The most one write() through the page cache stores. Larger writes to ext4 (Linux 6.x) get larger folios,
+ * and in a VM that hands free memory back to its host (virtio-balloon free page reporting) filling those was
+ * slow: 1.4 GiB in 4 MiB writes took 3.3-4.5 s of system CPU where 1 MiB writes took 0.25 s; in a 2 GiB
+ * restore, 1 MiB writes still cost 1.2-1.9 s of system CPU and 256 KiB writes 1.0-1.2 s. The extra calls cost
+ * nothing measurable.
  */
-export const PAGE_CACHE_WRITE = 1024 * 1024;
+export const PAGE_CACHE_WRITE = 256 * 1024;
 
 function readOnce(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (e, n) => (e ? reject(e) : resolve(n))));
