@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { BACKY, makeTestRepo, TestRepo } from './helpers/cli';
+import { BACKY, makeTestRepo, runBacky, TestRepo } from './helpers/cli';
 import { sha256File } from './helpers/images';
 import { PAGE_CACHE_WRITE } from '../src/util/fd-io';
 
@@ -110,6 +110,14 @@ describe('restore to a file with O_DIRECT', () => {
     assert.deepEqual(writesTo(repo.cfg, ['restore', '--no-sync', uid, `file://${buffered}`], buffered, path.join(repo.dir, 'buffered.strace')), { inFlight: 1, largest: PAGE_CACHE_WRITE });
     assert.equal(sha256File(buffered), sha256File(img));
     assert.equal(sha256File(direct), sha256File(img));
+  });
+
+  test('without the native module the space is allocated all the same (util-linux fallocate), byte-identical', async () => {
+    const out = path.join(repo.dir, 'plain-js.img');
+    const r = await runBacky(['-c', repo.cfg, 'restore', uid, `file://${out}`], { env: { ...process.env, BACKY_NATIVE: '0' } });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(sha256File(out), sha256File(img));
+    assert.ok(fs.statSync(out).blocks * 512 >= 12 * BS, 'all space allocated');
   });
 
   test('a filesystem without O_DIRECT (tmpfs) gets the same bytes', async () => {

@@ -5,6 +5,7 @@ import { IoError } from '../util/errors';
 import { log } from '../util/log';
 import { zeroes } from '../device/version-device';
 import { directView } from '../codec/transfer';
+import { native } from '../codec/native';
 import { PAGE_CACHE_WRITE } from '../util/fd-io';
 import type { Source, Target, TargetOptions } from './types';
 
@@ -67,19 +68,24 @@ export async function openFileSource(p: string, url: string): Promise<Source> {
   }
 }
 
-/** Deallocates a range of a file (it reads as zeroes); false when the filesystem cannot. */
-function punchHole(p: string, offset: number, length: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    execFile('fallocate', ['--punch-hole', '--keep-size', '-o', String(offset), '-l', String(length), p], (err) => resolve(!err));
-  });
+const FALLOC_FL_KEEP_SIZE = 1;
+const FALLOC_FL_PUNCH_HOLE = 2;
+
+/**
+ * fallocate(2) on an open file: through backy's native module, or util-linux's fallocate program where the
+ * module is not built. False when the filesystem cannot.
+ */
+function fallocate(fh: fsp.FileHandle, p: string, punch: boolean, offset: number, length: number): Promise<boolean> {
+  if (native) return Promise.resolve(native.fallocate(fh.fd, punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : 0, offset, length) === 0);
+  const args = punch ? ['--punch-hole', '--keep-size', '-o', String(offset), '-l', String(length), p] : ['-o', String(offset), '-l', String(length), p];
+  return new Promise((resolve) => execFile('fallocate', args, (err) => resolve(!err)));
 }
 
-/** Allocates the whole file (util-linux fallocate: unwritten extents, read as zeroes). */
-function preallocate(p: string, size: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    execFile('fallocate', ['-l', String(size), p], (err) => resolve(!err));
-  });
-}
+/** Deallocates a range of a file (it reads as zeroes); false when the filesystem cannot. */
+const punchHole = (fh: fsp.FileHandle, p: string, offset: number, length: number) => fallocate(fh, p, true, offset, length);
+
+/** Allocates the whole file (unwritten extents, read as zeroes). */
+const preallocate = (fh: fsp.FileHandle, p: string, size: number) => fallocate(fh, p, false, 0, size);
 
 /**
  * Opens a restore target. An existing file or device is refused unless `force`; a regular file is created
@@ -127,7 +133,7 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
       }
       // Not sparse: the file gets all its space. fallocate does that without writing gigabytes of zeroes;
       // where the filesystem cannot, the zeroes are written (zeroed stays false).
-      zeroed = !opts.existing && (size === 0 || sparse || (await preallocate(p, size)));
+      zeroed = !opts.existing && (size === 0 || sparse || (await preallocate(fh, p, size)));
       punch = sparse && !!opts.existing;
     }
   } catch (e) {
@@ -204,7 +210,7 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
       }
     },
     async zero(offset, length) {
-      if (punch && (await punchHole(p, offset, length))) return;
+      if (punch && (await punchHole(fh, p, offset, length))) return;
       const step = 4 * 1024 * 1024;
       for (let o = offset; o < offset + length; o += step) await write(zeroes(Math.min(step, offset + length - o)), o);
     },

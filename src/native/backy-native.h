@@ -3,3 +3,4 @@
 
 void register_aes_gcm(napi_env env, napi_value exports);
 void register_alignment(napi_env env, napi_value exports);
+void register_fallocate(napi_env env, napi_value exports);
