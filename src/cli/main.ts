@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+// First: it may start the codec workers, which then boot while the rest loads.
+import './early-start';
 import { Command, CommanderError } from 'commander';
 import { BackyError, errorLine, ExitCode } from '../util/errors';
 import { log } from '../util/log';

@@ -1,6 +1,8 @@
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './worker';
+import { adoptEarlyWorker, stopEarlyWorkers } from './early-workers';
+import { log } from '../util/log';
 
 type Pending = { resolve: (r: WorkerReply) => void; reject: (e: Error) => void; worker: Slot };
 type Slot = { worker: Worker; inflight: number };
@@ -22,11 +24,19 @@ export class WorkerPool {
   private closed = false;
 
   constructor(private readonly init: WorkerInit, readonly size: number) {
-    for (let i = 0; i < size; i++) this.slots.push(this.spawn());
+    let adopted = 0;
+    for (let i = 0; i < size; i++) {
+      const early = adoptEarlyWorker(init);
+      if (early) adopted++;
+      this.slots.push(this.spawn(early));
+    }
+    stopEarlyWorkers();
+    log.debug(`codec: ${size} workers, ${adopted} of them started early`);
   }
 
-  private spawn(): Slot {
-    const worker = new Worker(path.join(__dirname, 'worker.js'), { workerData: this.init });
+  /** `early`: a worker started at the beginning of the command (early-workers.ts), to use instead of a new one. */
+  private spawn(early?: Worker): Slot {
+    const worker = early ?? new Worker(path.join(__dirname, 'worker.js'), { workerData: this.init });
     const slot: Slot = { worker, inflight: 0 };
     worker.unref();
     worker.on('message', (r: WorkerReply) => {

@@ -38,8 +38,18 @@ export interface WorkerInit {
   hashFunction: string;
 }
 
-if (parentPort) {
-  const init = workerData as WorkerInit;
+/** workerData of a worker started before its command read its configuration (see early-workers.ts). */
+export interface DeferredInit {
+  deferred: true;
+}
+
+/** The first message such a worker gets. */
+export interface InitMessage {
+  op: 'init';
+  init: WorkerInit;
+}
+
+function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
   const opts: CodecOptions = {
     key: init.keyHex ? Buffer.from(init.keyHex, 'hex') : undefined,
     compression: init.compression,
@@ -48,7 +58,6 @@ if (parentPort) {
   };
   const keks = new Map(Object.entries(init.keks ?? {}).map(([id, hex]) => [Number(id), Buffer.from(hex, 'hex')]));
   const keyOf = (kek: number) => (kek === 0 ? opts.key : keks.get(kek));
-  const port = parentPort;
   port.on('message', (req: WorkerRequest) => {
     switch (req.op) {
       case 'scan': {
@@ -114,4 +123,12 @@ if (parentPort) {
       }
     }
   });
+}
+
+if (parentPort) {
+  const port = parentPort;
+  const data = workerData as WorkerInit | DeferredInit;
+  // Started early: the modules above are loaded by now; the settings (and keys) come as the first message.
+  if ('deferred' in data) port.once('message', (m: InitMessage) => serve(m.init, port));
+  else serve(data, port);
 }
