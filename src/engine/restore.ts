@@ -50,6 +50,7 @@ export async function restore(repo: Repository, opts: RestoreOptions): Promise<R
   const target = await openTarget(opts.target, {
     size: v.size, force: opts.force, sparse: opts.sparse, tls: opts.tls, existing: !!opts.delta,
     direct: !opts.delta && (opts.sync ?? true),
+    blockingWrites: true,
   });
   // No block cache: restore reads each blob once (repeats are copied from their first copy in the target).
   const fetcher = repo.fetcher(new BlockCache(0));

@@ -143,7 +143,8 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
   let direct = opts.direct ? await DirectWriter.open(p) : undefined;
   // Buffered writes go one at a time, in pieces of PAGE_CACHE_WRITE. Writers of one file in parallel contend
   // for its inode lock, and the kernel spins waiting for it: a restore to the page cache measured 6.5 s (8.6 s
-  // of system CPU) with them in parallel and under 2 s with them in a row.
+  // of system CPU) with them in parallel and under 2 s with them in a row. With `blockingWrites` they are made
+  // on this thread (see TargetOptions).
   let lastBuffered: Promise<void> = Promise.resolve();
   const buffered = (buf: Buffer, offset: number): Promise<void> => {
     const mine = lastBuffered.then(() => writeBuffered(buf, offset));
@@ -154,8 +155,8 @@ export async function openFileTarget(p: string, url: string, opts: TargetOptions
     let done = 0;
     while (done < buf.length) {
       try {
-        const { bytesWritten } = await fh.write(buf, done, Math.min(PAGE_CACHE_WRITE, buf.length - done), offset + done);
-        done += bytesWritten;
+        const length = Math.min(PAGE_CACHE_WRITE, buf.length - done);
+        done += opts.blockingWrites ? fs.writeSync(fh.fd, buf, done, length, offset + done) : (await fh.write(buf, done, length, offset + done)).bytesWritten;
       } catch (e) {
         throw new IoError(`cannot write target ${p} at offset ${offset + done}: ${errCode(e)}`);
       }

@@ -72,6 +72,13 @@ export interface TargetOptions {
    * coherent with the buffered I/O used for unaligned pieces.
    */
   direct?: boolean;
+  /**
+   * Nothing else in the process waits on its event loop (a plain restore): writes through the page cache are
+   * made on the calling thread. They go one at a time in pieces (see openFileTarget), and a trip through the
+   * thread pool for each piece made that chain what limited a restore: 2 GiB --no-sync copied in 1.24-1.32 s
+   * that way, in 0.93-0.96 s with the writes made in place.
+   */
+  blockingWrites?: boolean;
   tls?: TlsFiles;
 }
 
