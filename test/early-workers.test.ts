@@ -59,7 +59,7 @@ describe('early codec workers', () => {
       const r = await one.ok(['-v', 'restore', uid, `file://${out}`]);
       assert.deepEqual(early(r.stderr), [1, 1], r.stderr);
       assert.equal(sha256File(out), sha256File(img));
-      assert.ok(fs.statSync(out).size === 6 * BS);
+      assert.equal(fs.statSync(out).size, 6 * BS);
     } finally {
       one.cleanup();
     }
