@@ -22,13 +22,14 @@ const BS = 2 * 1024 * 1024;
  * syscall interrupts is printed `<unfinished ...>` and later `<... pwrite64 resumed>`) and the largest.
  */
 function writesTo(cfg: string, args: string[], file: string, log: string): { inFlight: number; largest: number; threads: number; mainThread: boolean } {
-  execFileSync('strace', ['-f', '-y', '-qq', '-s', '0', '-e', 'trace=pwrite64', '-o', log, process.execPath, BACKY, '-c', cfg, ...args], { stdio: 'ignore' });
+  execFileSync('strace', ['-f', '-y', '-qq', '-s', '0', '-e', 'trace=execve,pwrite64', '-o', log, process.execPath, BACKY, '-c', cfg, ...args], { stdio: 'ignore' });
   const open = new Set<string>();
   const threads = new Set<string>();
   let inFlight = 0;
   let largest = 0;
   const lines = fs.readFileSync(log, 'utf8').split('\n');
-  // The process's own id is its main thread's: the first line of the log is its first system call.
+  // The process's own id is its main thread's: the first line of the log is its execve.
+  assert.match(lines[0], /execve\(/);
   const main = lines[0].split(' ')[0];
   for (const line of lines) {
     const pid = line.split(' ')[0];
