@@ -13,12 +13,17 @@ import { owned, ownArrayBuffer } from './transfer';
 export { allocBlock } from './transfer';
 
 /** `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). */
-function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; outOffset?: number; transfer: ArrayBuffer[] } {
+function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; outOffset?: number; outLength?: number; transfer: ArrayBuffer[] } {
   const ab = ownArrayBuffer(main);
-  // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning).
+  // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning); memory it may
+  // share with others is copied instead, and then starts at 0.
   const outAb = out ? (owned(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
-  const outOffset = out && outAb === out.buffer && out.byteOffset ? out.byteOffset : undefined;
-  return { ab, outAb, outOffset, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab] };
+  const placed = !!out && outAb === out.buffer;
+  return {
+    ab, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab],
+    outOffset: placed && out.byteOffset ? out.byteOffset : undefined,
+    outLength: placed ? out.length : undefined,
+  };
 }
 
 /**
@@ -46,12 +51,8 @@ export class Codec {
    * `blob.buffer` is then that memory, and the blob starts where `out` starts in it.
    */
   async encode(buf: Buffer, len: number, sum: Buffer, out?: Buffer): Promise<{ blob: Buffer; buf: Buffer }> {
-    const ab = ownArrayBuffer(buf);
-    // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning).
-    const outAb = out ? (owned(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
-    const outAt = out && outAb === out.buffer ? { outOffset: out.byteOffset, outLength: out.length } : {};
-    const transfer = outAb && outAb !== ab ? [ab, outAb] : [ab];
-    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum), out: outAb, ...outAt }, transfer);
+    const { ab, outAb, outOffset, outLength, transfer } = transferWith(buf, out);
+    const r = await this.pool.run({ op: 'encode', buf: ab, len, sum: new Uint8Array(sum), out: outAb, outOffset, outLength }, transfer);
     if (r.op !== 'encode') throw new Error('codec: unexpected reply');
     return { blob: Buffer.from(r.blob, r.offset ?? 0, r.len), buf: Buffer.from(r.buf) };
   }

@@ -264,25 +264,14 @@ class DirectWriter {
 
   /** `buf.length` and `offset` are multiples of DIRECT_ALIGN. */
   async write(buf: Buffer, offset: number): Promise<void> {
-    if (directView(buf)) {
-      // Aligned memory already (a restore's block buffers): written from where it is, in one request.
-      for (let done = 0; done < buf.length;) {
-        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
-        if (bytesWritten <= 0 || bytesWritten % DIRECT_ALIGN) throw Object.assign(new Error('short direct write'), { code: 'EIO' });
-        done += bytesWritten;
-      }
-      return;
-    }
+    // Aligned memory already (a restore's block buffers): written from where it is, in one request.
+    if (directView(buf)) return this.writeAt(buf, buf.length, offset);
     const stage = this.spare.pop() ?? alignedBuffer(STAGE);
     try {
       for (let at = 0; at < buf.length; at += STAGE) {
         const n = Math.min(STAGE, buf.length - at);
         buf.copy(stage, 0, at, at + n);
-        for (let done = 0; done < n;) {
-          const { bytesWritten } = await this.fh.write(stage, done, n - done, offset + at + done);
-          if (bytesWritten <= 0 || bytesWritten % DIRECT_ALIGN) throw Object.assign(new Error('short direct write'), { code: 'EIO' });
-          done += bytesWritten;
-        }
+        await this.writeAt(stage, n, offset + at);
       }
     } finally {
       if (this.spare.length < 16) this.spare.push(stage);
@@ -291,19 +280,34 @@ class DirectWriter {
 
   /** Fills `buf` (its length and `offset` multiples of DIRECT_ALIGN) from the file. */
   async read(buf: Buffer, offset: number): Promise<void> {
+    if (directView(buf)) return this.readAt(buf, buf.length, offset);
     const stage = this.spare.pop() ?? alignedBuffer(STAGE);
     try {
       for (let at = 0; at < buf.length; at += STAGE) {
         const n = Math.min(STAGE, buf.length - at);
-        for (let done = 0; done < n;) {
-          const { bytesRead } = await this.fh.read(stage, done, n - done, offset + at + done);
-          if (bytesRead <= 0 || bytesRead % DIRECT_ALIGN) throw Object.assign(new Error('short direct read'), { code: 'EIO' });
-          done += bytesRead;
-        }
+        await this.readAt(stage, n, offset + at);
         stage.copy(buf, at, 0, n);
       }
     } finally {
       if (this.spare.length < 16) this.spare.push(stage);
+    }
+  }
+
+  /** The first `length` bytes of aligned `buf` to the file at `position`; a short write is EIO. */
+  private async writeAt(buf: Buffer, length: number, position: number): Promise<void> {
+    for (let done = 0; done < length;) {
+      const { bytesWritten } = await this.fh.write(buf, done, length - done, position + done);
+      if (bytesWritten <= 0 || bytesWritten % DIRECT_ALIGN) throw Object.assign(new Error('short direct write'), { code: 'EIO' });
+      done += bytesWritten;
+    }
+  }
+
+  /** `length` bytes from the file at `position` into aligned `buf`; a short read is EIO. */
+  private async readAt(buf: Buffer, length: number, position: number): Promise<void> {
+    for (let done = 0; done < length;) {
+      const { bytesRead } = await this.fh.read(buf, done, length - done, position + done);
+      if (bytesRead <= 0 || bytesRead % DIRECT_ALIGN) throw Object.assign(new Error('short direct read'), { code: 'EIO' });
+      done += bytesRead;
     }
   }
 
