@@ -8,16 +8,16 @@ export interface StoredFormat {
 }
 import { WorkerPool } from './pool';
 import type { SlabTarget } from '../device/shm-slab';
-import { owned, ownArrayBuffer } from './transfer';
+import { isShared, owned, ownArrayBuffer } from './transfer';
 
-export { allocBlock } from './transfer';
+export { allocBlock, allocShared } from './transfer';
 
 /** `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). */
 function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; outOffset?: number; outLength?: number; transfer: ArrayBuffer[] } {
   const ab = ownArrayBuffer(main);
   // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning); memory it may
   // share with others is copied instead, and then starts at 0.
-  const outAb = out ? (owned(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
+  const outAb = out ? (owned(out) || isShared(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
   const placed = !!out && outAb === out.buffer;
   return {
     ab, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab],

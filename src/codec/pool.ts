@@ -3,6 +3,7 @@ import { Worker } from 'node:worker_threads';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './worker';
 import { adoptEarlyWorker, stopEarlyWorkers } from './early-workers';
 import { log } from '../util/log';
+import { transferable } from './transfer';
 
 type Pending = { resolve: (r: WorkerReply) => void; reject: (e: Error) => void; worker: Slot };
 type Slot = { worker: Worker; inflight: number };
@@ -80,7 +81,7 @@ export class WorkerPool {
       if (best.inflight === 0) best.worker.ref();
       best.inflight++;
       this.pending.set(job.msg.id, { resolve: job.resolve, reject: job.reject, worker: best });
-      best.worker.postMessage(job.msg, job.transfer);
+      best.worker.postMessage(job.msg, transferable(job.transfer));
     }
   }
 

@@ -1,6 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { BlobFormatError, checksum, CodecOptions, decodeBlob, encodeBlob, isZero } from './blob-format';
-import { ownArrayBuffer } from './transfer';
+import { ownArrayBuffer, transferable } from './transfer';
 import { decodeBacky2Blob } from './backy2-blob';
 import { SlabTarget, writeAllAt } from '../device/shm-slab';
 
@@ -63,10 +63,10 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
       case 'scan': {
         const data = Buffer.from(req.buf, 0, req.len);
         if (isZero(data)) {
-          port.postMessage({ id: req.id, op: 'scan', zero: true, buf: req.buf } satisfies WorkerReply, [req.buf]);
+          port.postMessage({ id: req.id, op: 'scan', zero: true, buf: req.buf } satisfies WorkerReply, transferable([req.buf]));
         } else {
           const sum = checksum(opts.hashFunction, data);
-          port.postMessage({ id: req.id, op: 'scan', zero: false, sum: new Uint8Array(sum), buf: req.buf } satisfies WorkerReply, [req.buf]);
+          port.postMessage({ id: req.id, op: 'scan', zero: false, sum: new Uint8Array(sum), buf: req.buf } satisfies WorkerReply, transferable([req.buf]));
         }
         break;
       }
@@ -79,7 +79,7 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
         const ab = inOut ? req.out! : ownArrayBuffer(blob);
         const transfer = [ab, req.buf];
         if (req.out && ab !== req.out) transfer.push(req.out);
-        port.postMessage({ id: req.id, op: 'encode', blob: ab, offset: inOut ? blob.byteOffset : 0, len: blob.length, buf: req.buf } satisfies WorkerReply, transfer);
+        port.postMessage({ id: req.id, op: 'encode', blob: ab, offset: inOut ? blob.byteOffset : 0, len: blob.length, buf: req.buf } satisfies WorkerReply, transferable(transfer));
         break;
       }
       case 'decode': {
@@ -118,7 +118,7 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
           reply = { id: req.id, op: 'decode', len: 0, error: msg, out: req.out, blob: req.blob };
           if (req.out) transfer.push(req.out);
         }
-        port.postMessage(reply, transfer);
+        port.postMessage(reply, transferable(transfer));
         break;
       }
     }

@@ -1,5 +1,5 @@
 import { encodedCapacity } from '../codec/blob-format';
-import { allocBlock } from '../codec/codec';
+import { allocShared } from '../codec/codec';
 import type { Codec } from '../codec/codec';
 import type { BlobRef } from '../meta/types';
 import { blobKey, BlobStore } from '../storage/types';
@@ -38,7 +38,7 @@ export class BlobFetcher {
   private async loadForCache(ref: BlobRef, slot?: SlabTarget): Promise<LoadResult> {
     if (!this.cache.usesSharedMemory) return this.load(ref);
     const cap = encodedCapacity(ref.size);
-    const r = await this.decode(ref, spareBuffers.take(cap) ?? allocBlock(cap), undefined, slot);
+    const r = await this.decode(ref, spareBuffers.take(cap) ?? allocShared(cap), undefined, slot);
     if (r.spareOut) this.recycle(r.spareOut);
     if (r.stored !== undefined) return { stored: r.stored };
     return r.data!;
@@ -65,7 +65,7 @@ export class BlobFetcher {
     let raw: Buffer;
     if (this.store.getInto) {
       // Blob read buffers come back from the worker after decoding and are reused (one pool per process).
-      const into = spareBuffers.take(encodedCapacity(ref.size)) ?? allocBlock(encodedCapacity(ref.size));
+      const into = spareBuffers.take(encodedCapacity(ref.size)) ?? allocShared(encodedCapacity(ref.size));
       try {
         raw = await this.store.getInto(key, into);
       } catch (e) {

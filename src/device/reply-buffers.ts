@@ -9,8 +9,8 @@
  * reference; the caller gives it back at most once, when it no longer reads it.
  */
 export class ReplyBuffers {
-  private readonly free = new Map<number, ArrayBuffer[]>();
-  private readonly mine = new WeakSet<ArrayBuffer>();
+  private readonly free = new Map<number, SharedArrayBuffer[]>();
+  private readonly mine = new WeakSet<SharedArrayBuffer>();
   private kept = 0;
 
   constructor(
@@ -29,7 +29,7 @@ export class ReplyBuffers {
       this.kept -= size;
       return Buffer.from(ab, 0, length);
     }
-    const fresh = new ArrayBuffer(size);
+    const fresh = new SharedArrayBuffer(size);
     this.mine.add(fresh);
     return Buffer.from(fresh, 0, length);
   }
@@ -37,7 +37,7 @@ export class ReplyBuffers {
   /** Gives back a buffer from `take` (anything else is ignored). */
   give(b: Buffer): void {
     const ab = b.buffer;
-    if (!(ab instanceof ArrayBuffer) || !this.mine.has(ab) || this.kept + ab.byteLength > this.maxKept) return;
+    if (!(ab instanceof SharedArrayBuffer) || !this.mine.has(ab) || this.kept + ab.byteLength > this.maxKept) return;
     let list = this.free.get(ab.byteLength);
     if (!list) this.free.set(ab.byteLength, (list = []));
     if (list.includes(ab)) return; // given twice: keep it once
