@@ -7,6 +7,9 @@
  *
  * Contract: a device that returns a buffer taken from here hands it over to its caller and keeps no
  * reference; the caller gives it back at most once, when it no longer reads it.
+ *
+ * The memory is SharedArrayBuffers: up to 64 MiB kept here as ArrayBuffers counted as V8's external memory,
+ * and that made it collect the whole heap over and over (see allocShared).
  */
 export class ReplyBuffers {
   private readonly free = new Map<number, SharedArrayBuffer[]>();
