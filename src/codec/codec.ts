@@ -12,15 +12,20 @@ import { isShared, owned, ownArrayBuffer } from './transfer';
 
 export { allocBlock, allocShared } from './transfer';
 
-/** `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). */
-function transferWith(main: Buffer, out?: Buffer): { ab: ArrayBuffer; outAb?: ArrayBuffer; outOffset?: number; outLength?: number; transfer: ArrayBuffer[] } {
-  const ab = ownArrayBuffer(main);
+/**
+ * `main`'s ArrayBuffer and, when given, `out`'s, as a transfer list (the same memory only once). With
+ * `mainAnywhere`, shared memory goes as it is with `mainOffset` saying where `main` starts in it (a blob read
+ * with O_DIRECT starts at an aligned address inside its buffer); otherwise `main` starts at 0.
+ */
+function transferWith(main: Buffer, out?: Buffer, mainAnywhere = false): { ab: ArrayBuffer; mainOffset?: number; outAb?: ArrayBuffer; outOffset?: number; outLength?: number; transfer: ArrayBuffer[] } {
+  const inPlace = mainAnywhere && isShared(main) && main.byteOffset > 0;
+  const ab = inPlace ? main.buffer as ArrayBuffer : ownArrayBuffer(main);
   // `out` goes with its place in its memory (an allocAligned buffer starts past the beginning); memory it may
   // share with others is copied instead, and then starts at 0.
   const outAb = out ? (owned(out) || isShared(out) ? out.buffer as ArrayBuffer : ownArrayBuffer(out)) : undefined;
   const placed = !!out && outAb === out.buffer;
   return {
-    ab, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab],
+    ab, mainOffset: inPlace ? main.byteOffset : undefined, outAb, transfer: outAb && outAb !== ab ? [ab, outAb] : [ab],
     outOffset: placed && out.byteOffset ? out.byteOffset : undefined,
     outLength: placed ? out.length : undefined,
   };
@@ -63,9 +68,9 @@ export class Codec {
    * `stored`: the blob's format (a BlobRef), for blobs in another format than backy's own.
    */
   async decodeReusing(blob: Buffer, sum: Buffer, size: number, out?: Buffer, recompute = this.recomputeOnRead, stored?: StoredFormat, store?: SlabTarget): Promise<{ data?: Buffer; stored?: number; error?: string; spareBlob: Buffer; spareOut?: Buffer }> {
-    const { ab, outAb, outOffset, transfer } = transferWith(blob, out);
+    const { ab, mainOffset, outAb, outOffset, transfer } = transferWith(blob, out, true);
     const foreign = stored && stored.format !== BlobFormat.Backy ? { format: stored.format, keyInfo: stored.keyInfo ? new Uint8Array(stored.keyInfo) : undefined } : {};
-    const r = await this.pool.run({ op: 'decode', blob: ab, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, outOffset, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);
+    const r = await this.pool.run({ op: 'decode', blob: ab, blobOffset: mainOffset, len: blob.length, sum: new Uint8Array(sum), size, out: outAb, outOffset, recompute, ...foreign, ...(store ? { store } : {}) }, transfer);
     if (r.op !== 'decode') throw new Error('codec: unexpected reply');
     return {
       data: r.data ? Buffer.from(r.data, r.offset ?? 0, r.len) : undefined,

@@ -6,6 +6,8 @@ export interface NativeModule {
   gcmUpdate(context: unknown, src: Buffer, dst: Buffer): void;
   gcmFinish(context: unknown, tag: Buffer): boolean;
   alignedOffset(memory: ArrayBuffer, alignment: number): number;
+  /** The same for a view (of an ArrayBuffer or a SharedArrayBuffer), counted from the view's start. */
+  viewAlignedOffset?(view: Uint8Array, alignment: number): number;
   /** 0, or the errno of fallocate(2) */
   fallocate(fd: number, mode: number, offset: number, length: number): number;
 }

@@ -38,7 +38,22 @@ export function allocBlock(size: number): Buffer {
  * threads from sharing it otherwise), and not for O_DIRECT (see allocAligned).
  */
 export function allocShared(size: number): Buffer {
-  return Buffer.from(new SharedArrayBuffer(Math.max(1, size)), 0, size);
+  // One aligned block more than asked: a file store reads a blob into it with O_DIRECT (see directWindow).
+  return Buffer.from(new SharedArrayBuffer(roundUp(Math.max(1, size)) + DIRECT_ALIGNMENT), 0, size);
+}
+
+/**
+ * The aligned part of the memory behind a shared buffer, for an O_DIRECT read: from the first aligned address
+ * at or after `b`'s start to the last aligned end of its memory (allocShared leaves room for a whole block
+ * size past `b.length`). Undefined without the native module (it alone can see addresses) or when less than
+ * `atLeast` bytes would fit.
+ */
+export function directWindow(b: Buffer, atLeast: number): Buffer | undefined {
+  if (!native?.viewAlignedOffset || !isShared(b)) return undefined;
+  const pad = native.viewAlignedOffset(b, DIRECT_ALIGNMENT);
+  const start = b.byteOffset + pad;
+  const length = Math.floor((b.buffer.byteLength - start) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  return length >= atLeast ? Buffer.from(b.buffer, start, length) : undefined;
 }
 
 /** Whether `b` lives in a SharedArrayBuffer (it travels by reference: never put it in a transfer list). */

@@ -11,7 +11,7 @@ import { SlabTarget, writeAllAt } from '../device/shm-slab';
 export type WorkerRequest =
   | { id: number; op: 'scan'; buf: ArrayBuffer; len: number }
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer; outOffset?: number; outLength?: number }
-  | { id: number; op: 'decode'; blob: ArrayBuffer; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; outOffset?: number; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
+  | { id: number; op: 'decode'; blob: ArrayBuffer; blobOffset?: number; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; outOffset?: number; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
 /** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
 function storeAt(t: SlabTarget, data: Buffer): boolean {
@@ -89,7 +89,7 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
-          const blob = Buffer.from(req.blob, 0, req.len);
+          const blob = Buffer.from(req.blob, req.blobOffset ?? 0, req.len);
           const data = req.format
             ? decodeBacky2Blob(blob, Buffer.from(req.sum), req.size, { format: req.format, keyInfo: req.keyInfo ? Buffer.from(req.keyInfo) : null, keys: keyOf, hashFunction: opts.hashFunction }, out, req.recompute)
             : decodeBlob(blob, Buffer.from(req.sum), req.size, opts, out, req.recompute);

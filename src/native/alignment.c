@@ -29,9 +29,36 @@ static napi_value aligned_offset(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * viewAlignedOffset(typedArray, alignment) -> the first offset from the view's start whose address is a multiple
+ * of alignment. For views of a SharedArrayBuffer too, which napi_get_arraybuffer_info does not take.
+ */
+static napi_value view_aligned_offset(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], result;
+  void *data = NULL;
+  size_t length = 0;
+  uint32_t alignment = 0;
+  napi_typedarray_type type;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 ||
+      napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok ||
+      napi_get_value_uint32(env, argv[1], &alignment) != napi_ok) {
+    napi_throw_type_error(env, NULL, "viewAlignedOffset(typedArray, alignment)");
+    return NULL;
+  }
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0) {
+    napi_throw_range_error(env, NULL, "alignment must be a power of two");
+    return NULL;
+  }
+  uint32_t offset = (uint32_t)((alignment - ((uintptr_t)data & (alignment - 1))) & (alignment - 1));
+  napi_create_uint32(env, offset, &result);
+  return result;
+}
+
 void register_alignment(napi_env env, napi_value exports) {
   napi_property_descriptor methods[] = {
     {"alignedOffset", NULL, aligned_offset, NULL, NULL, NULL, napi_default, NULL},
+    {"viewAlignedOffset", NULL, view_aligned_offset, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);
 }

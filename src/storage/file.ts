@@ -4,12 +4,14 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlobNotFoundError, StorageError } from '../util/errors';
 import type { BlobStore, StoredObject } from './types';
-import { directView } from '../codec/transfer';
+import { DIRECT_ALIGNMENT, directView, directWindow } from '../codec/transfer';
 import { PAGE_CACHE_WRITE } from '../util/fd-io';
 
 const TMP_PREFIX = '.tmp.';
 /** open(2) flags of a new blob file written with direct I/O */
 const DIRECT_CREATE = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT;
+/** open(2) flags of a blob read around the page cache */
+const DIRECT_READ = fs.constants.O_RDONLY | fs.constants.O_DIRECT;
 /** The repository marker (see engine/repository-settings.ts), beside the shard directories. */
 export const MARKER_NAME = 'backy-repository.json';
 const MARKER = MARKER_NAME;
@@ -26,6 +28,8 @@ export class FileStore implements BlobStore {
   private knownDirs = new Set<string>();
   /** false once the filesystem refused O_DIRECT */
   private direct = true;
+  /** false once the filesystem refused an O_DIRECT read (or BACKY_DIRECT_READS=0) */
+  private directReads = process.env.BACKY_DIRECT_READS !== '0';
 
   constructor(readonly root: string, private readonly fsync = true) {
     this.description = `directory ${root}`;
@@ -135,6 +139,13 @@ export class FileStore implements BlobStore {
   }
 
   async getInto(key: string, into: Buffer): Promise<Buffer> {
+    if (this.directReads) {
+      const window = directWindow(into, DIRECT_ALIGNMENT);
+      if (window) {
+        const got = await this.getDirect(key, window);
+        if (got) return got;
+      }
+    }
     let fh: fsp.FileHandle;
     try {
       fh = await fsp.open(this.file(key), 'r');
@@ -158,6 +169,52 @@ export class FileStore implements BlobStore {
       await fh.close();
     }
   }
+  /**
+   * A blob read with O_DIRECT into `window` (aligned memory, see directWindow), or undefined when it must be
+   * read through the page cache: the file system refuses O_DIRECT (it is then not asked again), or the blob
+   * is larger than the window. Why: a blob is read once and then kept decoded in the block cache or written
+   * to a restore target, so its copy in the page cache is never used; reading around it saves the copy and
+   * the page-cache pages (reading the 265 blob files of the benchmark image cold: 0.36-0.41 s and 0.11-0.16 s
+   * of system CPU, against 0.48-0.81 s and 0.20-0.30 s through the page cache). A read shorter than asked is
+   * the end of the file, so most blobs take three trips to the thread pool (open, read, close), not four.
+   */
+  private async getDirect(key: string, window: Buffer): Promise<Buffer | undefined> {
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(this.file(key), DIRECT_READ);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EINVAL' || code === 'EOPNOTSUPP') {
+        this.directReads = false;
+        return undefined;
+      }
+      if (code === 'ENOENT') throw new BlobNotFoundError(key);
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
+    }
+    try {
+      let done = 0;
+      for (;;) {
+        const want = window.length - done;
+        const { bytesRead } = await fh.read(window, done, want, done);
+        done += bytesRead;
+        // O_DIRECT reads whole aligned blocks: less than that, or nothing, is the end of the file.
+        if (bytesRead === 0 || bytesRead % DIRECT_ALIGNMENT !== 0 || done === window.length) break;
+      }
+      if (done === window.length && (await fh.stat()).size > done) return undefined;
+      return window.subarray(0, done);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EINVAL') {
+        // Opened, but the file system (or a stacked one) refuses the read itself.
+        this.directReads = false;
+        return undefined;
+      }
+      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
+    } finally {
+      await fh.close();
+    }
+  }
+
 
   async delete(keys: string[]): Promise<void> {
     await Promise.all(keys.map(async (key) => {
