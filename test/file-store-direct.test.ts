@@ -105,6 +105,19 @@ test('file store: blobs are read with O_DIRECT into shared buffers (around the p
     const big = filled(1_000_000, true);
     await store.put('blobs/cc/big', big);
     assert.ok((await store.getInto('blobs/cc/big', allocShared(100_000))).equals(big));
+    // Given a view inside a larger shared buffer, the read stays inside the view, even for a blob that does
+    // not fit it: the memory around it may be someone else's.
+    const mem = allocShared(1024 * 1024).fill(0xab);
+    const view = mem.subarray(8192, 8192 + 100_000);
+    const over = filled(150_000, true);
+    await store.put('blobs/cc/over', over);
+    assert.ok((await store.getInto('blobs/cc/over', view)).equals(over));
+    assert.ok(mem.subarray(0, 8192).every((x) => x === 0xab) && mem.subarray(8192 + 100_000).every((x) => x === 0xab), 'nothing written outside the view');
+    const fits = filled(60_000, true);
+    await store.put('blobs/cc/fits', fits);
+    assert.ok((await store.getInto('blobs/cc/fits', view)).equals(fits));
+    assert.equal(residentPages(path.join(dir, 'blobs/cc/fits')), 0, 'a blob that fits the view is still read around the page cache');
+    assert.ok(mem.subarray(8192 + 100_000).every((x) => x === 0xab), 'nothing written past the view');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -29,8 +29,8 @@ export function allocBlock(size: number): Buffer {
 }
 
 /**
- * A block buffer in shared memory (a SharedArrayBuffer): it goes to a worker and back by reference, with no
- * transfer, and V8 does not count it as the isolate's external memory. Why that matters: the NBD and FUSE
+ * A block buffer of at least `size` bytes in shared memory (a SharedArrayBuffer): it goes to a worker and back
+ * by reference, with no transfer, and V8 does not count it as the isolate's external memory. Why that matters: the NBD and FUSE
  * servers keep a pool of spare 4 MiB block buffers (64 MiB). As ArrayBuffers they made V8 believe the heap was
  * always over its limit, and it ran a full collection every 60-100 ms (a cold copy of 2 GiB: 20-28 of them,
  * with 1 of them after this change).
@@ -38,22 +38,21 @@ export function allocBlock(size: number): Buffer {
  * threads from sharing it otherwise), and not for O_DIRECT (see allocAligned).
  */
 export function allocShared(size: number): Buffer {
-  // One aligned block more than asked: a file store reads a blob into it with O_DIRECT (see directWindow).
-  return Buffer.from(new SharedArrayBuffer(roundUp(Math.max(1, size)) + DIRECT_ALIGNMENT), 0, size);
+  // All of its memory, one aligned block more than asked: a blob of `size` bytes still fits when it is read
+  // with O_DIRECT from the first aligned address inside it (see directWindow).
+  return Buffer.from(new SharedArrayBuffer(roundUp(Math.max(1, size)) + DIRECT_ALIGNMENT));
 }
 
 /**
- * The aligned part of the memory behind a shared buffer, for an O_DIRECT read: from the first aligned address
- * at or after `b`'s start to the last aligned end of its memory (allocShared leaves room for a whole block
- * size past `b.length`). Undefined without the native module (it alone can see addresses) or when less than
- * `atLeast` bytes would fit.
+ * The aligned part of a shared buffer, for an O_DIRECT read: from the first aligned address in `b` to the last
+ * aligned end inside it (never past `b`: the memory after it may be someone else's). Undefined without the
+ * native module (it alone can see addresses) or when less than `atLeast` bytes would fit.
  */
 export function directWindow(b: Buffer, atLeast: number): Buffer | undefined {
   if (!native?.viewAlignedOffset || !isShared(b)) return undefined;
   const pad = native.viewAlignedOffset(b, DIRECT_ALIGNMENT);
-  const start = b.byteOffset + pad;
-  const length = Math.floor((b.buffer.byteLength - start) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
-  return length >= atLeast ? Buffer.from(b.buffer, start, length) : undefined;
+  const length = Math.floor((b.length - pad) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  return length >= atLeast ? Buffer.from(b.buffer, b.byteOffset + pad, length) : undefined;
 }
 
 /** Whether `b` lives in a SharedArrayBuffer (it travels by reference: never put it in a transfer list). */
