@@ -169,14 +169,16 @@ export class FileStore implements BlobStore {
       await fh.close();
     }
   }
+
   /**
    * A blob read with O_DIRECT into `window` (aligned memory, see directWindow), or undefined when it must be
    * read through the page cache: the file system refuses O_DIRECT (it is then not asked again), or the blob
    * is larger than the window. Why: a blob is read once and then kept decoded in the block cache or written
    * to a restore target, so its copy in the page cache is never used; reading around it saves the copy and
    * the page-cache pages (reading the 265 blob files of the benchmark image cold: 0.36-0.41 s and 0.11-0.16 s
-   * of system CPU, against 0.48-0.81 s and 0.20-0.30 s through the page cache). A read shorter than asked is
-   * the end of the file, so most blobs take three trips to the thread pool (open, read, close), not four.
+   * of system CPU, against 0.48-0.81 s and 0.20-0.30 s through the page cache). A read that ends off a block
+   * boundary is the end of the file, so most blobs take three trips to the thread pool (open, read, close),
+   * not four (no stat).
    */
   private async getDirect(key: string, window: Buffer): Promise<Buffer | undefined> {
     let fh: fsp.FileHandle;
@@ -214,7 +216,6 @@ export class FileStore implements BlobStore {
       await fh.close();
     }
   }
-
 
   async delete(keys: string[]): Promise<void> {
     await Promise.all(keys.map(async (key) => {
