@@ -30,12 +30,13 @@ export function allocBlock(size: number): Buffer {
 
 /**
  * A block buffer of at least `size` bytes in shared memory (a SharedArrayBuffer): it goes to a worker and back
- * by reference, with no transfer, and V8 does not count it as the isolate's external memory. Why that matters: the NBD and FUSE
- * servers keep a pool of spare 4 MiB block buffers (64 MiB). As ArrayBuffers they made V8 believe the heap was
- * always over its limit, and it ran a full collection every 60-100 ms (a cold copy of 2 GiB: 20-28 of them,
- * with 1 of them after this change).
+ * by reference, with no transfer, and V8 does not count it as the isolate's external memory. Why that matters:
+ * the NBD and FUSE servers keep a pool of spare 4 MiB block buffers (64 MiB). As ArrayBuffers they made V8
+ * believe the heap was always over its limit, and it ran a full collection every 60-100 ms (a cold copy of
+ * 2 GiB: 20-28 of them, with 1 of them after this change).
  * Only for memory whose users wait for the worker's reply before they touch it again (nothing stops the two
- * threads from sharing it otherwise), and not for O_DIRECT (see allocAligned).
+ * threads from sharing it otherwise). A blob is read into it with O_DIRECT through directWindow; a buffer to
+ * write with O_DIRECT comes from allocAligned.
  */
 export function allocShared(size: number): Buffer {
   // All of its memory, one aligned block more than asked: a blob of `size` bytes still fits when it is read
