@@ -133,9 +133,15 @@ export class FileStore implements BlobStore {
     try {
       return await fsp.readFile(this.file(key));
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new BlobNotFoundError(key);
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      throw this.readError(key, e);
     }
+  }
+
+  /** What a failed blob read throws: BlobNotFoundError for a missing file, else a one-line StorageError. */
+  private readError(key: string, e: unknown): Error {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return new BlobNotFoundError(key);
+    return new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
   }
 
   async getInto(key: string, into: Buffer): Promise<Buffer> {
@@ -150,8 +156,7 @@ export class FileStore implements BlobStore {
     try {
       fh = await fsp.open(this.file(key), 'r');
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new BlobNotFoundError(key);
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      throw this.readError(key, e);
     }
     try {
       const size = (await fh.stat()).size;
@@ -164,7 +169,7 @@ export class FileStore implements BlobStore {
       }
       return buf.subarray(0, done);
     } catch (e) {
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      throw this.readError(key, e);
     } finally {
       await fh.close();
     }
@@ -190,8 +195,7 @@ export class FileStore implements BlobStore {
         this.directReads = false;
         return undefined;
       }
-      if (code === 'ENOENT') throw new BlobNotFoundError(key);
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
+      throw this.readError(key, e);
     }
     try {
       let done = 0;
@@ -211,7 +215,7 @@ export class FileStore implements BlobStore {
         this.directReads = false;
         return undefined;
       }
-      throw new StorageError(`cannot read blob ${key} from ${this.root}: ${code ?? (e as Error).message}`);
+      throw this.readError(key, e);
     } finally {
       await fh.close();
     }
