@@ -6,6 +6,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { loadConfig } from '../src/config/config';
 import { allocBlock } from '../src/codec/codec';
@@ -96,15 +97,20 @@ describe('device stack', () => {
   test('blob buffers in shared memory: V8 does not count them, a decode works in them in place, and cache loads leave only them as spares', async () => {
     // Why they are shared (see allocShared): V8 counts ArrayBuffers as external memory, and a pool of them made
     // the NBD server collect its whole heap every 60-100 ms. The control shows the measure sees ArrayBuffers.
+    // Measured in a fresh process: here, a collection that frees earlier tests' buffers between two readings
+    // would hide what the allocations added.
     const MiB = 1024 * 1024;
-    const base = process.memoryUsage().external;
-    const shared = Array.from({ length: 16 }, () => allocShared(4 * MiB));
-    const afterShared = process.memoryUsage().external;
-    const plainBuffers = Array.from({ length: 16 }, () => allocBlock(4 * MiB));
-    const afterPlain = process.memoryUsage().external;
+    const measure = `const t = require(${JSON.stringify(path.join(__dirname, '..', 'src', 'codec', 'transfer.js'))});
+      const base = process.memoryUsage().external;
+      const shared = Array.from({ length: 16 }, () => t.allocShared(4 * 1024 * 1024));
+      const afterShared = process.memoryUsage().external;
+      const plain = Array.from({ length: 16 }, () => t.allocBlock(4 * 1024 * 1024));
+      const afterPlain = process.memoryUsage().external;
+      console.log(JSON.stringify({ base, afterShared, afterPlain, held: shared.length + plain.length }));`;
+    const { base, afterShared, afterPlain, held } = JSON.parse(execFileSync(process.execPath, ['-e', measure]).toString()) as Record<string, number>;
     assert.ok(afterPlain - afterShared >= 60 * MiB, `16 ArrayBuffers of 4 MiB counted ${afterPlain - afterShared} bytes`);
     assert.ok(afterShared - base < 4 * MiB, `16 shared buffers of 4 MiB counted ${afterShared - base} bytes`);
-    assert.equal(shared.length + plainBuffers.length, 32);
+    assert.equal(held, 32);
 
     // A decode reads the blob from shared memory and writes the plaintext into the caller's shared buffer,
     // which the caller still holds (nothing was transferred away or copied back).
