@@ -198,6 +198,25 @@ describe('S3Store', () => {
     }
   });
 
+  test('check: an endpoint that answers with failures gets five attempts, not three', async () => {
+    const store = storeFor(proxy.endpoint, { max_retries: 6 });
+    try {
+      proxy.eligible = (r) => r.method === 'HEAD';
+      proxy.seen.length = 0;
+      proxy.script = ['503', 'reset', '500', 'lost-reply'];
+      await store.check();
+      assert.equal(proxy.script.length, 0, 'all four failures were served');
+      assert.equal(proxy.seen.length, 5);
+      proxy.script = ['503', '500', '503', '500', '503', '500'];
+      await assert.rejects(store.check(), /^StorageError: cannot access s3:\/\/backy\/ at .*: HTTP 50\d .*\(gave up after 5 attempts\)$/);
+      assert.equal(proxy.script.length, 1);
+    } finally {
+      proxy.eligible = () => true;
+      proxy.script = [];
+      await store.close();
+    }
+  });
+
   test('check: bad credentials, missing bucket, unreachable endpoint, each one line without secrets', async () => {
     const secret = 'Very-Secret-Value-42';
     const bad = new S3Store(configFromText(['[DEFAULTS]', 'encryption = none', '[DataBackend]', 'type = s3',

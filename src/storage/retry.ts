@@ -11,7 +11,8 @@ export interface RetryPolicy {
 export const DEFAULT_RETRY: RetryPolicy = { maxRetries: 6, baseDelayMs: 200, maxDelayMs: 20_000 };
 
 /** How the caller judges a failure: worth another attempt, or final (thrown as it is: missing object, denied). */
-export type Verdict = { retry: true; reason: string } | { retry: false; error: Error };
+export type Verdict = { retry: true; reason: string; /** a lower limit than the policy's for this kind of failure */ maxRetries?: number }
+  | { retry: false; error: Error };
 
 /** The operation and its object, for the final error: "store blob ab/cd/… in s3://bucket/prefix/ at https://…"
  * (never with credentials). */
@@ -44,7 +45,7 @@ export async function withRetry<T>(
     } catch (e) {
       const v = judge(e);
       if (!v.retry) throw v.error;
-      if (attempt >= policy.maxRetries) {
+      if (attempt >= Math.min(policy.maxRetries, v.maxRetries ?? Infinity)) {
         const tries = attempt + 1;
         throw new StorageError(`cannot ${op}: ${v.reason} ` +
           `(${tries === 1 ? 'no retries configured' : `gave up after ${tries} attempts`})`);

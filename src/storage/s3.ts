@@ -16,9 +16,12 @@ import { uidOfKey } from './blob-keys';
 /** S3's own limits for one DeleteObjects request and one ListObjectsV2 page. */
 const DELETE_BATCH = 1000;
 const LIST_PAGE = 1000;
-/** The start-of-command check gives up sooner than data operations: an unreachable endpoint should fail
- * in seconds, not after minutes of backoff. */
-const CHECK_RETRIES = 2;
+/** The start-of-command check gives up sooner than data operations: an unreachable endpoint (connection
+ * refused, unknown host) should fail in seconds, not after minutes of backoff. An endpoint that answers
+ * but fails now and then gets a few more tries: on a network that loses one request in seven, three
+ * attempts would still stop one command in 300 at its start. */
+const CHECK_RETRIES = 4;
+const CHECK_UNREACHABLE_RETRIES = 2;
 
 /** Some keys of a DeleteObjects request were not deleted. */
 class PartialDeleteError extends Error {
@@ -58,7 +61,11 @@ export class S3Store implements BlobStore {
     await this.retrying(`access ${this.description}`, { ...this.policy, maxRetries: Math.min(this.policy.maxRetries, CHECK_RETRIES) },
       // HEAD has no body to name the error: a 404 there can only mean the bucket.
       (f) => this.bucketFailure(f.status === 404 ? { ...f, kind: 'no-bucket' } : f),
-      () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })));
+      () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })),
+      (e) => {
+        const f = classifyS3Error(e);
+        return f.kind === 'unreachable' ? { retry: true, reason: f.reason, maxRetries: CHECK_UNREACHABLE_RETRIES } : undefined;
+      });
   }
 
   async put(key: string, data: Buffer): Promise<void> {
