@@ -5,8 +5,9 @@ import { configFromText } from '../src/config/config';
 import { parseSize } from '../src/config/size';
 import { parseIni } from '../src/config/ini';
 import { Packr } from 'msgpackr';
+import { compress } from 'zstd-napi';
 import { decodeChunk, encodeChunk, HOLE, PENDING } from '../src/meta/block-map';
-import { checksum, decodeBlob, encodeBlob, isZero } from '../src/codec/blob-format';
+import { checksum, decodeBlob, encodeBlob, encodedCapacity, isZero } from '../src/codec/blob-format';
 import { availableHashes, createHasher } from '../src/codec/hashes';
 import { parseHints, hintedBlocks } from '../src/engine/hints';
 import { Coalescer } from '../src/util/coalescer';
@@ -145,6 +146,47 @@ test('blob format: round trip, wrong key, flipped bit, swapped checksum', () => 
   const p2 = Buffer.from(plain);
   p2[p2.length - 1] ^= 1;
   assert.throws(() => decodeBlob(p2, sum, data.length, { ...opts, key: undefined }), /checksum mismatch|decompression/);
+});
+
+test('blob format: a block is stored compressed exactly when zstd makes it smaller than 95 %, written into the caller\'s buffer', () => {
+  // `zeros` zero bytes, then random ones: the first 16 KiB sample compresses well (so the whole block is tried),
+  // and the whole block compresses to about its random part.
+  const L = 400_000;
+  const tail = randomBytes(L);
+  const block = (zeros: number) => Buffer.concat([Buffer.alloc(zeros), tail.subarray(zeros)]);
+  const reference = (zeros: number) => compress(block(zeros), { compressionLevel: 1 }).length;
+  // The zero run at which zstd's output first gets below 95 % of the block.
+  let lo = 16384;
+  let hi = 60000;
+  assert.ok(reference(lo) >= L * 0.95 && reference(hi) < L * 0.95, 'the search brackets the 95 % line');
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    if (reference(mid) < L * 0.95) hi = mid;
+    else lo = mid;
+  }
+  const cases: number[] = [];
+  for (let z = lo - 40; z <= hi + 40; z++) cases.push(z);
+  const both = { compressed: 0, plain: 0 };
+  for (const key of [randomBytes(32), undefined]) {
+    const opts = { key, compression: 'zstd' as const, compressionLevel: 1, hashFunction: 'blake3' };
+    for (const z of cases) {
+      const data = block(z);
+      const sum = checksum('blake3', data);
+      const out = Buffer.alloc(encodedCapacity(L) + 100, 0xee);
+      const blob = encodeBlob(data, sum, opts, out);
+      assert.equal(blob.buffer, out.buffer, 'written into the buffer given');
+      assert.equal(blob.byteOffset, out.byteOffset);
+      const compressed = (blob.readUInt32LE(4) & 1) === 1;
+      assert.equal(compressed, reference(z) < L * 0.95, `zeros ${z}: zstd gives ${reference(z)} of ${L}`);
+      if (compressed) both.compressed++;
+      else both.plain++;
+      assert.ok(decodeBlob(blob, sum, L, opts).equals(data), `zeros ${z} round trip`);
+      assert.ok(out.subarray(encodedCapacity(L)).every((b) => b === 0xee), 'nothing written past the capacity');
+      // Without a buffer: the same payload size.
+      assert.equal(encodeBlob(data, sum, opts).length, blob.length);
+    }
+  }
+  assert.ok(both.compressed > 0 && both.plain > 0, `both sides of the line were tested: ${JSON.stringify(both)}`);
 });
 
 test('zero detection', () => {

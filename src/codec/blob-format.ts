@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { createHasher } from './hashes';
 import { gcm } from './aes-gcm';
-import { compress } from 'zstd-napi';
-// The low-level context: decompresses into a buffer we size, never one sized by the frame's own header.
+// The low-level contexts: compress into memory we reuse (the simple API allocates a block-sized buffer for
+// every call and copies the result out of it), and decompress into a buffer we size, never one sized by the
+// frame's own header.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-const { DCtx } = require('zstd-napi/binding') as typeof import('zstd-napi/binding');
+const { CCtx, DCtx, compressBound } = require('zstd-napi/binding') as typeof import('zstd-napi/binding');
 
 /**
  * How one block is stored. Layout (version 1):
@@ -46,16 +47,34 @@ export function isZero(data: Uint8Array): boolean {
   return Buffer.compare(data, zeros.subarray(0, data.length)) === 0;
 }
 
+let cctx: InstanceType<typeof CCtx> | undefined;
+const SAMPLE = 16384;
+let sampleOut: Buffer | undefined;
+
+/**
+ * zstd-compresses `data` into `dst`; the compressed length, or undefined when it does not fit (then it is not
+ * worth storing compressed).
+ */
+function compressInto(data: Buffer, dst: Buffer, level: number): number | undefined {
+  cctx ??= new CCtx();
+  try {
+    return cctx.compress(dst, data, level);
+  } catch (e) {
+    if (/too small/i.test((e as Error).message)) return undefined;
+    throw e;
+  }
+}
+
 /** Cheap test whether zstd is worth running on the whole block: compress three 16 KiB samples. */
 function worthCompressing(data: Buffer, level: number): boolean {
   if (data.length < 8192) return true;
-  const sample = 16384;
+  sampleOut ??= Buffer.allocUnsafe(compressBound(SAMPLE));
   let inSize = 0;
   let outSize = 0;
-  for (const at of [0, Math.floor(data.length / 2), Math.max(0, data.length - sample)]) {
-    const part = data.subarray(at, Math.min(data.length, at + sample));
+  for (const at of [0, Math.floor(data.length / 2), Math.max(0, data.length - SAMPLE)]) {
+    const part = data.subarray(at, Math.min(data.length, at + SAMPLE));
     inSize += part.length;
-    outSize += compress(part, { compressionLevel: level }).length;
+    outSize += compressInto(part, sampleOut, level)!;
   }
   return outSize < inSize * 0.9;
 }
@@ -78,28 +97,31 @@ function scratchOf(size: number): Buffer {
 
 /** Encodes a block; writes into `out` (capacity encodedCapacity(data.length)) when given. */
 export function encodeBlob(data: Buffer, sum: Buffer, opts: CodecOptions, out?: Buffer): Buffer {
+  const header = opts.key ? HEADER_AES : HEADER_PLAIN;
+  const capacity = header + data.length + (opts.key ? TAG : 0);
+  const dst = out && out.length >= capacity ? out : Buffer.allocUnsafe(capacity);
+  // Compressed straight to where the payload goes, and encrypted there in place. Output that does not fit in
+  // 95 % of the block is not worth keeping: the block is stored as it is.
   let payload = data;
   let flags = 0;
   if (opts.compression === 'zstd' && data.length > 0 && worthCompressing(data, opts.compressionLevel)) {
-    const c = compress(data, { compressionLevel: opts.compressionLevel });
-    if (c.length < data.length * 0.95) {
-      payload = c;
+    const n = compressInto(data, dst.subarray(header, header + Math.ceil(data.length * 0.95) - 1), opts.compressionLevel);
+    if (n !== undefined) {
+      payload = dst.subarray(header, header + n);
       flags |= FLAG_ZSTD;
     }
   }
-  const need = opts.key ? HEADER_AES + payload.length + TAG : HEADER_PLAIN + payload.length;
-  const dst = out && out.length >= need ? out : Buffer.allocUnsafe(need);
   MAGIC.copy(dst, 0);
+  const end = header + payload.length;
   if (!opts.key) {
     dst.writeUInt32LE(flags, 4);
-    payload.copy(dst, HEADER_PLAIN);
-    return dst.subarray(0, need);
+    if (payload === data) data.copy(dst, header);
+    return dst.subarray(0, end);
   }
   flags |= FLAG_AES;
   dst.writeUInt32LE(flags, 4);
   randomBytes(12).copy(dst, 8);
   const cipher = gcm(opts.key, dst.subarray(8, 20), Buffer.concat([dst.subarray(0, HEADER_AES), sum]), false);
-  const end = HEADER_AES + payload.length;
   cipher.update(payload, dst.subarray(HEADER_AES, end));
   cipher.finish(dst.subarray(end, end + TAG));
   return dst.subarray(0, end + TAG);
