@@ -259,11 +259,33 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     c.bytesSparse += len;
   };
 
-  const processBlock = async (index: number, buf: Buffer, len: number): Promise<void> => {
+  // A block holds its block buffer from its read until it is encoded (or found zero or known); after that it
+  // holds only its blob while it is stored, and stores may queue deeper. So block buffers are bounded apart, by
+  // what the reads and the workers can use at once. Why it matters: memory a process touches for the first
+  // time is dear on some VMs (on the benchmark's, 16 µs a page, 4 ms per MiB), and each block buffer more is
+  // 4 MiB of it. On a 512 MiB ext4 image, 5 block buffers instead of 16 took the backup from 1.24-1.40 s to
+  // 1.07-1.17 s (page faults 37,000 -> 24,000).
+  const preparing = new Semaphore(Math.max(source.parallelReads, repo.cfg.workers * 2) + 1);
+  let blockBuffers = 0;
+  const newBlockBuffer = () => {
+    blockBuffers++;
+    return allocBlock(bs);
+  };
+  const hold = async (): Promise<() => void> => {
+    await preparing.acquire();
+    let held = true;
+    return () => {
+      if (held) preparing.release();
+      held = false;
+    };
+  };
+
+  const processBlock = async (index: number, buf: Buffer, len: number, freed: () => void): Promise<void> => {
     const scan = await codec.scan(buf, len);
     buf = scan.buf;
     if (scan.zero) {
       free.push(buf);
+      freed();
       await recorder.push({ index, zero: true });
       c.blocksSparse++;
       c.bytesSparse += len;
@@ -272,6 +294,7 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     const r = (await recorder.push({ index, checksum: scan.sum!, size: len }))!;
     if (!r.upload) {
       free.push(buf);
+      freed();
       c.blocksDedup++;
       c.bytesDedup += len;
       return;
@@ -279,6 +302,7 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     // Aligned: file storage writes blobs with O_DIRECT from them, sparing the page cache.
     const enc = await codec.encode(buf, len, scan.sum!, freeOut.pop() ?? allocAligned(encodedCapacity(bs)));
     free.push(enc.buf);
+    freed();
     // Read before the buffer goes back to the pool: once another block takes it to a worker it is detached.
     const storedSize = enc.blob.length;
     try {
@@ -311,25 +335,31 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
         jobs.start(() => recordHole(index, len), () => progress.add(len));
         continue;
       }
-      const buf = free.pop() ?? allocBlock(bs);
+      const freed = await hold();
+      const buf = free.pop() ?? newBlockBuffer();
       if (reads) {
         jobs.start(async () => {
-          await reads.use(() => source.read(buf, index * bs, len));
-          c.bytesRead += len;
-          c.blocksRead++;
-          await processBlock(index, buf, len);
+          try {
+            await reads.use(() => source.read(buf, index * bs, len));
+            c.bytesRead += len;
+            c.blocksRead++;
+            await processBlock(index, buf, len, freed);
+          } finally {
+            freed();
+          }
         }, () => progress.add(len));
         continue;
       }
       try {
         await source.read(buf, index * bs, len);
       } catch (e) {
+        freed();
         jobs.release();
         throw e;
       }
       c.bytesRead += len;
       c.blocksRead++;
-      jobs.start(() => processBlock(index, buf, len), () => progress.add(len));
+      jobs.start(() => processBlock(index, buf, len, freed).finally(freed), () => progress.add(len));
     }
   } catch (e) {
     jobs.fail(e);
@@ -337,6 +367,7 @@ async function copyBlocks(repo: Repository, source: Source, version: VersionRow,
     await jobs.drain();
     progress.finish();
   }
+  log.debug(`backup: ${blockBuffers} block buffers (reads waited for one ${preparing.waits} times), ${freeOut.length} blob buffers`);
   if (stop.reason) jobs.fail(new BackyError(stop.reason));
   if (jobs.failed) throw jobs.failure;
   return c;

@@ -1,6 +1,8 @@
 /** Counts permits; `acquire` waits in FIFO order when none is free. */
 export class Semaphore {
   private waiters: (() => void)[] = [];
+  /** How many acquire() calls had to wait for a permit. */
+  waits = 0;
   constructor(private permits: number) {}
 
   async acquire(): Promise<void> {
@@ -8,6 +10,7 @@ export class Semaphore {
       this.permits--;
       return;
     }
+    this.waits++;
     await new Promise<void>((resolve) => this.waiters.push(resolve));
   }
 
