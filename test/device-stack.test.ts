@@ -5,6 +5,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
@@ -136,11 +137,15 @@ describe('device stack', () => {
     const cache = new BlockCache(16 * BS, { blockSize: BS, shm: true, recycle: (b) => spareBuffers.give(Buffer.from(b.buffer, 0, b.buffer.byteLength)) });
     try {
       const dev = new VersionDevice(repo.meta, v, repo.fetcher(cache));
-      await Promise.all(Array.from({ length: 8 }, (_, i) => dev.read(i * BS, BS)));
+      const read = await Promise.all(Array.from({ length: 8 }, (_, i) => dev.read(i * BS, BS)));
+      assert.ok(Buffer.concat(read).equals(fs.readFileSync(path.join(tr.dir, 'img'))), 'the blocks read are the image');
       assert.ok(cache.usesSharedMemory);
+      assert.equal(cache.misses, 8);
       const spares: Buffer[] = [];
       for (let b = spareBuffers.take(1); b; b = spareBuffers.take(1)) spares.push(b);
       assert.ok(spares.length > 0, 'loads left spare buffers');
+      // A load given a slot of the file needs a buffer for its blob only: the worker decodes into its own.
+      assert.ok(spares.length <= 8, `8 loads left ${spares.length} spares`);
       assert.ok(spares.every(isShared), `${spares.filter((b) => !isShared(b)).length} of ${spares.length} spares are not shared`);
       for (const b of spares) spareBuffers.give(b);
     } finally {

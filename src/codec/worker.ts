@@ -13,6 +13,18 @@ export type WorkerRequest =
   | { id: number; op: 'encode'; buf: ArrayBuffer; len: number; sum: Uint8Array; out?: ArrayBuffer; outOffset?: number; outLength?: number }
   | { id: number; op: 'decode'; blob: ArrayBuffer; blobOffset?: number; len: number; sum: Uint8Array; size: number; out?: ArrayBuffer; outOffset?: number; recompute: boolean; format?: number; keyInfo?: Uint8Array; store?: SlabTarget };
 
+/**
+ * Where a block decoded for the cache's shared-memory file is decoded first, when the caller sends no buffer of
+ * its own: one per worker, reused, so its memory is touched once. Memory a process touches for the first time
+ * is dear on some VMs (16 µs a page on the benchmark's), and the callers' spare buffers were 4 MiB each.
+ */
+let storeScratch: Buffer | undefined;
+
+function storeScratchOf(size: number): Buffer {
+  if (!storeScratch || storeScratch.length < size) storeScratch = Buffer.allocUnsafeSlow(size);
+  return storeScratch;
+}
+
 /** Writes a decoded block into the block cache's slot `t` instead of sending it back; false when it cannot. */
 function storeAt(t: SlabTarget, data: Buffer): boolean {
   if (data.length > t.capacity) return false;
@@ -85,7 +97,7 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
       case 'decode': {
         // The blob's memory goes back too, so the caller can read the next blob into it.
         const outAt = req.outOffset ?? 0;
-        const out = req.out ? Buffer.from(req.out, outAt) : undefined;
+        const out = req.out ? Buffer.from(req.out, outAt) : req.store ? storeScratchOf(req.size) : undefined;
         let reply: WorkerReply;
         const transfer: ArrayBuffer[] = [req.blob];
         try {
@@ -100,8 +112,9 @@ function serve(init: WorkerInit, port: NonNullable<typeof parentPort>): void {
           } else if (req.out && data.buffer === req.out && data.byteOffset === outAt) {
             reply = { id: req.id, op: 'decode', data: req.out, offset: outAt, len: data.length, blob: req.blob };
             transfer.push(req.out);
-          } else if (data.buffer === req.blob) {
-            // Unencrypted, uncompressed: the data is part of the blob buffer; copy it out.
+          } else if (data.buffer === req.blob || data.buffer === storeScratch?.buffer) {
+            // Unencrypted, uncompressed: the data is part of the blob buffer; or it is in this worker's
+            // scratch (not stored after all: the file is full). Copy it out.
             const ab = new ArrayBuffer(data.length);
             new Uint8Array(ab).set(data);
             reply = { id: req.id, op: 'decode', data: ab, len: data.length, out: req.out, blob: req.blob };
