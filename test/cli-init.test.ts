@@ -66,3 +66,17 @@ test('configuration lookup: ~/.backy.cfg then ./backy.cfg, later files win, defa
   const rm = await runBacky(['rm', uid], { cwd: dir, env });
   assert.equal(rm.code, 0, rm.stderr);
 });
+
+test('a key written in the wrong section: every command says so on stderr and in the log, and still runs', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'backy-misplaced-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const cfg = path.join(dir, 'backy.cfg');
+  fs.writeFileSync(cfg, `[DEFAULTS]\nlogfile = ${dir}/backy.log\nencryption = none\n[MetaBackend]\nengine = sqlite:///${dir}/db.sqlite\n` +
+    `[DataBackend]\npath = ${dir}/data\ncache_size = 256M\n`);
+  const init = await runBacky(['-c', cfg, 'initdb']);
+  assert.equal(init.code, 0, init.stderr);
+  const ls = await runBacky(['-c', cfg, 'ls']);
+  assert.equal(ls.code, 0, ls.stderr);
+  assert.equal(ls.stderr.trim(), 'WARN: [DataBackend] cache_size has no effect there (ignored): backy reads it in [DEFAULTS]');
+  assert.match(fs.readFileSync(path.join(dir, 'backy.log'), 'utf8'), /WARN \[DataBackend\] cache_size has no effect there/);
+});

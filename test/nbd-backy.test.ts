@@ -67,7 +67,7 @@ describe('backy nbd with real clients', () => {
   }
 
   before(async () => {
-    repo = makeTestRepo('cache_size = 256M\n');
+    repo = makeTestRepo('[DEFAULTS]\ncache_size = 256M\n');
     await repo.ok(['initdb']);
     // Not a multiple of 512: blocks 1 and 3 zero; patterns inside blocks, across a block boundary, in the tail.
     images.alpha = await backUp('alpha', 5 * BS + 1536 + 77, [1, 3], [

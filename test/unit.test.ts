@@ -53,6 +53,21 @@ test('config: invalid values name the key and what is allowed', () => {
   assert.equal(configFromText('[DEFAULTS]\nencryption = none').encryptionKey, undefined);
 });
 
+test('config: a known key in the wrong one of the three sections is named in a warning (it has no effect there)', () => {
+  const base = `[DEFAULTS]\nencryption_key = ${KEY}\n`;
+  const c = configFromText(`${base}[DataBackend]\ncache_size = 256M\nworkers = 3\nsome_backy2_key = 1\n[MetaBackend]\nfsync = false\n`);
+  assert.equal(c.cacheSize, 1024 ** 3, 'ignored: the default stays');
+  assert.deepEqual(c.warnings, [
+    '[MetaBackend] fsync has no effect there (ignored): backy reads it in [DataBackend]',
+    '[DataBackend] cache_size has no effect there (ignored): backy reads it in [DEFAULTS]',
+    '[DataBackend] workers has no effect there (ignored): backy reads it in [DEFAULTS]',
+  ]);
+  // Keys read in either place, keys backy does not know, and keys in their own section: no warning.
+  assert.deepEqual(configFromText(`${base}simultaneous_reads = 4\ncache_size = 256M\n`).warnings, []);
+  assert.deepEqual(configFromText(`${base}[DataBackend]\nsimultaneous_reads = 4\nfsync = false\n`).warnings, []);
+  assert.deepEqual(configFromText(`${base}[NBD]\ncache_size = 1\n`).warnings, []);
+});
+
 test('sizes with suffixes', () => {
   assert.equal(parseSize('1G'), 1024 ** 3);
   assert.equal(parseSize('512M'), 512 * 1024 ** 2);

@@ -38,6 +38,7 @@ export class Context {
       for (const pw of enginePasswords(this.cfg.metaEngine)) log.addSecret(pw);
       log.setLogfile(this.cfg.logfile);
       if (this.opts.verbose) log.fileLevel = 'debug';
+      for (const w of this.cfg.warnings) log.warn(w);
     }
     return this.cfg;
   }

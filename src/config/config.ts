@@ -78,6 +78,11 @@ export interface Config {
   };
   /** Everything as read, for sections other modules interpret (schedulers). */
   ini: IniData;
+  /**
+   * Keys of [DEFAULTS], [MetaBackend] or [DataBackend] written in one of the three where backy does not read them
+   * (and so ignores them), but does read them in another: one line each, for the command to show.
+   */
+  warnings: string[];
 }
 
 const DEFAULT_INI = `
@@ -142,18 +147,25 @@ export function loadConfig(file?: string): Config {
     mergeIni(ini, parsed);
     files.push(f);
   }
-  return validate(ini, files, (s, k) => bases.get(`${s}.${k}`) ?? process.cwd());
+  return validate(ini, files, (s, k) => bases.get(`${s}.${k}`) ?? process.cwd(), (s, k) => bases.has(`${s}.${k}`));
 }
 
 /** Builds a Config from INI text alone (tests, `init`). */
 export function configFromText(text: string, source = 'config'): Config {
   const ini = parseIni(DEFAULT_INI, 'built-in defaults');
-  mergeIni(ini, parseIni(text, source));
-  return validate(ini, [source], () => process.cwd());
+  const parsed = parseIni(text, source);
+  mergeIni(ini, parsed);
+  return validate(ini, [source], () => process.cwd(), (s, k) => !!parsed.get(s)?.has(k));
 }
 
-function validate(ini: IniData, files: string[], baseOf: (section: string, key: string) => string): Config {
-  const get = (section: string, key: string): string | undefined => ini.get(section)?.get(key);
+/** `written`: whether a key was set by the configuration (not the built-in defaults). */
+function validate(ini: IniData, files: string[], baseOf: (section: string, key: string) => string, written: (section: string, key: string) => boolean): Config {
+  // What was asked for where: a key found only elsewhere was put in the wrong section (see `misplaced`).
+  const asked = new Set<string>();
+  const get = (section: string, key: string): string | undefined => {
+    asked.add(`${section}.${key}`);
+    return ini.get(section)?.get(key);
+  };
   const where = (section: string, key: string) => `[${section === 'defaults' ? 'DEFAULTS' : section === 'metabackend' ? 'MetaBackend' : section === 'databackend' ? 'DataBackend' : section}] ${key}`;
   const bad = (section: string, key: string, allowed: string): never => {
     throw new ConfigError(`invalid ${where(section, key)} = "${maskEngineUrl(get(section, key) ?? '')}": ${allowed}`);
@@ -236,7 +248,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
   };
   if (dataType === 's3' && !s3.bucketName) bad('databackend', 'bucket_name', 'expected a bucket name');
 
-  return {
+  const config: Config = {
     files,
     logfile: logfileText ? pathOf('defaults', 'logfile') : undefined,
     blockSize,
@@ -265,7 +277,24 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
       s3,
     },
     ini,
+    warnings: [],
   };
+  config.warnings.push(...misplaced());
+  return config;
+
+  /** See Config.warnings. */
+  function misplaced(): string[] {
+    const sections = ['defaults', 'metabackend', 'databackend'];
+    const lines: string[] = [];
+    for (const s of sections) {
+      for (const k of ini.get(s)?.keys() ?? []) {
+        if (asked.has(`${s}.${k}`) || !written(s, k)) continue;
+        const home = sections.find((o) => o !== s && asked.has(`${o}.${k}`));
+        if (home) lines.push(`${where(s, k)} has no effect there (ignored): backy reads it in ${where(home, k).split(' ')[0]}`);
+      }
+    }
+    return lines;
+  }
 
   function normaliseEngine(url: string, base: string): string {
     if (url.startsWith('sqlite:///')) {
