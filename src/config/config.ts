@@ -166,7 +166,8 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
     asked.add(`${section}.${key}`);
     return ini.get(section)?.get(key);
   };
-  const where = (section: string, key: string) => `[${section === 'defaults' ? 'DEFAULTS' : section === 'metabackend' ? 'MetaBackend' : section === 'databackend' ? 'DataBackend' : section}] ${key}`;
+  const sectionName = (section: string) => `[${section === 'defaults' ? 'DEFAULTS' : section === 'metabackend' ? 'MetaBackend' : section === 'databackend' ? 'DataBackend' : section}]`;
+  const where = (section: string, key: string) => `${sectionName(section)} ${key}`;
   const bad = (section: string, key: string, allowed: string): never => {
     throw new ConfigError(`invalid ${where(section, key)} = "${maskEngineUrl(get(section, key) ?? '')}": ${allowed}`);
   };
@@ -290,7 +291,7 @@ function validate(ini: IniData, files: string[], baseOf: (section: string, key: 
       for (const k of ini.get(s)?.keys() ?? []) {
         if (asked.has(`${s}.${k}`) || !written(s, k)) continue;
         const home = sections.find((o) => o !== s && asked.has(`${o}.${k}`));
-        if (home) lines.push(`${where(s, k)} has no effect there (ignored): backy reads it in ${where(home, k).split(' ')[0]}`);
+        if (home) lines.push(`${where(s, k)} has no effect there (ignored): backy reads it in ${sectionName(home)}`);
       }
     }
     return lines;

@@ -3,6 +3,8 @@ import { StorageError } from '../util/errors';
 export interface RetryPolicy {
   /** Attempts after the first one. */
   maxRetries: number;
+  /** A lower limit for failures where the other end could not be reached at all (the judge says which). */
+  maxUnreachableRetries?: number;
   /** Backoff before the first retry; doubles with every further one. */
   baseDelayMs: number;
   maxDelayMs: number;

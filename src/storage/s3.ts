@@ -58,14 +58,11 @@ export class S3Store implements BlobStore {
   }
 
   async check(): Promise<void> {
-    await this.retrying(`access ${this.description}`, { ...this.policy, maxRetries: Math.min(this.policy.maxRetries, CHECK_RETRIES) },
+    const policy = { ...this.policy, maxRetries: Math.min(this.policy.maxRetries, CHECK_RETRIES), maxUnreachableRetries: CHECK_UNREACHABLE_RETRIES };
+    await this.retrying(`access ${this.description}`, policy,
       // HEAD has no body to name the error: a 404 there can only mean the bucket.
       (f) => this.bucketFailure(f.status === 404 ? { ...f, kind: 'no-bucket' } : f),
-      () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })),
-      (e) => {
-        const f = classifyS3Error(e);
-        return f.kind === 'unreachable' ? { retry: true, reason: f.reason, maxRetries: CHECK_UNREACHABLE_RETRIES } : undefined;
-      });
+      () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })));
   }
 
   async put(key: string, data: Buffer): Promise<void> {
@@ -197,7 +194,8 @@ export class S3Store implements BlobStore {
       const s = special?.(e);
       if (s) return s;
       const f = classifyS3Error(e);
-      if (f.kind === 'transient' || f.kind === 'unreachable') return { retry: true, reason: f.reason };
+      if (f.kind === 'transient') return { retry: true, reason: f.reason };
+      if (f.kind === 'unreachable') return { retry: true, reason: f.reason, maxRetries: policy.maxUnreachableRetries };
       return { retry: false, error: final(f) ?? new StorageError(`cannot ${what}: ${f.reason}`) };
     };
     return withRetry(what, policy, judge, fn, (reason, n, ms) => {
